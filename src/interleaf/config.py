@@ -9,6 +9,7 @@ bad value raises :class:`~interleaf.errors.ConfigError` naming the dotted field.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -225,6 +226,19 @@ class TokensConfig:
         return [self.image_token, self.end_of_chunk_token]
 
 
+def _text_config_from_dict(data: dict) -> PreTrainedConfig:
+    from transformers import AutoConfig
+
+    if "model_type" not in data:
+        raise ConfigError("text_config.model_type", "is missing: the LM config needs its transformers model_type")
+    data = dict(data)
+    model_type = data.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError("text_config", f"transformers cannot build a {model_type!r} config: {e}") from e
+
+
 class InterleafConfig(PreTrainedConfig):
     """The config of an :class:`~interleaf.model.InterleafForConditionalGeneration`.
 
@@ -233,6 +247,7 @@ class InterleafConfig(PreTrainedConfig):
     """
 
     model_type = "interleaf"
+    sub_configs = {"text_config": PreTrainedConfig}
 
     def __init__(
         self,
@@ -259,10 +274,12 @@ class InterleafConfig(PreTrainedConfig):
         self.resampler_config_ = _from_dict(ResamplerConfig, "resampler", resampler)
         self.cross_attention_config_ = _from_dict(CrossAttentionConfig, "cross_attention", cross_attention)
         self.tokens_config_ = _from_dict(TokensConfig, "tokens", tokens)
-        if isinstance(text_config, PreTrainedConfig):
-            text_config = text_config.to_dict()
-        if text_config is not None and not (isinstance(text_config, dict) and "model_type" in text_config):
-            raise ConfigError("text_config", "must be the LM's transformers config as a dict with a 'model_type'")
+        if isinstance(text_config, dict):
+            text_config = _text_config_from_dict(text_config)
+        elif isinstance(text_config, PreTrainedConfig):
+            text_config = copy.deepcopy(text_config)  # never mutate the caller's (the LM's own) config
+        elif text_config is not None and not isinstance(text_config, PreTrainedConfig):
+            raise ConfigError("text_config", "must be the LM's transformers config (or a dict with a 'model_type')")
         self.text_config = text_config
         # Sections are serialised as plain dicts.
         self.vision = dataclasses.asdict(self.vision_config_)
@@ -271,12 +288,11 @@ class InterleafConfig(PreTrainedConfig):
         self.tokens = dataclasses.asdict(self.tokens_config_)
         super().__init__(**kwargs)
         if text_config is not None:
-            lm = self.get_text_config_object()
-            self.cross_attention_config_.layer_indices(lm.num_hidden_layers)  # validates explicit indices
+            self.cross_attention_config_.layer_indices(text_config.num_hidden_layers)  # validates explicit indices
             # Generation defaults come from the LM (pad / bos / eos).
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-                if getattr(self, name, None) is None and getattr(lm, name, None) is not None:
-                    setattr(self, name, getattr(lm, name))
+                if getattr(self, name, None) is None and getattr(text_config, name, None) is not None:
+                    setattr(self, name, getattr(text_config, name))
 
     # -- typed views --
     @property
@@ -297,14 +313,7 @@ class InterleafConfig(PreTrainedConfig):
 
     def get_text_config_object(self) -> PreTrainedConfig:
         """The LM's config as a transformers config object."""
-        from transformers import AutoConfig
-
-        data = dict(self.text_config)
-        model_type = data.pop("model_type")
-        try:
-            return AutoConfig.for_model(model_type, **data)
-        except (ValueError, KeyError) as e:
-            raise ConfigError("text_config.model_type", f"transformers does not know {model_type!r}: {e}") from e
+        return self.text_config
 
     def sync_sections(self) -> None:
         """Write the typed sections back into their serialised dicts (after a field changed)."""

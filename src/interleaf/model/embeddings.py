@@ -1,0 +1,106 @@
+"""Decoupled input embedding and output head for the tokens interleaf adds to an LM.
+
+The LM's base vocabulary (its embedding matrix and, if untied, its output matrix) stays frozen;
+the added tokens (``<image>``, ``<|endofchunk|>``, ...) get a small table of their own that trains.
+Ids in ``[extra_start, extra_start + num_extra)`` go to the small table::
+
+    ids ──► base rows (frozen, shared with the LM)  ─┐
+        └─► extra rows (trainable)  for added ids ───┴─► (B, T, D)
+
+    hidden (B, T, D) ──► base head (V_base logits) ──► overwrite / append columns
+                     └─► extra head (num_extra logits) ─┘──► (B, T, max(V_base, extra_end))
+
+The base weights are the LM's own ``nn.Parameter`` objects (``weight``), so a tied LM stays tied
+and a checkpoint of the base LM loads into them unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DecoupledEmbedding(nn.Module):
+    """An ``nn.Embedding`` whose last ``num_extra`` ids come from a separate trainable table."""
+
+    def __init__(self, base: nn.Embedding, extra_start: int, num_extra: int):
+        super().__init__()
+        self.weight = base.weight  # (V_base, D), the LM's parameter
+        self.padding_idx = base.padding_idx
+        # Some LMs (Gemma) scale inside the embedding module: keep that scale as a plain float.
+        self.scale: float | None = None
+        if type(base).forward is not nn.Embedding.forward and hasattr(base, "embed_scale"):
+            scale = getattr(base, "scalar_embed_scale", base.embed_scale)
+            self.scale = float(scale) if not torch.is_tensor(scale) or scale.device.type != "meta" else None
+            if self.scale is None:
+                raise ValueError("cannot read the embedding scale of an LM built on the meta device")
+        self.extra_start = extra_start
+        self.num_extra = num_extra
+        d = base.weight.shape[1]
+        self.extra = nn.Parameter(torch.empty(num_extra, d, dtype=base.weight.dtype, device=base.weight.device))
+        with torch.no_grad():
+            if self.extra.device.type != "meta":
+                nn.init.normal_(self.extra, std=float(base.weight.float().std()) if base.weight.numel() > 1 else 0.02)
+
+    @property
+    def num_embeddings(self) -> int:
+        return max(self.weight.shape[0], self.extra_start + self.num_extra)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_extra = (input_ids >= self.extra_start) & (input_ids < self.extra_start + self.num_extra)
+        base_ids = input_ids.masked_fill(is_extra, 0)
+        out = F.embedding(base_ids, self.weight, self.padding_idx)  # (B, T, D)
+        if self.num_extra:
+            extra_ids = (input_ids - self.extra_start).clamp(0, self.num_extra - 1)
+            out = torch.where(is_extra[..., None], F.embedding(extra_ids, self.extra).to(out.dtype), out)
+        if self.scale is not None:
+            out = out * torch.tensor(self.scale, dtype=self.weight.dtype, device=out.device)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"base={tuple(self.weight.shape)}, extra_start={self.extra_start}, num_extra={self.num_extra}"
+
+
+class DecoupledHead(nn.Module):
+    """An output ``nn.Linear`` with ``num_extra`` trainable rows for the added ids."""
+
+    def __init__(self, base: nn.Linear, extra_start: int, num_extra: int):
+        super().__init__()
+        self.weight = base.weight  # (V_base, D), the LM's parameter (or the tied embedding)
+        self.bias = base.bias
+        self.extra_start = extra_start
+        self.num_extra = num_extra
+        self.in_features = base.weight.shape[1]
+        self.extra = nn.Parameter(
+            torch.zeros(num_extra, self.in_features, dtype=base.weight.dtype, device=base.weight.device)
+        )
+        if self.extra.device.type != "meta":
+            with torch.no_grad():
+                nn.init.normal_(self.extra, std=0.02)
+
+    @property
+    def out_features(self) -> int:
+        return max(self.weight.shape[0], self.extra_start + self.num_extra)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight, self.bias)  # (B, T, V_base)
+        if not self.num_extra:
+            return logits
+        extra = F.linear(hidden, self.extra.to(hidden.dtype))  # (B, T, num_extra)
+        end = self.extra_start + self.num_extra
+        v_base = logits.shape[-1]
+        if self.extra_start == v_base:
+            return torch.cat([logits, extra.to(logits.dtype)], dim=-1)
+        if end > v_base:
+            logits = F.pad(logits, (0, end - v_base))
+        return torch.cat(
+            [logits[..., : self.extra_start], extra.to(logits.dtype), logits[..., end:]], dim=-1
+        )
+
+    def extra_repr(self) -> str:
+        return f"base={tuple(self.weight.shape)}, extra_start={self.extra_start}, num_extra={self.num_extra}"

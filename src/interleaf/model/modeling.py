@@ -1,0 +1,332 @@
+"""The assembled model: vision tower -> resampler -> gated cross-attention inside any causal LM.
+
+::
+
+    pixel_values (B, N_img, 3, H, W)
+        ──► VisionTower ──► (B, N_img, V, Dv) ──► PerceiverResampler ──► latents (B, N_img, L, Dv)
+        ──► MediaCache: per block K/V (B, H, N_img * L, Dh), projected once per call
+    input_ids (B, T) ──► LM (decoder layers, some preceded by gated cross-attention) ──► logits
+
+Images are found in the text by the image token: token t attends image j where j + 1 is the
+number of image tokens at or before t. Tokens before the first image see none. Tokens after the
+prompt (generation, scoring with a cached context) attend the prompt's last image.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ..config import InterleafConfig
+from ..errors import InputError
+from .cross_attention import (
+    CrossAttentionDecoderLayer,
+    GatedCrossAttentionBlock,
+    MediaCache,
+    MediaContext,
+    media_context,
+)
+from .embeddings import DecoupledEmbedding, DecoupledHead
+from .lm import attach_cross_attention, decouple_new_tokens
+from .resampler import PerceiverResampler
+from .vision import VisionTower, build_vision_tower
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InterleafOutput(ModelOutput):
+    """Output of :meth:`InterleafForConditionalGeneration.forward`."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    media_cache: MediaCache | None = None
+    z_loss: torch.Tensor | None = None
+
+
+class InterleafPreTrainedModel(PreTrainedModel):
+    config_class = InterleafConfig
+    base_model_prefix = "interleaf"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _no_split_modules = ["CrossAttentionDecoderLayer", "VisionTower", "PerceiverResampler"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # interleaf's own modules initialise themselves at construction; the LM and HF vision towers
+        # are PreTrainedModels and get their own _init_weights dispatched by transformers. Loading
+        # with from_pretrained fills every parameter from the checkpoint.
+        return
+
+
+class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixin):
+    """A Flamingo-style vision-language model around any transformers causal LM."""
+
+    def __init__(
+        self,
+        config: InterleafConfig,
+        language_model: PreTrainedModel | None = None,
+        vision_model: nn.Module | None = None,
+    ):
+        super().__init__(config)
+        if config.text_config is None:
+            raise InputError("InterleafConfig.text_config is empty: the model needs an LM config")
+        vcfg = config.vision_cfg
+        self.vision_tower: VisionTower = build_vision_tower(vcfg, vision_model)
+        media_dim = self.vision_tower.out_dim
+        rcfg = config.resampler_cfg
+        self.resampler = PerceiverResampler(rcfg, media_dim) if rcfg.enabled else None
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.get_text_config_object())
+        self.language_model = language_model
+        config.text_config = language_model.config  # one LM config object, with its attention implementation
+        if language_model.config._attn_implementation is None:
+            language_model.set_attn_implementation("sdpa")
+        attach_cross_attention(self.language_model, config.xattn_cfg, media_dim)
+        tcfg = config.tokens_cfg
+        if tcfg.extra_start is not None and tcfg.num_extra:
+            decouple_new_tokens(self.language_model, tcfg.extra_start, tcfg.num_extra)
+        self._lm_accepts_position_ids = "position_ids" in inspect.signature(self.language_model.forward).parameters
+        self.post_init()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def cross_attention_blocks(self) -> list[GatedCrossAttentionBlock]:
+        return [m.cross_attention for m in self.modules() if isinstance(m, CrossAttentionDecoderLayer)]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    @property
+    def image_token_id(self) -> int:
+        tid = self.config.tokens_cfg.image_token_id
+        if tid is None:
+            raise InputError(
+                "this model has no image token id in its config (tokens.image_token_id); "
+                "build it with interleaf.build(...) so the tokenizer and the model agree"
+            )
+        return tid
+
+    # ------------------------------------------------------------------ freezing
+    def apply_freeze(self, policy: str | None = None) -> int:
+        """Set ``requires_grad`` by policy; returns the number of trainable parameters.
+
+        - ``flamingo``: vision tower and LM frozen; resampler, cross-attention and the added token
+          rows train (Flamingo, OpenFlamingo, IDEFICS pretraining).
+        - ``unfreeze_lm``: as ``flamingo`` plus the whole LM (InfiMM's instruction stage).
+        - ``all_trainable``: everything, vision tower included.
+        """
+        policy = policy or self.config.freeze
+        from ..config import FREEZE_POLICIES
+
+        if policy not in FREEZE_POLICIES:
+            raise InputError(f"unknown freeze policy {policy!r}; choose one of {list(FREEZE_POLICIES)}")
+        for p in self.parameters():
+            p.requires_grad_(policy == "all_trainable")
+        if policy != "all_trainable":
+            if policy == "unfreeze_lm":
+                self.language_model.requires_grad_(True)
+            if self.resampler is not None:
+                self.resampler.requires_grad_(True)
+            for block in self.cross_attention_blocks:
+                block.requires_grad_(True)
+            for module in self.modules():
+                if isinstance(module, (DecoupledEmbedding, DecoupledHead)):
+                    module.extra.requires_grad_(True)
+        n = self.num_trainable_parameters()
+        logger.info("freeze policy %s: %s trainable of %s parameters", policy, f"{n:,}", f"{self.num_parameters():,}")
+        return n
+
+    def num_trainable_parameters(self) -> int:
+        seen, n = set(), 0
+        for p in self.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    # ------------------------------------------------------------------ images
+    def encode_images(self, pixel_values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Image latents ``(B, N_img, L, Dv)``; only images marked ``valid`` (B, N_img) are computed."""
+        pixel_values = _as_5d(pixel_values)
+        b, n = pixel_values.shape[:2]
+        if valid is None:
+            valid = torch.ones(b, n, dtype=torch.bool, device=pixel_values.device)
+        dtype = next(self.vision_tower.parameters()).dtype
+        real = pixel_values[valid].to(dtype)  # (K, 3, H, W)
+        feats = self.vision_tower(real[None])[0] if real.shape[0] else None  # (K, V, Dv)
+        if feats is not None and self.resampler is not None:
+            feats = self.resampler(feats[None])[0]  # (K, L, Dv)
+        if feats is None:
+            length = self.config.resampler_cfg.num_latents if self.resampler is not None else self.vision_tower.num_tokens
+            feats = torch.zeros(0, length, self.vision_tower.out_dim, dtype=dtype, device=pixel_values.device)
+        latents = feats.new_zeros(b, n, *feats.shape[1:])  # (B, N_img, L, Dv)
+        latents[valid] = feats
+        return latents
+
+    def prepare_media(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> MediaCache:
+        """Encode this call's images and project every block's keys and values, once."""
+        pixel_values = _as_5d(pixel_values)
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise InputError(
+                f"pixel_values has {pixel_values.shape[0]} rows but input_ids has {input_ids.shape[0]}: "
+                "process images and text together with the interleaf processor"
+            )
+        num_images = (input_ids == self.image_token_id).sum(-1)  # (B,)
+        n = pixel_values.shape[1]
+        too_many = (num_images > n).nonzero().flatten().tolist()
+        if too_many:
+            r = too_many[0]
+            raise InputError(
+                f"batch row {r} has {int(num_images[r])} image tokens but pixel_values holds {n} images per row: "
+                "every image token needs an image (use the interleaf processor, which adds both)"
+            )
+        valid = torch.arange(n, device=input_ids.device)[None, :] < num_images[:, None]  # (B, N_img)
+        latents = self.encode_images(pixel_values, valid.to(pixel_values.device))
+        kv = [block.project_media(latents.to(block.k_proj.weight.device)) for block in self.cross_attention_blocks]
+        return MediaCache(latents=latents, num_images=num_images, kv=kv)
+
+    def _media_context(
+        self, input_ids: torch.Tensor, cache: MediaCache, past_length: int
+    ) -> MediaContext:
+        rows = input_ids.shape[0]
+        row_index = cache.row_index(rows)
+        num_images = cache.num_images if row_index is None else cache.num_images[row_index]  # (B_run,)
+        num_images = num_images.to(input_ids.device)
+        if past_length == 0:
+            index = (input_ids == self.image_token_id).long().cumsum(-1) - 1  # (B, T)
+        else:  # tokens after the prompt attend its last image
+            index = (num_images - 1)[:, None].expand_as(input_ids)
+        index = torch.minimum(index, (num_images - 1)[:, None])
+        sees = (index >= 0)[..., None].float()  # (B, T, 1)
+        return MediaContext(cache=cache, image_index=index, row_index=row_index, sees_image=sees)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        media_cache: MediaCache | None = None,
+        past_key_values=None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_attention_mask: torch.Tensor | None = None,  # accepted for IDEFICS-style inputs; derived from input_ids
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> InterleafOutput:
+        if input_ids is None:
+            raise InputError("input_ids is required (interleaf finds images in the text by the image token)")
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if pixel_values is not None:
+            if media_cache is not None:
+                raise InputError("pass either pixel_values or media_cache, not both")
+            if past_length:
+                raise InputError(
+                    "new images cannot be added after a cached prefix; run the whole prompt with its images"
+                )
+            media_cache = self.prepare_media(input_ids, pixel_values)
+        ctx = self._media_context(input_ids, media_cache, past_length) if media_cache is not None else None
+        if ctx is not None and not bool((ctx.image_index >= 0).any()):
+            ctx = None  # no token sees an image: skip cross-attention entirely
+        if position_ids is None and attention_mask is not None and self._lm_accepts_position_ids:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1] :]
+        lm_kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            return_dict=True,
+        )
+        if self._lm_accepts_position_ids and position_ids is not None:
+            lm_kwargs["position_ids"] = position_ids
+        with media_context(ctx):
+            out = self.language_model(**lm_kwargs, **kwargs)
+        loss = z = None
+        if labels is not None:
+            loss, z = causal_lm_loss(out.logits, labels, self.config.z_loss)
+        return InterleafOutput(
+            loss=loss, logits=out.logits, past_key_values=out.past_key_values, media_cache=media_cache, z_loss=z
+        )
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, media_cache=None, **kwargs):
+        """transformers' ``generate`` with images encoded and keys/values projected once per call.
+
+        Also accepts the seeds' spellings: ``batch_images`` for ``pixel_values``;
+        ``min_generation_length`` / ``max_generation_length`` for ``min_new_tokens`` /
+        ``max_new_tokens``; ``image_attention_mask`` (derived from the text, so ignored).
+        """
+        if "batch_images" in kwargs:
+            pixel_values = kwargs.pop("batch_images")
+        if "min_generation_length" in kwargs:
+            kwargs["min_new_tokens"] = kwargs.pop("min_generation_length")
+        if "max_generation_length" in kwargs:
+            kwargs["max_new_tokens"] = kwargs.pop("max_generation_length")
+        kwargs.pop("image_attention_mask", None)
+        if input_ids is None:
+            raise InputError("generate needs input_ids: run the prompt through the interleaf processor first")
+        if pixel_values is not None:
+            if media_cache is not None:
+                raise InputError("pass either pixel_values or media_cache, not both")
+            media_cache = self.prepare_media(input_ids, pixel_values)
+        if media_cache is not None:
+            kwargs["media_cache"] = media_cache
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def _as_5d(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Accept (B, 3, H, W), (B, N, 3, H, W) and InfiMM's (B, N, 1, 3, H, W)."""
+    if not torch.is_tensor(pixel_values):
+        raise InputError(f"pixel_values must be a tensor, got {type(pixel_values).__name__}")
+    if pixel_values.dim() == 4:
+        return pixel_values[:, None]
+    if pixel_values.dim() == 6 and pixel_values.shape[2] == 1:
+        return pixel_values[:, :, 0]
+    if pixel_values.dim() != 5:
+        raise InputError(
+            f"pixel_values must be (batch, images, 3, height, width), got shape {tuple(pixel_values.shape)}"
+        )
+    return pixel_values
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean next-token cross-entropy over labels != -100, plus ``z_loss * logsumexp(logits)^2``."""
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:].to(shift_logits.device)  # (B, T-1)
+    mask = shift_labels != -100
+    if not bool(mask.any()):
+        zero = shift_logits.sum() * 0.0
+        return zero, (zero if z_loss else None)
+    flat_logits = shift_logits[mask]  # (K, V)
+    loss = F.cross_entropy(flat_logits, shift_labels[mask])
+    z = None
+    if z_loss:
+        z = torch.logsumexp(flat_logits, dim=-1).pow(2).mean()
+        loss = loss + z_loss * z
+    return loss, z
