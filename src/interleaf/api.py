@@ -1,0 +1,185 @@
+"""The public entry points: :func:`build`, :func:`load`, :func:`save`.
+
+``build`` assembles a model and its processor from a preset name or from local pieces (the
+equivalent of OpenFlamingo's ``create_model_and_transforms``); ``load`` reads a ``save_pretrained``
+directory back. Nothing here touches the network: every path must be local.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
+
+from .config import InterleafConfig, TokensConfig, VisionConfig
+from .errors import CheckpointError, ConfigError
+from .model import InterleafForConditionalGeneration
+from .presets import get_preset
+from .processing import ImageTransform, InterleafProcessor, build_tiny_tokenizer
+
+PathLike = str | Path
+
+
+def _local_dir(path: PathLike, what: str, needs: tuple[str, ...] = ("config.json",)) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise CheckpointError(
+            f"{what} {str(path)!r} is not a local directory. interleaf loads weights only from local "
+            "paths (it never downloads): save the model with save_pretrained, or download it yourself, "
+            "then pass the directory"
+        )
+    missing = [n for n in needs if not (p / n).exists()]
+    if missing:
+        raise CheckpointError(f"{what} {str(p)!r} lacks {', '.join(missing)}; it does not look like a save_pretrained directory")
+    return p
+
+
+def _resolve_tokenizer(tokenizer: Any, lm: Any):
+    if tokenizer is None and isinstance(lm, (str, Path)):
+        tokenizer = lm
+    if tokenizer is None or tokenizer == "tiny":
+        return build_tiny_tokenizer()
+    if isinstance(tokenizer, (str, Path)):
+        p = _local_dir(tokenizer, "tokenizer", needs=())
+        try:
+            return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot load a tokenizer from {str(p)!r}: {e}") from e
+    return tokenizer
+
+
+def _add_special_tokens(tokenizer, tokens: TokensConfig, lm_vocab: int | None) -> TokensConfig:
+    """Add the prompt format's special tokens; decide which ids get decoupled trainable rows."""
+    before = len(tokenizer)
+    missing = [t for t in tokens.required_tokens() if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    after = len(tokenizer)
+    vocab = lm_vocab if lm_vocab is not None else before
+    if before > vocab:
+        extra_start = vocab  # the tokenizer already holds tokens beyond the LM's rows (IDEFICS)
+    else:
+        extra_start = before
+    num_extra = max(0, after - extra_start)
+    image_id = tokenizer.convert_tokens_to_ids(tokens.image_token)
+    return dataclasses.replace(
+        tokens, extra_start=extra_start if num_extra else None, num_extra=num_extra, image_token_id=image_id
+    )
+
+
+def build(
+    preset: str | None = None,
+    *,
+    vision: PathLike | VisionConfig | dict | None = None,
+    lm: PathLike | PreTrainedModel | PreTrainedConfig | dict | None = None,
+    tokenizer: Any = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+    **options: Any,
+) -> tuple[InterleafForConditionalGeneration, InterleafProcessor]:
+    """Assemble ``(model, processor)`` from a preset or from local pieces.
+
+    ``interleaf.build("tiny-random")``, or ``interleaf.build(vision="path/to/clip", lm="path/to/llm",
+    tokenizer=None, cross_attention={"every_n_layers": 2}, resampler={...}, tokens={...},
+    freeze="flamingo")``. ``vision`` and ``lm`` may be local ``save_pretrained`` directories (their
+    weights are loaded) or configs (random weights). ``device="meta"`` builds without memory.
+    """
+    sections: dict[str, Any] = {}
+    if preset is not None:
+        p = get_preset(preset)
+        sections = dict(
+            vision=dict(p.vision), resampler=dict(p.resampler), cross_attention=dict(p.cross_attention),
+            tokens=dict(p.tokens), freeze=p.freeze,
+        )
+        if lm is None:
+            lm = dict(p.text_config)
+        if tokenizer is None and p.tokenizer == "tiny":
+            tokenizer = "tiny"
+    for key in ("resampler", "cross_attention", "tokens"):
+        if key in options:
+            sections[key] = {**sections.get(key, {}), **dict(options.pop(key))}
+    for key in ("freeze", "z_loss"):
+        if key in options:
+            sections[key] = options.pop(key)
+    if options:
+        raise ConfigError(
+            next(iter(options)), "unknown option of interleaf.build",
+            "known: vision, lm, tokenizer, resampler, cross_attention, tokens, freeze, z_loss, device, dtype, seed",
+        )
+    if lm is None:
+        raise ConfigError("lm", "is required without a preset: a local LM directory or a transformers config")
+    if seed is not None:
+        torch.manual_seed(seed)
+
+    tok = _resolve_tokenizer(tokenizer, lm)
+    ctx = torch.device(device) if device is not None else contextlib.nullcontext()
+    with ctx:
+        # -- the language model --
+        if isinstance(lm, (str, Path)):
+            lm_dir = _local_dir(lm, "language model")
+            lm_model = AutoModelForCausalLM.from_pretrained(str(lm_dir), local_files_only=True, dtype=dtype)
+        elif isinstance(lm, PreTrainedModel):
+            lm_model = lm
+        else:
+            text_cfg = dict(lm.to_dict() if isinstance(lm, PreTrainedConfig) else lm)
+            if text_cfg.get("vocab_size") is None:
+                text_cfg["vocab_size"] = len(tok)
+            text_cfg = InterleafConfig(text_config=text_cfg).text_config
+            lm_model = AutoModelForCausalLM.from_config(text_cfg, dtype=dtype)
+        # -- the vision tower --
+        vision_module = None
+        if isinstance(vision, (str, Path)):
+            from .model.vision import load_vision_tower
+
+            vcfg, vision_module = load_vision_tower(vision)
+            sections["vision"] = {**dataclasses.asdict(vcfg), **{k: v for k, v in sections.get("vision", {}).items() if k in ("feature_layer", "drop_cls_token", "post_layernorm")}}
+        elif isinstance(vision, VisionConfig):
+            sections["vision"] = dataclasses.asdict(vision)
+        elif isinstance(vision, dict):
+            sections["vision"] = {**sections.get("vision", {}), **vision}
+        tokens = _add_special_tokens(
+            tok, TokensConfig(**sections.pop("tokens", {})), lm_model.get_input_embeddings().weight.shape[0]
+        )
+        config = InterleafConfig(text_config=lm_model.config, tokens=dataclasses.asdict(tokens), **sections)
+        model = InterleafForConditionalGeneration(config, language_model=lm_model, vision_model=vision_module)
+        if dtype is not None:
+            model.to(dtype)
+    model.apply_freeze()
+    processor = InterleafProcessor(
+        tok,
+        config.tokens_cfg,
+        ImageTransform.from_vision_config(config.vision_cfg),
+        max_length=getattr(config.text_config, "max_position_embeddings", None),
+    )
+    return model.eval(), processor
+
+
+def load(
+    path: PathLike, *, device_map: Any = None, dtype: torch.dtype | str | None = None, **kwargs: Any
+) -> tuple[InterleafForConditionalGeneration, InterleafProcessor]:
+    """Load ``(model, processor)`` from a directory written by :func:`save` (offline)."""
+    p = _local_dir(path, "model", needs=("config.json",))
+    if not any(p.glob("*.safetensors")):
+        raise CheckpointError(f"model directory {str(p)!r} has no *.safetensors weights; was it saved with interleaf.save?")
+    try:
+        model = InterleafForConditionalGeneration.from_pretrained(
+            str(p), local_files_only=True, device_map=device_map, dtype=dtype, **kwargs
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot load the model in {str(p)!r}: {e}") from e
+    processor = InterleafProcessor.from_pretrained(p)
+    return model.eval(), processor
+
+
+def save(model: InterleafForConditionalGeneration, processor: InterleafProcessor, path: PathLike) -> Path:
+    """Write a directory that :func:`load` and transformers' ``Auto*`` classes read back."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(p)
+    processor.save_pretrained(p)
+    return p

@@ -1,0 +1,418 @@
+"""The processor: interleaved prompts and chat conversations -> model inputs.
+
+:class:`InterleafProcessor` turns a prompt (a list mixing text and images) or a chat conversation
+into ``input_ids``, ``attention_mask``, ``pixel_values`` and ``image_attention_mask``, following
+the model's prompt format (``tokens.prompt_format``):
+
+- ``"openflamingo"``: each image becomes ``<image>``; text is inserted as is. In chat
+  conversations (InfiMM style) each image becomes ``<|endofchunk|><image>``.
+- ``"idefics"``: BOS first; each image becomes ``<fake_token_around_image><image>
+  <fake_token_around_image>`` with consecutive images sharing the fake token between them,
+  exactly as transformers' ``IdeficsProcessor`` builds it (text items stripped of spaces,
+  ``<end_of_utterance>`` between consecutive texts when asked, the image mask reset after an EOS).
+
+When no row of a batch has an image, ``pixel_values`` is absent and ``image_attention_mask`` has
+shape ``(B, T, 0)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, BatchFeature
+
+from ..config import TokensConfig
+from ..errors import CheckpointError, ConfigError, InputError
+from .images import ImageTransform, load_image
+from .prompts import ImageRef, ParsedPrompt, parse_prompt, split_batch
+
+PROCESSOR_CONFIG = "processor_config.json"
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+_HUB_LOADING_KWARGS = (
+    "_from_auto", "revision", "trust_remote_code", "local_files_only", "cache_dir", "token",
+    "subfolder", "force_download", "proxies", "_from_pipeline", "use_fast",
+)
+
+
+class InterleafProcessor:
+    """Prompts with images -> a :class:`transformers.BatchFeature` for the model.
+
+    The special tokens of ``tokens`` must already be in ``tokenizer`` (the model builder adds
+    them). ``max_images`` limits images per row, ``max_pixels`` the size of one image, and
+    ``max_length`` (the LM's context) the tokens per row.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        tokens: TokensConfig,
+        image_transform: ImageTransform,
+        max_images: int = 8,
+        max_pixels: int = 50_000_000,
+        max_length: int | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.tokens = tokens
+        self.image_transform = image_transform
+        self.max_images = max_images
+        self.max_pixels = max_pixels
+        self.max_length = max_length
+        self._ids = {tok: self._single_token_id(tok) for tok in tokens.required_tokens()}
+        if tokenizer.pad_token_id is None:
+            raise ConfigError(
+                "tokenizer.pad_token",
+                "the tokenizer has no pad token, so batches cannot be padded",
+                "set tokenizer.pad_token (e.g. to its eos or unk token) before building the processor",
+            )
+
+    def _single_token_id(self, token: str) -> int:
+        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ConfigError(
+                "tokens",
+                f"{token!r} is not a single token of the tokenizer (it splits into {len(ids)} ids)",
+                f"add it first: tokenizer.add_special_tokens({{'additional_special_tokens': {self.tokens.required_tokens()!r}}})",
+            )
+        return ids[0]
+
+    # -- ids --
+    @property
+    def image_token_id(self) -> int:
+        return self._ids[self.tokens.image_token]
+
+    @property
+    def fake_image_token_id(self) -> int | None:
+        return self._ids.get(self.tokens.fake_image_token)
+
+    @property
+    def end_of_chunk_token_id(self) -> int | None:
+        return self._ids.get(self.tokens.end_of_chunk_token)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def image_size(self) -> int:
+        return self.image_transform.image_size
+
+    # -- the call --
+    def __call__(
+        self,
+        prompts: Any,
+        *,
+        padding: str | bool = "longest",
+        padding_side: str = "left",
+        return_tensors: str = "pt",
+        add_bos: bool = True,
+        add_eos: bool = False,
+        add_end_of_utterance_token: bool | None = None,
+        add_generation_prompt: bool | None = None,
+        max_length: int | None = None,
+        truncation: bool = False,
+        truncation_side: str | None = None,
+        allow_urls: bool = False,
+        images_root: str | Path | None = None,
+    ) -> BatchFeature:
+        """Process one prompt or a batch of prompts.
+
+        Returns ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long, ``pixel_values``
+        (B, N_max, 3, S, S) float (rows with fewer images zero-padded; absent when the batch has
+        no image) and ``image_attention_mask`` (B, T, N_max) long: 1 where the token's latest image
+        at or before it is that image. ``add_generation_prompt`` (chat only; default: when the last
+        message is not the assistant's). ``truncation_side`` defaults to ``padding_side``: left
+        keeps the end of the prompt (generation), right keeps its start (training); whole images
+        are dropped with their tokens.
+        """
+        if return_tensors != "pt":
+            raise InputError(f"return_tensors: only 'pt' is supported, got {return_tensors!r}")
+        if padding_side not in ("left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        truncation_side = truncation_side or padding_side
+        if truncation_side not in ("left", "right"):
+            raise InputError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
+        max_length = max_length if max_length is not None else self.max_length
+        if add_end_of_utterance_token is None:
+            add_end_of_utterance_token = self.tokens.add_end_of_utterance
+
+        rows, _ = split_batch(prompts)
+        parsed = [
+            parse_prompt(p, r, self.tokenizer, images_root=images_root, add_generation_prompt=add_generation_prompt)
+            for r, p in enumerate(rows)
+        ]
+        for r, row in enumerate(parsed):
+            self._validate(row, r)
+        texts = [self._render(row, add_bos, add_eos, add_end_of_utterance_token) for row in parsed]
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+        all_ids, all_images = [], []
+        for r, (ids, row) in enumerate(zip(encoded, parsed)):
+            images = row.images
+            found = sum(1 for i in ids if i == self.image_token_id)
+            if found != len(images):  # a template or tokenizer quirk; never silently misalign images
+                raise InputError(
+                    f"batch row {r}: {found} image tokens for {len(images)} images after tokenization; "
+                    "check that the chat template keeps every message and that the tokenizer keeps "
+                    f"{self.tokens.image_token!r} as one token"
+                )
+            if max_length is not None and len(ids) > max_length:
+                if not truncation:
+                    raise InputError(
+                        f"batch row {r}: the prompt is {len(ids)} tokens, longer than max_length={max_length} "
+                        "(the model's context); shorten it, use fewer images, or pass truncation=True"
+                    )
+                ids, images = self._truncate(ids, images, max_length, truncation_side, r)
+            all_ids.append(ids)
+            all_images.append(images)
+
+        input_ids, attention_mask = self._pad(all_ids, padding, padding_side, max_length)
+        n_max = max(len(images) for images in all_images)
+        reset_after_eos = [self.tokens.prompt_format == "idefics" and not row.is_chat for row in parsed]
+        data: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "image_attention_mask": self.image_attention_mask(input_ids, n_max, reset_after_eos),
+        }
+        if n_max > 0:
+            data["pixel_values"] = self._pixels(all_images, n_max, allow_urls)
+        return BatchFeature(data=data)
+
+    # -- steps --
+    def _validate(self, row: ParsedPrompt, r: int) -> None:
+        typed = row.typed_texts()
+        if not row.images and not any(t.text.strip() for t in typed):
+            raise InputError(f"batch row {r}: the prompt is empty (no text and no images); give it some text or an image")
+        if len(row.images) > self.max_images:
+            raise InputError(
+                f"batch row {r}: {len(row.images)} images, more than max_images={self.max_images}; pass fewer "
+                f"images, or raise the limit with InterleafProcessor(..., max_images=N) "
+                "(or processor.max_images = N)"
+            )
+        literal = [self.tokens.image_token]
+        if self.tokens.prompt_format == "idefics":
+            literal.append(self.tokens.fake_image_token)
+        for t in typed:
+            for tok in literal:
+                if tok in t.text:
+                    raise InputError(
+                        f"{t.where}: the text contains {tok!r} typed literally; images must be passed as images "
+                        "(a PIL image, path, bytes or {'image': ...} item), and the processor writes their tokens"
+                    )
+
+    def _image_text(self, last_was_image: bool, chat: bool) -> str:
+        t = self.tokens
+        if t.prompt_format == "idefics":
+            fake = t.fake_image_token
+            return t.image_token + fake if last_was_image else fake + t.image_token + fake
+        return t.end_of_chunk_token + t.image_token if chat else t.image_token
+
+    def _render(self, row: ParsedPrompt, add_bos: bool, add_eos: bool, add_eou: bool) -> str:
+        """One row's segments -> the prompt string, following the prompt format."""
+        idefics = self.tokens.prompt_format == "idefics"
+        bos = self.tokenizer.bos_token
+        out: list[str] = []
+        last_was_image = False
+        for i, seg in enumerate(row.segments):
+            last_was_text = i > 0 and not last_was_image
+            if isinstance(seg, ImageRef):
+                out.append(self._image_text(last_was_image, row.is_chat))
+                last_was_image = True
+                continue
+            text = seg.text
+            if idefics and not row.is_chat:
+                text = text.strip(" ")
+                if add_eou and last_was_text:  # between consecutive texts, as IDEFICS does
+                    out.append(self.tokens.end_of_utterance_token)
+            out.append(text)
+            last_was_image = False
+        body = "".join(out)
+        if add_bos and bos and not body.startswith(bos):
+            body = bos + body
+        if add_eos and self.tokenizer.eos_token:
+            body += self.tokenizer.eos_token
+        return body
+
+    def _image_spans(self, ids: list[int]) -> list[tuple[int, int]]:
+        """[start, end) of each image's tokens (with the fake tokens or end-of-chunk around it)."""
+        fake, eoc = self.fake_image_token_id, self.end_of_chunk_token_id
+        wrap_before = fake if self.tokens.prompt_format == "idefics" else eoc
+        spans = []
+        for p, tok in enumerate(ids):
+            if tok != self.image_token_id:
+                continue
+            start = p - 1 if p > 0 and ids[p - 1] == wrap_before else p
+            end = p + 2 if fake is not None and p + 1 < len(ids) and ids[p + 1] == fake else p + 1
+            spans.append((start, end))
+        return spans
+
+    def _truncate(self, ids, images, max_length, side, r):
+        """Cut a row to ``max_length`` tokens without splitting an image's tokens."""
+        bos_id = self.tokenizer.bos_token_id
+        keep_bos = side == "left" and bos_id is not None and ids[:1] == [bos_id]
+        head = ids[:1] if keep_bos else []
+        body = ids[1:] if keep_bos else ids
+        budget = max_length - len(head)
+        spans = self._image_spans(body)
+        if side == "left":  # keep body[cut:]; a cut may not fall inside an image unless it starts one
+            starts = {s for s, _ in spans}
+            cut = len(body) - budget
+            while cut < len(body) and any(s < cut < e for s, e in spans) and cut not in starts:
+                cut += 1
+            kept = body[cut:]
+            dropped = sum(1 for s, e in spans if s < cut)
+            images = images[dropped:]
+        else:  # keep body[:cut]; a cut may not fall inside an image unless it ends one
+            ends = {e for _, e in spans}
+            cut = budget
+            while cut > 0 and any(s < cut < e for s, e in spans) and cut not in ends:
+                cut -= 1
+            kept = body[:cut]
+            images = images[: sum(1 for _, e in spans if e <= cut)]
+        if not kept or (len(kept) == 1 and kept[0] == bos_id):
+            raise InputError(
+                f"batch row {r}: cannot truncate the prompt to max_length={max_length}: nothing but the BOS "
+                "token fits without cutting through an image's tokens; raise max_length or shorten the prompt"
+            )
+        return head + kept, images
+
+    def _pad(self, rows: list[list[int]], padding, side: str, max_length: int | None):
+        longest = max(len(ids) for ids in rows)
+        if padding in ("longest", True):
+            target = longest
+        elif padding == "max_length":
+            if max_length is None:
+                raise InputError("padding='max_length' needs max_length (pass it, or set processor.max_length)")
+            target = max(max_length, longest)
+        elif padding in ("do_not_pad", False, None):
+            if any(len(ids) != longest for ids in rows):
+                raise InputError(
+                    "padding is off but the rows have different lengths; pass padding='longest' to batch them"
+                )
+            target = longest
+        else:
+            raise InputError(f"padding must be 'longest', 'max_length' or False, got {padding!r}")
+        input_ids = torch.full((len(rows), target), self.pad_token_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(rows), target), dtype=torch.long)  # (B, T)
+        for b, ids in enumerate(rows):
+            n = len(ids)
+            sl = slice(target - n, target) if side == "left" else slice(0, n)
+            input_ids[b, sl] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[b, sl] = 1
+        return input_ids, attention_mask
+
+    def image_attention_mask(
+        self, input_ids: torch.Tensor, num_images: int, reset_after_eos: list[bool] | bool = False
+    ) -> torch.Tensor:
+        """(B, T) ids -> (B, T, N) long: 1 where the token's latest image at or before it is image n.
+
+        Tokens before a row's first image see none. With ``reset_after_eos`` (IDEFICS' packed
+        inputs), tokens after an EOS see no image until the next image token.
+        """
+        b, t = input_ids.shape
+        is_image = input_ids == self.image_token_id  # (B, T)
+        latest = torch.cumsum(is_image.long(), dim=1) - 1  # (B, T): -1 before the first image
+        eos_id = self.tokenizer.eos_token_id
+        if isinstance(reset_after_eos, bool):
+            reset_after_eos = [reset_after_eos] * b
+        if eos_id is not None and any(reset_after_eos):
+            pos = torch.arange(t).expand(b, t)
+            last_image = torch.cummax(torch.where(is_image, pos, -1), dim=1).values  # (B, T)
+            last_eos = torch.cummax(torch.where(input_ids == eos_id, pos, -1), dim=1).values
+            eos_before = torch.cat([torch.full((b, 1), -1), last_eos[:, :-1]], dim=1)  # strictly before
+            reset = (eos_before > last_image) & torch.tensor(reset_after_eos).unsqueeze(1)
+            latest = latest.masked_fill(reset, -1)
+        if num_images == 0:
+            return torch.zeros((b, t, 0), dtype=torch.long)
+        latest = latest.masked_fill(latest >= num_images, -1)
+        mask = torch.nn.functional.one_hot(latest.clamp(min=0), num_classes=num_images)  # (B, T, N)
+        return mask.masked_fill((latest < 0).unsqueeze(-1), 0)
+
+    def _pixels(self, all_images: list[list[ImageRef]], n_max: int, allow_urls: bool) -> torch.Tensor:
+        s = self.image_size
+        pixels = torch.zeros((len(all_images), n_max, 3, s, s), dtype=torch.float32)  # (B, N_max, 3, S, S)
+        for b, images in enumerate(all_images):
+            for n, ref in enumerate(images):
+                img = load_image(ref.source, where=ref.where, max_pixels=self.max_pixels, allow_urls=allow_urls)
+                pixels[b, n] = self.image_transform(img)
+        return pixels
+
+    def process_images(self, images: list, *, where: str = "image", allow_urls: bool = False) -> torch.Tensor:
+        """A list of images -> (N, 3, S, S), with the processor's limits."""
+        out = [
+            self.image_transform(
+                load_image(img, where=f"{where} {i}", max_pixels=self.max_pixels, allow_urls=allow_urls)
+            )
+            for i, img in enumerate(images)
+        ]
+        return torch.stack(out) if out else torch.zeros((0, 3, self.image_size, self.image_size))
+
+    # -- decoding --
+    def decode(self, ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode(self, ids, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    # -- save / load --
+    def to_dict(self) -> dict:
+        return {
+            "processor_class": type(self).__name__,
+            "tokens": dataclasses.asdict(self.tokens),
+            "image_transform": self.image_transform.to_dict(),
+            "max_images": self.max_images,
+            "max_pixels": self.max_pixels,
+            "max_length": self.max_length,
+        }
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write the tokenizer and ``processor_config.json`` into ``save_directory``."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(path))
+        (path / PROCESSOR_CONFIG).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides) -> "InterleafProcessor":
+        """Load a saved processor offline. ``overrides``: max_images, max_pixels, max_length."""
+        path = Path(directory)
+        if not path.is_dir():
+            raise CheckpointError(f"processor directory {str(path)!r} does not exist; pass a save_pretrained directory")
+        missing = [name for name in (PROCESSOR_CONFIG, *_TOKENIZER_FILES) if not (path / name).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{str(path)!r} is not a complete processor directory: missing {', '.join(missing)}; "
+                "save one with processor.save_pretrained(dir)"
+            )
+        try:
+            config = json.loads((path / PROCESSOR_CONFIG).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{str(path / PROCESSOR_CONFIG)!r} is not valid JSON ({e})") from e
+        for key in _HUB_LOADING_KWARGS:  # passed by transformers' AutoProcessor; everything here is local
+            overrides.pop(key, None)
+        unknown = set(overrides) - {"max_images", "max_pixels", "max_length"}
+        if unknown:
+            raise InputError(f"from_pretrained: unknown overrides {sorted(unknown)}; known: max_images, max_pixels, max_length")
+        for key in ("tokens", "image_transform"):
+            if key not in config:
+                raise CheckpointError(f"{str(path / PROCESSOR_CONFIG)!r} lacks the {key!r} section")
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length") if k in config}
+        limits.update(overrides)
+        return cls(
+            tokenizer,
+            TokensConfig(**config["tokens"]),
+            ImageTransform.from_dict(config["image_transform"]),
+            **limits,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"InterleafProcessor(format={self.tokens.prompt_format!r}, {self.image_transform!r}, "
+            f"max_images={self.max_images}, max_length={self.max_length})"
+        )

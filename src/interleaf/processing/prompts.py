@@ -1,0 +1,205 @@
+"""Parsing interleaved prompts and chat conversations into text and image segments.
+
+A prompt is a list mixing text and images; a chat conversation is a list of messages
+``{"role": ..., "content": str | list of parts}``. Both become a :class:`ParsedPrompt`: a list of
+:class:`Text` and :class:`ImageRef` segments, with chat conversations already rendered by the
+tokenizer's chat template (images come back in the place their part had in the message).
+Every problem raises :class:`~interleaf.errors.InputError` naming the batch row and item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from PIL import Image
+
+from ..errors import InputError
+
+ACCEPTED_ITEMS = (
+    "text (str, or {'type': 'text', 'text': ...}), or an image: a PIL.Image.Image, a pathlib.Path, "
+    "bytes, a 'data:image/...;base64,...' or http(s) URL string, {'image': x}, "
+    "{'type': 'image', 'image': x}, or {'type': 'image_url', 'image_url': {'url': ...}}"
+)
+CHAT_ROLES = ("system", "user", "assistant")
+# Stands for an image while a conversation goes through the chat template (Unicode private use).
+IMAGE_SENTINEL = "\ue000"
+
+
+@dataclass
+class Text:
+    text: str
+    where: str
+
+
+@dataclass
+class ImageRef:
+    source: Any  # anything load_image accepts
+    where: str
+
+
+Segment = Union[Text, ImageRef]
+
+
+@dataclass
+class ParsedPrompt:
+    """One batch row: its segments, and whether it came from a chat conversation."""
+
+    segments: list[Segment] = field(default_factory=list)
+    is_chat: bool = False
+    user_texts: list[Text] | None = None  # chat: the message texts; plain prompts: the Text segments
+
+    def typed_texts(self) -> list[Text]:
+        if self.user_texts is not None:
+            return self.user_texts
+        return [s for s in self.segments if isinstance(s, Text)]
+
+    @property
+    def images(self) -> list[ImageRef]:
+        return [s for s in self.segments if isinstance(s, ImageRef)]
+
+
+def _is_message(obj: Any) -> bool:
+    return isinstance(obj, dict) and "role" in obj
+
+
+def _is_url_string(text: str) -> bool:
+    stripped = text.strip()
+    if stripped.startswith("data:image/"):
+        return True
+    return stripped.startswith(("http://", "https://")) and not any(c.isspace() for c in stripped)
+
+
+def split_batch(prompts: Any) -> tuple[list[Any], bool]:
+    """``prompts`` -> (list of row prompts, whether a batch was given)."""
+    if isinstance(prompts, (str, dict, Image.Image, bytes, Path)):
+        return [[prompts]], False
+    if not isinstance(prompts, (list, tuple)):
+        raise InputError(
+            f"prompts: expected one prompt (a list of text and images, or of chat messages) or a batch "
+            f"(a list of such lists), got {type(prompts).__name__}"
+        )
+    if len(prompts) == 0:
+        raise InputError("prompts: the batch is empty; pass at least one prompt")
+    nested = [isinstance(p, (list, tuple)) for p in prompts]
+    if all(nested):
+        return list(prompts), True
+    if any(nested):
+        first = nested.index(True)
+        raise InputError(
+            f"prompts: item {first} is a list but other items are not; pass either one prompt "
+            "(a flat list of text and images) or a batch (a list of prompts, each a list)"
+        )
+    return [list(prompts)], False
+
+
+def classify_item(item: Any, where: str, images_root: str | Path | None = None) -> Segment:
+    """One prompt item (or message part) -> a text or image segment."""
+    if isinstance(item, str):
+        return ImageRef(item.strip(), where) if _is_url_string(item) else Text(item, where)
+    if isinstance(item, (Image.Image, bytes, bytearray, memoryview)):
+        return ImageRef(item, where)
+    if isinstance(item, Path):
+        return ImageRef(_resolve(item, images_root), where)
+    if isinstance(item, dict):
+        kind = item.get("type")
+        if kind == "text" or (kind is None and set(item) == {"text"}):
+            text = item.get("text")
+            if not isinstance(text, str):
+                raise InputError(f"{where}: a text part needs a string 'text', got {type(text).__name__}")
+            return Text(text, where)
+        if kind == "image_url":
+            url = item.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise InputError(f"{where}: an image_url part needs {{'image_url': {{'url': '...'}}}}, got {item!r}")
+            return ImageRef(url.strip(), where)
+        if kind in ("image", None):
+            for key in ("image", "path", "url"):
+                if key in item:
+                    source = item[key]
+                    if isinstance(source, (str, Path)) and not (isinstance(source, str) and _is_url_string(source)):
+                        source = _resolve(Path(source), images_root)
+                    return ImageRef(source, where)
+        raise InputError(f"{where}: unsupported dict with keys {sorted(item)}; a prompt item is {ACCEPTED_ITEMS}")
+    raise InputError(f"{where}: unsupported object of type {type(item).__name__}; a prompt item is {ACCEPTED_ITEMS}")
+
+
+def _resolve(path: Path, images_root: str | Path | None) -> Path:
+    path = path.expanduser()
+    if images_root is not None and not path.is_absolute():
+        return Path(images_root) / path
+    return path
+
+
+def parse_prompt(
+    prompt: list,
+    row: int,
+    tokenizer,
+    *,
+    images_root: str | Path | None = None,
+    add_generation_prompt: bool | None = None,
+) -> ParsedPrompt:
+    """Parse one batch row (a list of items, or a list of chat messages)."""
+    if not isinstance(prompt, (list, tuple)):
+        raise InputError(f"batch row {row}: a prompt must be a list of text and images, got {type(prompt).__name__}")
+    if prompt and all(_is_message(m) for m in prompt):
+        return _parse_chat(list(prompt), row, tokenizer, images_root, add_generation_prompt)
+    if any(_is_message(m) for m in prompt):
+        first = next(i for i, m in enumerate(prompt) if _is_message(m))
+        raise InputError(
+            f"batch row {row}, prompt item {first}: a chat message inside a plain prompt; a row is either "
+            "a list of chat messages {'role', 'content'} or a list of text and images, not both"
+        )
+    segments = [
+        classify_item(item, f"batch row {row}, prompt item {i}", images_root) for i, item in enumerate(prompt)
+    ]
+    return ParsedPrompt(segments, is_chat=False)
+
+
+def _parse_chat(messages, row, tokenizer, images_root, add_generation_prompt) -> ParsedPrompt:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InputError(
+            f"batch row {row}: chat messages need a chat template but the tokenizer has none; set "
+            "tokenizer.chat_template, or pass the prompt as a list of text and images"
+        )
+    rendered_messages = []
+    images: list[ImageRef] = []
+    typed: list[Text] = []  # the user's own words, for checks the template's text must not trip
+    for m, message in enumerate(messages):
+        where = f"batch row {row}, message {m}"
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise InputError(f"{where}: role must be one of {list(CHAT_ROLES)}, got {role!r}")
+        parts = [content] if isinstance(content, str) else content
+        if not isinstance(parts, (list, tuple)):
+            raise InputError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
+        text: list[str] = []
+        for p, part in enumerate(parts):
+            seg = classify_item(part, f"{where}, part {p}", images_root)
+            if isinstance(seg, ImageRef):
+                images.append(seg)
+                text.append(IMAGE_SENTINEL)
+            else:
+                if IMAGE_SENTINEL in seg.text:
+                    raise InputError(f"{seg.where}: the text holds the reserved character U+E000; remove it")
+                text.append(seg.text)
+                typed.append(seg)
+        rendered_messages.append({"role": role, "content": "".join(text)})
+    if add_generation_prompt is None:
+        add_generation_prompt = messages[-1].get("role") != "assistant"
+    rendered = tokenizer.apply_chat_template(rendered_messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    pieces = rendered.split(IMAGE_SENTINEL)
+    if len(pieces) - 1 != len(images):
+        raise InputError(
+            f"batch row {row}: the chat template kept {len(pieces) - 1} of the conversation's {len(images)} "
+            "images (it drops or repeats some message content); use a template that renders every message"
+        )
+    segments: list[Segment] = []
+    for i, piece in enumerate(pieces):
+        if piece:
+            segments.append(Text(piece, f"batch row {row} (chat text)"))
+        if i < len(images):
+            segments.append(images[i])
+    return ParsedPrompt(segments, is_chat=True, user_texts=typed)
