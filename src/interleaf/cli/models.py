@@ -1,0 +1,66 @@
+"""Verbs about models: ``interleaf presets``, ``interleaf generate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def presets_cmd() -> None:
+    """List the named architectures that ``interleaf.build(name)`` and ``--model NAME`` accept."""
+    from ..presets import presets
+
+    rows = presets()
+    width = max(map(len, rows))
+    for name, description in rows.items():
+        typer.echo(f"{name:<{width}}  {description}")
+
+
+def load_model(model: str, *, device: str | None = None, seed: int | None = None):
+    """``(model, processor)`` from a saved directory, or a preset name (random weights)."""
+    from ..api import build, load
+    from ..errors import CheckpointError
+    from ..presets import presets
+
+    if Path(model).expanduser().is_dir():
+        m, p = load(model, device_map=device)
+    elif model in presets():
+        m, p = build(model, seed=seed)
+    else:
+        raise CheckpointError(
+            f"--model {model!r} is neither a local directory nor a preset name; "
+            f"presets: {', '.join(presets())}. Run `interleaf presets` to list them"
+        )
+    return m, p
+
+
+def generate_cmd(
+    prompt: str = typer.Argument(..., help="The text of the prompt (the question)."),
+    model: str = typer.Option(..., "--model", "-m", help="A saved model directory or a preset name."),
+    image: list[Path] = typer.Option([], "--image", "-i", help="An image file; repeat for several, in order."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy decoding."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    num_beams: int = typer.Option(1, min=1),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling (and for a preset's random weights)."),
+    chat: Optional[bool] = typer.Option(
+        None, "--chat/--no-chat", help="Render as a chat turn (default: when the tokenizer has a chat template)."
+    ),
+) -> None:
+    """Answer PROMPT about the images, streaming the answer."""
+    from ..generation import generate_text
+
+    m, p = load_model(model, seed=seed)
+    for piece in generate_text(
+        m, p, prompt, images=image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        num_beams=num_beams, seed=seed, chat=chat, stream=True,
+    ):
+        typer.echo(piece, nl=False)
+    typer.echo()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("presets")(presets_cmd)
+    app.command("generate")(generate_cmd)

@@ -1,0 +1,89 @@
+"""Text in, text out: one prompt with images to an answer, optionally streamed.
+
+Shared by the command line, the chat REPL and the server so they build prompts the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from transformers import TextIteratorStreamer
+
+from .errors import InputError
+
+
+def build_prompt(processor, text: str, images: Sequence[Any] = (), chat: bool | None = None) -> list:
+    """One prompt: the images first, then the text; as a chat turn when ``chat`` (default: if the
+    tokenizer has a chat template)."""
+    if not text.strip() and not images:
+        raise InputError("the prompt is empty: give some text or at least one image")
+    images = [Path(i) if isinstance(i, str) else i for i in images]
+    if chat is None:
+        chat = bool(getattr(processor.tokenizer, "chat_template", None))
+    if chat:
+        content = [{"type": "image", "image": i} for i in images] + [{"type": "text", "text": text}]
+        return [{"role": "user", "content": content}]
+    return [*images, text]
+
+
+def generation_kwargs(
+    processor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1,
+    stop: Sequence[str] = (),
+) -> dict:
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False)
+    tok = processor.tokenizer
+    kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    chunk = getattr(processor, "end_of_chunk_token_id", None)
+    if chunk is not None:
+        eos.append(chunk)
+    if eos:
+        kwargs["eos_token_id"] = eos
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=tok)
+    return kwargs
+
+
+def generate_text(
+    model, processor, text: str, *, images: Sequence[Any] = (), max_new_tokens: int = 64,
+    temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1, seed: int | None = None,
+    chat: bool | None = None, stream: bool = False, stop: Sequence[str] = (),
+) -> Iterator[str]:
+    """Yield the answer to ``text`` about ``images`` (pieces as they come when ``stream``)."""
+    prompt = build_prompt(processor, text, images, chat)
+    inputs = processor([prompt])
+    kwargs = generation_kwargs(
+        processor, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_beams=num_beams,
+        stop=stop,
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    if not stream or num_beams > 1:
+        out = model.generate(**inputs, **kwargs)
+        yield processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            model.generate(**inputs, **kwargs, streamer=streamer)
+        except BaseException as e:  # surfaced in the caller's thread below
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    for piece in streamer:
+        if piece:
+            yield piece
+    thread.join()
+    if errors:
+        raise errors[0]
