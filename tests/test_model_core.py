@@ -180,7 +180,7 @@ def test_decoding_steps_never_recompute_images_or_keys():
     assert vision_calls and all(step == 0 for _, step, _ in vision_calls)  # encoded before the first step
     kv_calls = [c for c in calls if c[0].endswith(("cross_attention.k_proj", "cross_attention.v_proj"))]
     assert len(kv_calls) == 2 * len(model.cross_attention_blocks)  # once per block and call, beams included
-    assert all(step == 0 for _, step, _ in kv_calls)
+    assert all(step == 1 for _, step, _ in kv_calls)  # during the prefill
     rows = ids.shape[0] * 2
     later = [(n, s, shape) for n, s, shape in calls if s >= 2]
     assert later

@@ -67,7 +67,8 @@ def generate_text(
         torch.manual_seed(seed)
     if not stream or num_beams > 1:
         out = model.generate(**inputs, **kwargs)
-        yield processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        yield StopTrimmer(stop).feed(text, final=True)[0]
         return
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
@@ -81,9 +82,43 @@ def generate_text(
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    trimmer = StopTrimmer(stop)
+    done = False
     for piece in streamer:
-        if piece:
-            yield piece
+        if done:
+            continue  # drain: generation stops by itself at the stop string
+        text, done = trimmer.feed(piece)
+        if text:
+            yield text
+    if not done:
+        text, _ = trimmer.feed("", final=True)
+        if text:
+            yield text
     thread.join()
     if errors:
         raise errors[0]
+
+
+class StopTrimmer:
+    """Cut streamed text at the first stop string, which is not returned (OpenAI's semantics).
+
+    Text that could still become the start of a stop string is held back until it cannot.
+    """
+
+    def __init__(self, stop: Sequence[str] = ()):
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.buffer = ""
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was reached)."""
+        self.buffer += piece
+        cuts = [i for i in (self.buffer.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            out, self.buffer = self.buffer[: min(cuts)], ""
+            return out, True
+        if final or not self.hold:
+            out, self.buffer = self.buffer, ""
+            return out, False
+        out, self.buffer = self.buffer[: -self.hold], self.buffer[-self.hold :]
+        return out, False

@@ -24,6 +24,9 @@ def load_model(model: str, *, device: str | None = None, seed: int | None = None
     from ..errors import CheckpointError
     from ..presets import presets
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the command's output is the answer, not loading bars
     if Path(model).expanduser().is_dir():
         m, p = load(model, device_map=device)
     elif model in presets():

@@ -73,14 +73,16 @@ class MediaCache:
     """Everything the cross-attention blocks need about this call's images.
 
     Built once per ``forward``/``generate`` call from the image latents; ``kv[i]`` holds block i's
-    keys and values, projected once and reused at every decoding step and by every beam.
+    keys and values, projected at the first step and reused at every later step and by every beam.
     Rows may be expanded by generation (beams, several return sequences): row ``r`` of the
     running batch reads row ``r // (running_rows // rows)`` of the cache.
     """
 
     latents: torch.Tensor  # (B, N_img, L, Dv)
     num_images: torch.Tensor  # (B,) images in each row's prompt; later tokens attend the last one
-    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per block: (B, H, N*L, Dh) x 2
+    # block index -> (keys, values), each (B, H, N*L, Dh); filled by each block on its first call
+    # (inside the block's own forward, so device_map / offloading hooks have its weights in place)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -178,6 +180,8 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: MediaContext, block_index: int) -> torch.Tensor:
         b, t, _ = x.shape
+        if block_index not in ctx.cache.kv:
+            ctx.cache.kv[block_index] = self.project_media(ctx.cache.latents.to(x.device))
         k, v = ctx.cache.kv[block_index]
         if ctx.row_index is not None:
             k, v = k[ctx.row_index], v[ctx.row_index]  # (B_run, H, N*L, Dh)

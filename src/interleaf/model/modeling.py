@@ -82,7 +82,9 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         if config.text_config is None:
             raise InputError("InterleafConfig.text_config is empty: the model needs an LM config")
         vcfg = config.vision_cfg
-        self.vision_tower: VisionTower = build_vision_tower(vcfg, vision_model)
+        self.vision_tower: VisionTower = (
+            vision_model if isinstance(vision_model, VisionTower) else build_vision_tower(vcfg, vision_model)
+        )
         media_dim = self.vision_tower.out_dim
         rcfg = config.resampler_cfg
         self.resampler = PerceiverResampler(rcfg, media_dim) if rcfg.enabled else None
@@ -184,7 +186,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         return latents
 
     def prepare_media(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> MediaCache:
-        """Encode this call's images and project every block's keys and values, once."""
+        """Encode this call's images once; each block projects its keys and values at its first call."""
         pixel_values = _as_5d(pixel_values)
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise InputError(
@@ -202,8 +204,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
             )
         valid = torch.arange(n, device=input_ids.device)[None, :] < num_images[:, None]  # (B, N_img)
         latents = self.encode_images(pixel_values, valid.to(pixel_values.device))
-        kv = [block.project_media(latents.to(block.k_proj.weight.device)) for block in self.cross_attention_blocks]
-        return MediaCache(latents=latents, num_images=num_images, kv=kv)
+        return MediaCache(latents=latents, num_images=num_images)
 
     def _media_context(
         self, input_ids: torch.Tensor, cache: MediaCache, past_length: int
