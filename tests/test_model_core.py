@@ -235,6 +235,8 @@ def test_freeze_policies():
     assert not any(n.startswith("vision_tower") for n in trainable)
     assert any(n.endswith("embed_tokens.extra") for n in trainable) and any(n.endswith("lm_head.extra") for n in trainable)
     assert not model.get_input_embeddings().weight.requires_grad
+    n_vision = model.apply_freeze("flamingo_train_vision")
+    assert n_vision == n_flamingo + sum(p.numel() for p in model.vision_tower.parameters())
     n_lm = model.apply_freeze("unfreeze_lm")
     assert n_lm > n_flamingo and model.get_input_embeddings().weight.requires_grad
     assert not any(p.requires_grad for p in model.vision_tower.parameters())

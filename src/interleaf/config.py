@@ -18,7 +18,7 @@ from transformers import PreTrainedConfig
 
 from .errors import ConfigError
 
-FREEZE_POLICIES = ("flamingo", "unfreeze_lm", "all_trainable")
+FREEZE_POLICIES = ("flamingo", "flamingo_train_vision", "unfreeze_lm", "all_trainable")
 FUSIONS = ("cross_attention",)  # "token_insertion" (xGen-MM, LLaVA) plugs in here
 PROMPT_FORMATS = ("openflamingo", "idefics")
 

@@ -134,6 +134,8 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
 
         - ``flamingo``: vision tower and LM frozen; resampler, cross-attention and the added token
           rows train (Flamingo, OpenFlamingo, IDEFICS pretraining).
+        - ``flamingo_train_vision``: as ``flamingo`` plus the vision tower, for a tower trained
+          from scratch (the demo) rather than a pretrained CLIP.
         - ``unfreeze_lm``: as ``flamingo`` plus the whole LM (InfiMM's instruction stage).
         - ``all_trainable``: everything, vision tower included.
         """
@@ -147,6 +149,11 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         if policy != "all_trainable":
             if policy == "unfreeze_lm":
                 self.language_model.requires_grad_(True)
+            if policy == "flamingo_train_vision":
+                self.vision_tower.requires_grad_(True)
+                backbone = self.vision_tower.backbone
+                for p in getattr(backbone, "unused_parameters", list)():
+                    p.requires_grad_(False)  # layers past the feature layer never get a gradient
             if self.resampler is not None:
                 self.resampler.requires_grad_(True)
             for block in self.cross_attention_blocks:
