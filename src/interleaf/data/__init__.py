@@ -1,5 +1,10 @@
-"""Data: sample formats, WebDataset shards and the synthetic shape-scene corpus."""
+"""Data: sample formats, WebDataset shards, mixtures, streaming, collation and the synthetic corpus."""
 
+from .collate import collate
+from .formats import REASONS, BadSample, iter_tar_samples, load_llava, parse_conversation, parse_document, parse_pair
+from .mixture import MixtureConfig, SourceConfig, load_mixture
+from .stream import BadSampleCounter, MixtureStream, iter_source
+from .tokenize import encode_sample, tokenize_conversation, tokenize_document, tokenize_pair
 from .synth import (
     QTYPES,
     Episode,
@@ -18,6 +23,24 @@ from .synth import (
 )
 
 __all__ = [
+    "REASONS",
+    "BadSample",
+    "BadSampleCounter",
+    "MixtureConfig",
+    "MixtureStream",
+    "SourceConfig",
+    "collate",
+    "encode_sample",
+    "iter_source",
+    "iter_tar_samples",
+    "load_llava",
+    "load_mixture",
+    "parse_conversation",
+    "parse_document",
+    "parse_pair",
+    "tokenize_conversation",
+    "tokenize_document",
+    "tokenize_pair",
     "QTYPES",
     "Episode",
     "Question",

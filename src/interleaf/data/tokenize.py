@@ -1,0 +1,295 @@
+"""Tokenisation and loss masks for the three sample kinds, in the processor's prompt format.
+
+Every function returns a :class:`Tokenized` (``input_ids``, ``labels`` with -100 where the loss
+is off, and how many images the tokens hold); :func:`encode_sample` adds the images and truncation
+and gives the training sample dict::
+
+    {"input_ids": list[int], "labels": list[int], "images": list[Tensor (3, S, S)],
+     "source": str, "loss_weight": float, "key": str}
+
+What is trained (``[...]``), by prompt format (BOS first when the tokenizer uses one):
+
+- pairs, "openflamingo": ``<s><image>{task prompt}[{caption}<|endofchunk|></s>]``
+- pairs, "idefics":      ``<s><fake><image><fake>{task prompt}[{caption}</s>]``
+- documents, "openflamingo" (MMC4): ``<s>{text}<image>[{text}<|endofchunk|>]<image>[{text}<|endofchunk|>]</s>``:
+  nothing before the first image, nothing after an ``<|endofchunk|>`` until the next image (so
+  not the final EOS); ``<|endofchunk|>`` closes each image's chunk.
+- documents, "idefics": the same rule, images as ``<fake><image><fake>`` (consecutive images
+  share a fake token), the final EOS trained (there is no end-of-chunk token).
+- conversations: the tokenizer's chat template; the assistant turns (the template's
+  ``{% generation %}`` blocks) are trained, never an image's tokens. Images are rendered as the
+  processor renders chat images (``<|endofchunk|><image>``, or the IDEFICS fake tokens).
+
+Text is tokenised with special-token strings kept literal (a caption that contains ``"<image>"``
+does not become an image). A task prompt is never trained. Truncation to ``max_length`` cuts
+text, or drops whole trailing images with their tokens, never an image's tokens in half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InputError
+from ..processing.images import load_image
+from .formats import BadSample, Conversation, Document, ImageSource, Pair
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    n_images: int
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+class _Builder:
+    """Appends token runs with a trained / not-trained flag."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        self.n_images = 0
+
+    def add(self, ids: list[int], train: bool) -> None:
+        self.ids += ids
+        self.labels += ids if train else [IGNORE_INDEX] * len(ids)
+
+    def done(self) -> Tokenized:
+        return Tokenized(self.ids, self.labels, self.n_images)
+
+
+def uses_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token first when asked for special tokens."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of plain text; special-token strings in it stay ordinary text."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _image_ids(processor, last_was_image: bool, chat: bool) -> list[int]:
+    """The tokens of one image, as the processor writes them."""
+    if processor.tokens.prompt_format == "idefics":
+        fake, image = processor.fake_image_token_id, processor.image_token_id
+        return [image, fake] if last_was_image else [fake, image, fake]
+    if chat:
+        return [processor.end_of_chunk_token_id, processor.image_token_id]
+    return [processor.image_token_id]
+
+
+def _image_text(processor, last_was_image: bool) -> str:
+    """The text of one image inside a chat message."""
+    t = processor.tokens
+    if t.prompt_format == "idefics":
+        return t.image_token + t.fake_image_token if last_was_image else t.fake_image_token + t.image_token + t.fake_image_token
+    return t.end_of_chunk_token + t.image_token
+
+
+def _start(processor) -> _Builder:
+    b = _Builder()
+    tok = processor.tokenizer
+    if uses_bos(tok) or processor.tokens.prompt_format == "idefics" and tok.bos_token_id is not None:
+        b.add([tok.bos_token_id], train=False)
+    return b
+
+
+def _eos(processor) -> list[int]:
+    eos = processor.tokenizer.eos_token_id
+    return [] if eos is None else [eos]
+
+
+def tokenize_pair(processor, caption: str, *, task_prompt: str | None = None) -> Tokenized:
+    """One image and its caption; the loss is on the caption and what ends it."""
+    tok = processor.tokenizer
+    b = _start(processor)
+    b.add(_image_ids(processor, False, chat=False), train=False)
+    b.n_images = 1
+    if task_prompt:
+        b.add(text_ids(tok, task_prompt), train=False)
+        caption = " " + caption
+    b.add(text_ids(tok, caption), train=True)
+    if processor.tokens.prompt_format == "openflamingo":
+        b.add([processor.end_of_chunk_token_id], train=True)
+    b.add(_eos(processor), train=True)
+    return b.done()
+
+
+def tokenize_document(processor, items: list) -> Tokenized:
+    """Interleaved text and images (``str`` or :class:`ImageSource` items) with the MMC4 loss mask."""
+    tok = processor.tokenizer
+    openflamingo = processor.tokens.prompt_format == "openflamingo"
+    b = _start(processor)
+    seen_image = chunk_open = last_was_image = False
+    previous_text = False
+    for item in items:
+        if isinstance(item, ImageSource):
+            if openflamingo and chunk_open:
+                b.add([processor.end_of_chunk_token_id], train=True)
+            b.add(_image_ids(processor, last_was_image, chat=False), train=False)
+            b.n_images += 1
+            seen_image = chunk_open = last_was_image = True
+            previous_text = False
+            continue
+        text = (" " + item) if previous_text else item
+        b.add(text_ids(tok, text), train=seen_image)
+        previous_text, last_was_image = True, False
+    if openflamingo:
+        if chunk_open:
+            b.add([processor.end_of_chunk_token_id], train=True)
+        b.add(_eos(processor), train=False)
+    else:
+        b.add(_eos(processor), train=seen_image)
+    return b.done()
+
+
+def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
+    """Chat messages through the tokenizer's chat template; loss on the assistant turns only."""
+    tok = processor.tokenizer
+    where = conversation.key
+    if getattr(tok, "chat_template", None) is None:
+        raise InputError(
+            "conversation data needs a chat template but the tokenizer has none; set tokenizer.chat_template "
+            "(with {% generation %} around assistant turns)"
+        )
+    messages = []
+    for message in conversation.messages:
+        parts: list[str] = []
+        last_was_image = False
+        for part in message["content"]:
+            if isinstance(part, ImageSource):
+                parts.append(_image_text(processor, last_was_image))
+                last_was_image = True
+            else:
+                parts.append(part)
+                last_was_image = False
+        messages.append({"role": message["role"], "content": "".join(parts)})
+    out = tok.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, add_generation_prompt=False
+    )
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    if not any(mask):
+        raise InputError(
+            "the tokenizer's chat template marks no assistant tokens, so nothing would be trained; wrap the "
+            "assistant turns in {% generation %} ... {% endgeneration %} (see processing/chat_templates/chatml.jinja)"
+        )
+    n_images = len(conversation.images)
+    found = sum(1 for i in ids if i == processor.image_token_id)
+    if found != n_images:
+        raise BadSample("image_mismatch", where, f"{found} image tokens for {n_images} images after the chat template")
+    labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
+    for s, e in image_spans(processor, ids, chat=True):
+        labels[s:e] = [IGNORE_INDEX] * (e - s)
+    return Tokenized(ids, labels, n_images)
+
+
+def image_spans(processor, ids: list[int], *, chat: bool) -> list[tuple[int, int]]:
+    """``[start, end)`` of each image's tokens (with its fake tokens, or a chat image's end-of-chunk).
+
+    Spans never overlap: a fake token between two consecutive IDEFICS images ends the first one.
+    """
+    fake, eoc, image = processor.fake_image_token_id, processor.end_of_chunk_token_id, processor.image_token_id
+    idefics = processor.tokens.prompt_format == "idefics"
+    before = fake if idefics else (eoc if chat else None)
+    spans = []
+    for p, t in enumerate(ids):
+        if t != image:
+            continue
+        start = p - 1 if before is not None and p > 0 and ids[p - 1] == before else p
+        if idefics and p >= 2 and ids[p - 2] == image:  # a fake token shared with the previous image is its end
+            start = p
+        end = p + 2 if idefics and p + 1 < len(ids) and ids[p + 1] == fake else p + 1
+        spans.append((start, end))
+    return spans
+
+
+def truncate(processor, t: Tokenized, max_length: int, *, chat: bool) -> Tokenized:
+    """Keep at most ``max_length`` tokens; a cut inside an image's tokens drops that whole image."""
+    if len(t.input_ids) <= max_length:
+        return t
+    spans = image_spans(processor, t.input_ids, chat=chat)
+    cut = max_length
+    moved = True
+    while moved:
+        moved = False
+        for s, e in spans:
+            if s < cut < e:
+                cut, moved = s, True
+    kept = sum(1 for _, e in spans if e <= cut)
+    return Tokenized(t.input_ids[:cut], t.labels[:cut], kept)
+
+
+def _load(processor, source: ImageSource):
+    try:
+        img = load_image(source.value, where=source.where, max_pixels=processor.max_pixels)
+    except InputError as e:
+        reason = "missing_file" if "does not exist" in str(e) else "unreadable_image"
+        raise BadSample(reason, source.where, str(e)) from e
+    except Exception as e:  # any decoder failure on a corrupt file is one bad sample, never a crash
+        raise BadSample("unreadable_image", source.where, f"{type(e).__name__}: {e}") from e
+    return processor.image_transform(img)  # (3, S, S)
+
+
+def encode_sample(
+    parsed: Pair | Document | Conversation,
+    processor,
+    *,
+    source: str,
+    max_length: int | None = None,
+    max_images: int = 6,
+    task_prompt: str | None = None,
+    loss_weight: float = 1.0,
+) -> dict:
+    """A parsed sample -> the training sample dict (raises :class:`BadSample` if unusable)."""
+    images = [parsed.image] if isinstance(parsed, Pair) else parsed.images
+    if len(images) > max_images:
+        raise BadSample("too_many_images", parsed.key, f"{len(images)} images, more than max_images={max_images}")
+    chat = isinstance(parsed, Conversation)
+    if isinstance(parsed, Pair):
+        t = tokenize_pair(processor, parsed.caption, task_prompt=task_prompt)
+    elif isinstance(parsed, Document):
+        t = tokenize_document(processor, parsed.items)
+    else:
+        t = tokenize_conversation(processor, parsed)  # the task prompt is already in its first turn
+    if max_length is not None:
+        t = truncate(processor, t, max_length, chat=chat)
+    if t.n_trained == 0:
+        raise BadSample("no_trainable_tokens", parsed.key, f"no trained token in {len(t.input_ids)} tokens")
+    pixels = [_load(processor, img) for img in images[: t.n_images]]
+    return {
+        "input_ids": t.input_ids,
+        "labels": t.labels,
+        "images": pixels,
+        "source": source,
+        "loss_weight": float(loss_weight),
+        "key": parsed.key,
+    }
+
+
+def render_sample(tokenizer, input_ids: list[int], labels: list[int], open_mark: str = "[[", close_mark: str = "]]") -> str:
+    """The exact tokens as text, with each run of trained tokens wrapped in ``[[ ]]``."""
+    out: list[str] = []
+    run: list[int] = []
+    trained = False
+    for tok_id, label in [*zip(input_ids, labels), (None, None)]:
+        now = label is not None and label != IGNORE_INDEX
+        if tok_id is None or (run and now != trained):
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            out.append(f"{open_mark}{text}{close_mark}" if trained else text)
+            run = []
+        if tok_id is not None:
+            run.append(tok_id)
+            trained = now
+    return "".join(out)
+
+
+__all__ = [
+    "IGNORE_INDEX", "Tokenized", "encode_sample", "image_spans", "render_sample", "text_ids", "tokenize_conversation",
+    "tokenize_document", "tokenize_pair", "truncate", "uses_bos",
+]
