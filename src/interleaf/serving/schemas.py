@@ -1,0 +1,94 @@
+"""The OpenAI Chat Completions request and response shapes the server speaks.
+
+Requests are validated with pydantic; unknown OpenAI fields (``user``, ``logprobs``, ...) are
+accepted and ignored. Every error leaves the server as OpenAI's error object
+``{"error": {"message", "type", "param", "code"}}`` (:func:`error_body`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def validation_message(error: ValidationError) -> tuple[str, str | None]:
+    """A pydantic error -> (one readable message, the OpenAI ``param`` path of the first problem)."""
+    problems = []
+    first_param = None
+    for e in error.errors()[:5]:
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body",)]
+        param = ""
+        for part in loc:
+            param += f"[{part}]" if part.isdigit() else (f".{part}" if param else part)
+        first_param = first_param or param or None
+        problems.append(f"{param or 'body'}: {e.get('msg')}")
+    return "invalid request: " + "; ".join(problems), first_param
+
+
+def new_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion(id: str, model: str, choices: list[dict], usage_: dict) -> dict:
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage_,
+    }
+
+
+def chunk(id: str, model: str, created: int, choices: list[dict], usage_: dict | None = None) -> dict:
+    out = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out

@@ -1,0 +1,75 @@
+"""Shared pieces of the serving tests: a tiny model whose images matter, a live server, references.
+
+(Imported by the other ``test_serving_*`` files; it holds no tests itself.)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import torch
+from PIL import Image
+
+import interleaf
+from interleaf.generation import generation_kwargs
+from interleaf.serving import ServerThread, create_app
+
+MODEL_NAME = "tiny"
+
+
+def tiny_model():
+    """tiny-random with open gates and a louder resampler, so that the answer depends on the images."""
+    model, processor = interleaf.build("tiny-random", seed=0)
+    with torch.no_grad():
+        for module in model.resampler.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(10.0)
+        for block in model.cross_attention_blocks:
+            block.attn_gate.fill_(1.0)
+            block.ffn_gate.fill_(1.0)
+    return model, processor
+
+
+def start_server(model, processor, **options: Any) -> ServerThread:
+    app = create_app(model, processor, model_name=MODEL_NAME, **options)
+    return ServerThread(app).start()
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (24, 20)) -> Image.Image:
+    img = Image.new("RGB", size, color)
+    for x in range(0, size[0], 4):  # some structure, so two images differ beyond their colour
+        img.putpixel((x, x % size[1]), (255 - color[0], 255 - color[1], 255 - color[2]))
+    return img
+
+
+def data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def to_processor_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI messages (image_url data URLs) -> the processor's messages (PIL images)."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if p["type"] == "image_url":
+                    raw = base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
+                    parts.append({"type": "image", "image": Image.open(io.BytesIO(raw))})
+                else:
+                    parts.append(p)
+            content = parts
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def reference(model, processor, messages: list[dict], max_new_tokens: int) -> str:
+    """What ``model.generate`` alone answers (greedy) to the OpenAI-style ``messages``."""
+    inputs = processor([to_processor_messages(messages)])
+    out = model.generate(**inputs, **generation_kwargs(processor, max_new_tokens=max_new_tokens))
+    return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

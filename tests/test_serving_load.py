@@ -1,0 +1,112 @@
+"""The server under load: concurrent clients get exactly their single-request answers, a full
+queue answers 429 without harm, and memory settles afterwards."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from test_serving_common import MODEL_NAME, data_url, png, reference, start_server, tiny_model
+
+MAX_TOKENS = 6
+
+
+def rss_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+
+def prompts() -> list[list[dict]]:
+    out = [[{"role": "user", "content": f"Question number {i}: what is {i} plus {i * 3}?" + " more" * (i % 4)}]
+           for i in range(6)]
+    for i, color in enumerate([(220, 30, 30), (30, 220, 30), (30, 30, 220)]):
+        out.append([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png(color, (16 + 4 * i, 20)))}},
+            {"type": "text", "text": "Describe this image" + "!" * i},
+        ]}])
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    model, processor = tiny_model()
+    cases = prompts()
+    expected = [reference(model, processor, m, MAX_TOKENS) for m in cases]
+    server = start_server(model, processor, max_batch_size=8, max_queue=256, round_tokens=4)
+    yield server, cases, expected
+    server.stop()
+
+
+def run_clients(url: str, cases, expected, total: int, clients: int) -> list[tuple[int, str, str]]:
+    local = threading.local()
+
+    def one(i: int) -> tuple[int, str, str]:
+        if not hasattr(local, "client"):
+            local.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        k = i % len(cases)
+        stream = i % 3 == 0
+        kwargs = dict(model=MODEL_NAME, messages=cases[k], max_tokens=MAX_TOKENS, temperature=0)
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in local.client.chat.completions.create(
+                stream=True, **kwargs) if c.choices)
+        else:
+            text = local.client.chat.completions.create(**kwargs).choices[0].message.content
+        return k, text, expected[k]
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, range(total)))
+
+
+def test_32_concurrent_clients_200_requests_all_correct_and_memory_settles(loaded):
+    server, cases, expected = loaded
+    run_clients(server.url, cases, expected, total=32, clients=32)  # warm-up
+    gc.collect()
+    before = rss_bytes()
+    batcher = server.server.config.app.state.batcher
+    rounds_before = batcher.batches_run
+    results = run_clients(server.url, cases, expected, total=200, clients=32)
+    wrong = [(k, got, want) for k, got, want in results if got != want]
+    assert len(results) == 200 and not wrong, wrong[:3]
+    assert batcher.max_rows_seen > 1  # requests really were batched together
+    assert batcher.batches_run - rounds_before < 200 * 2  # far fewer rounds than one batch per request would need
+    gc.collect()
+    after = rss_bytes()
+    assert after - before < 300 * 2**20, f"RSS grew by {(after - before) / 2**20:.0f} MiB under load"
+    health = httpx.get(server.url + "/health").json()
+    assert health["queued"] == 0 and health["running"] == 0
+
+
+def test_a_full_queue_answers_429_and_the_server_recovers():
+    model, processor = tiny_model()
+    server = start_server(model, processor, max_batch_size=1, max_queue=1, round_tokens=2)
+    try:
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "count slowly"}],
+                "max_tokens": 40, "temperature": 0}
+
+        def one(_: int) -> httpx.Response:
+            return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(one, range(12)))
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
+        busy = next(r for r in responses if r.status_code == 429)
+        assert busy.json()["error"]["type"] == "rate_limit_error" and busy.json()["error"]["code"] == "queue_full"
+        assert busy.headers.get("retry-after")
+        answers = {r.json()["choices"][0]["message"]["content"] for r in responses if r.status_code == 200}
+        assert answers == {reference(model, processor, body["messages"], 40)}
+        after = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert after.status_code == 200
+    finally:
+        server.stop()
