@@ -111,3 +111,19 @@ def test_weights_set_the_share_of_each_source(corpus, proc):
     # without samples_per_epoch, an epoch is the sources' total size
     stream = MixtureStream(load_mixture({"sources": sources}, base_dir=corpus), proc)
     assert stream.epoch_length() == 5 * N_SCENES + N_SCENES
+
+
+def test_paths_expand_environment_variables(tmp_path, monkeypatch):
+    import pytest
+
+    from interleaf.data.mixture import load_mixture
+    from interleaf.errors import ConfigError
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.tar").write_bytes(b"")
+    monkeypatch.setenv("MY_DATA", str(tmp_path / "shards"))
+    mix = load_mixture({"sources": [{"name": "p", "format": "pairs", "paths": "${MY_DATA}/*.tar", "weight": 1}]})
+    assert mix.sources[0].files() == [str(tmp_path / "shards" / "a.tar")]
+    monkeypatch.delenv("MY_DATA")
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.paths.*MY_DATA in .* is not set"):
+        load_mixture({"sources": [{"name": "p", "format": "pairs", "paths": "$MY_DATA/*.tar", "weight": 1}]})

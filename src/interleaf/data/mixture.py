@@ -17,7 +17,7 @@ Mixture YAML schema
     sources:
       - name: laion                     # unique; used in logs and the bad-sample table
         format: pairs                   # pairs | interleaved | llava
-        paths: [pairs/train-*.tar]      # files or globs, relative to this YAML's folder
+        paths: [pairs/train-*.tar]      # files or globs, relative to this YAML's folder; $VARS expand
         weight: 1.0                     # sampling weight ...
         loss_weight: 0.2                # ... a loss multiplier (OpenFlamingo trains pairs x 0.2)
         task_prompt: null               # untrained text after the image (InfiMM multi-task)
@@ -76,6 +76,8 @@ LLaVA conversations, ``format: llava`` (a JSON list, or one object per line)::
 from __future__ import annotations
 
 import glob
+import os
+import re
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +169,15 @@ class MixtureConfig:
         raise KeyError(name)
 
 
+def _expand(path: str, field: str) -> str:
+    """``$VAR`` / ``${VAR}`` in a path come from the environment; an unset one is an error."""
+    expanded = os.path.expandvars(path)
+    missing = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if missing:
+        raise ConfigError(field, f"environment variable ${missing[0]} in {path!r} is not set", f"export {missing[0]}=...")
+    return expanded
+
+
 def _parse_source(data: Any, i: int, base: Path) -> SourceConfig:
     where = f"sources[{i}]"
     if not isinstance(data, dict):
@@ -187,7 +198,7 @@ def _parse_source(data: Any, i: int, base: Path) -> SourceConfig:
     paths = [paths] if isinstance(paths, str) else paths
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise ConfigError(f"{where}.paths", f"must be a path or a list of paths (strings), got {paths!r}")
-    paths = [str(base / Path(p).expanduser()) for p in paths]
+    paths = [str(base / Path(_expand(p, f"{where}.paths")).expanduser()) for p in paths]
     images_root = data.get("images_root")
     path_map = data.get("image_path_map") or {}
     if fmt != "llava":
@@ -197,7 +208,7 @@ def _parse_source(data: Any, i: int, base: Path) -> SourceConfig:
     if images_root is not None:
         if not isinstance(images_root, str):
             raise ConfigError(f"{where}.images_root", f"must be a folder path, got {images_root!r}")
-        images_root = str(base / Path(images_root).expanduser())
+        images_root = str(base / Path(_expand(images_root, f"{where}.images_root")).expanduser())
     if not isinstance(path_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in path_map.items()):
         raise ConfigError(f"{where}.image_path_map", f"must map path prefixes to replacements (strings), got {path_map!r}")
     samples, weight = data.get("samples"), data.get("weight")
