@@ -1,0 +1,426 @@
+"""The evaluation runner: tasks x shots x trials, sharded over processes, resumable.
+
+::
+
+    examples (eval split, first --limit) ──► shard: process r takes indices r, r + W, r + 2W, ...
+        ──► skip ids already in the cache (every process's JSONL for this run key)
+        ──► batches: demonstrations (seed = hash(trial seed, example id)) ──► prompts
+        ──► generate_batch / score ──► records appended + flushed to cache/<task>/<key>/...rank<r>.jsonl
+        ──► gather on rank 0 ──► check every index exactly once ──► metrics ──► samples/*.jsonl, results.json
+
+With ``WORLD_SIZE > 1`` (``torchrun``) ``torch.distributed`` is initialised from the environment
+(gloo on CPU, nccl on GPUs). No sample is padded in or scored twice. The run key hashes everything
+that changes a model output (model fingerprint, task spec, shots, trial seed, demo selection,
+prompt options), so a changed setting never reuses stale samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import InputError
+from .fewshot import (
+    ZERO_SHOT_TRICK_DEMOS,
+    FixedDemos,
+    RandomDemos,
+    prompt_text,
+    render_chat,
+    render_prompt,
+    source_id,
+)
+from .results import aggregate_trials, compute_metrics, postprocess, results_table
+from .rices import Encoder, VisionTowerEncoder, build_rices
+from .scoring import generate_batch, reduce_scores, score
+from .tasks import Example, TaskSpec, get_task, load_examples
+
+
+@dataclass
+class EvalOptions:
+    """Settings of one evaluation run (recorded in the results file)."""
+
+    shots: list[int] = field(default_factory=lambda: [0])
+    trials: int = 1
+    seed: int = 0  # trial t uses seed + t
+    batch_size: int = 8
+    rices: bool = False
+    zero_shot_trick: bool = False  # 0-shot: two text-only demonstrations (OpenFlamingo); off by default
+    chat: bool = False  # render prompts as chat conversations (the processor's chat template)
+    limit: int | None = None
+    data_dir: str | None = None
+    images_dir: str | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
+    num_beams: int | None = None  # overrides the task's
+    max_new_tokens: int | None = None  # overrides the task's
+
+    def __post_init__(self) -> None:
+        if any(s < 0 for s in self.shots):
+            raise InputError(f"--shots must be >= 0, got {self.shots}")
+        if self.trials < 1 or self.batch_size < 1:
+            raise InputError("--trials and --batch-size must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise InputError(f"--limit must be at least 1, got {self.limit}")
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed from the environment when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """Indices of process ``rank``: every ``world``-th from ``rank``; no index twice, none dropped."""
+    return list(range(rank, n, world))
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def model_fingerprint(model: Any) -> str:
+    """A cheap identity of a model's weights and config (for cache keys)."""
+    h = hashlib.sha256(getattr(model.config, "_name_or_path", "").encode())
+    h.update(json.dumps(model.config.to_diff_dict() if hasattr(model.config, "to_diff_dict") else {},
+                        sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}:{float(p.double().sum()):.8e}:{float(p.double().abs().sum()):.8e}".encode())
+    return h.hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file, or of a folder's listing (relative names and sizes)."""
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                h.update(f"{p.relative_to(path).as_posix()}:{p.stat().st_size}\n".encode())
+        return "listing:" + h.hexdigest()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("interleaf", "torch", "transformers", "tokenizers", "pycocoevalcap", "scikit-learn", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def _read_records(folder: Path) -> dict[str, dict]:
+    """Finished records of every process's JSONL in ``folder``; a torn last line is ignored."""
+    done: dict[str, dict] = {}
+    if not folder.is_dir():
+        return done
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # an interrupted write
+            done[rec["id"]] = rec
+    return done
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last line (an interrupted run) so appended records start on a new line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+# --------------------------------------------------------------------------- one (task, shots, trial)
+
+
+class _TaskRun:
+    def __init__(self, model, processor, task: TaskSpec, opts: EvalOptions, *, out_dir: Path | None,
+                 model_id: str, encoder: Encoder | None, encoder_identity: str | None, progress: bool):
+        self.model, self.processor, self.task, self.opts = model, processor, task, opts
+        self.out_dir, self.model_id, self.progress = out_dir, model_id, progress
+        self.family = processor.tokens.prompt_format
+        self.template = task.template(self.family)
+        self.files: dict[str, Path] = {}
+        load = dict(data_dir=opts.data_dir, images_dir=opts.images_dir, options=opts.task_options, read=self.files)
+        self.examples = load_examples(task, task.eval_split, **load)
+        if opts.limit is not None:
+            self.examples = self.examples[: opts.limit]
+        if not self.examples:
+            raise InputError(f"task {task.name!r}: the {task.eval_split!r} split is empty")
+        self.fixed = self.examples[0].demos is not None
+        needs_pool = not self.fixed and (max(opts.shots) > 0 or opts.zero_shot_trick)
+        self.pool: list[Example] = (
+            load_examples(task, task.demo_split, **load) if needs_pool else []
+        )
+        self.encoder = encoder
+        self.encoder_identity = encoder_identity
+
+    def key(self, shots: int, trial_seed: int) -> str:
+        spec = dataclasses.asdict(self.task)
+        payload = dict(model=self.model_id, task=spec, shots=shots, seed=trial_seed, rices=self.opts.rices,
+                       encoder=self.encoder_identity if self.opts.rices else None, zst=self.opts.zero_shot_trick,
+                       chat=self.opts.chat, family=self.family, options=self.opts.task_options,
+                       beams=self.opts.num_beams, max_new=self.opts.max_new_tokens)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def sampler(self, trial_seed: int, mine: list[Example], rank: int):
+        if self.fixed:
+            return FixedDemos()
+        if self.opts.rices:
+            cache = self.out_dir / "cache" / "rices" if self.out_dir else None
+            return build_rices(self.pool, mine, self.processor, self.encoder, identity=self.encoder_identity,
+                               cache_dir=cache)
+        return RandomDemos(self.pool, trial_seed, self.task.query_set_size)
+
+    def demos_for(self, sampler, ex: Example, shots: int, trial_seed: int) -> tuple[list[Example], bool]:
+        if shots == 0 and self.opts.zero_shot_trick and not self.fixed:
+            return RandomDemos(self.pool, trial_seed, self.task.query_set_size).sample(ex, ZERO_SHOT_TRICK_DEMOS), True
+        return sampler.sample(ex, shots), False
+
+    def prompt(self, demos: list[Example], ex: Example, text_only: bool) -> list[Any]:
+        if self.opts.chat:
+            if text_only:
+                raise InputError("the zero-shot trick and chat rendering cannot be combined")
+            return render_chat(self.template, demos, ex)
+        return render_prompt(self.template, demos, ex, text_only_demos=text_only)
+
+    def run(self, shots: int, trial: int, rank: int, world: int) -> tuple[dict, list[dict]] | None:
+        task, opts = self.task, self.opts
+        trial_seed = opts.seed + trial
+        key = self.key(shots, trial_seed)
+        cache_dir = self.out_dir / "cache" / _safe(task.name) / key if self.out_dir else None
+        done = _read_records(cache_dir) if cache_dir else {}
+        index = {e.id: i for i, e in enumerate(self.examples)}
+        mine = [self.examples[i] for i in shard_indices(len(self.examples), rank, world)]
+        todo = [e for e in mine if e.id not in done]
+        sampler = self.sampler(trial_seed, mine if opts.rices else [], rank) if todo else None
+        writer = None
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            path = cache_dir / f"rank{rank}.jsonl"
+            _drop_torn_tail(path)
+            writer = path.open("a", encoding="utf-8")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{task.name} {shots}-shot trial {trial}",
+                   disable=not (self.progress and rank == 0), leave=False)
+        new: list[dict] = []
+        try:
+            for start in range(0, len(todo), opts.batch_size):
+                batch = todo[start : start + opts.batch_size]
+                records = self._run_batch(batch, sampler, shots, trial_seed)
+                for rec in records:
+                    rec["index"] = index[rec["id"]]
+                    if writer is not None:
+                        writer.write(json.dumps(rec) + "\n")
+                if writer is not None:
+                    writer.flush()
+                new += records
+                bar.update(len(batch))
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        mine_ids = {e.id for e in mine}
+        local = [r for r in done.values() if r["id"] in mine_ids] + new
+        gathered = _gather(local, world)
+        if rank != 0:
+            return None
+        records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+        seen = [r["index"] for r in records]
+        if seen != list(range(len(self.examples))):
+            raise InputError(
+                f"task {task.name!r}: gathered {len(seen)} samples for {len(self.examples)} examples "
+                "(duplicated or missing indices); delete the run's cache folder and run again"
+            )
+        result = compute_metrics(task, records)
+        result.update(trial=trial, seed=trial_seed, run_key=key)
+        if self.out_dir is not None:
+            path = self.out_dir / "samples" / _safe(task.name) / f"{shots}shot-trial{trial}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+        return result, records
+
+    def _run_batch(self, batch: list[Example], sampler, shots: int, trial_seed: int) -> list[dict]:
+        task, opts = self.task, self.opts
+        prompts, demo_ids = [], []
+        for ex in batch:
+            demos, text_only = self.demos_for(sampler, ex, shots, trial_seed)
+            prompts.append(self.prompt(demos, ex, text_only))
+            demo_ids.append([d.id for d in demos])
+        records = []
+        if task.request == "generate":
+            raws = generate_batch(
+                self.model, self.processor, prompts, max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
+                num_beams=opts.num_beams or task.num_beams, stop=task.stop, length_penalty=task.length_penalty,
+                batch_size=opts.batch_size,
+            )
+            for ex, prompt, ids, raw in zip(batch, prompts, demo_ids, raws):
+                records.append(self._record(ex, prompt, ids, raw=raw, pred=postprocess(task.postprocess, raw)))
+        else:
+            for ex, prompt, ids in zip(batch, prompts, demo_ids):
+                if not ex.candidates:
+                    raise InputError(f"task {task.name!r}: example {ex.id!r} has no candidates to rank")
+                conts = [self.template.render_candidate(c) for c in ex.candidates]
+                raw_scores = score(self.model, self.processor, prompt, conts, batch_size=opts.batch_size)
+                reduced = reduce_scores(raw_scores, task.rank_reduce)
+                best = max(range(len(reduced)), key=lambda i: (reduced[i], -i))
+                rec = self._record(ex, prompt, ids, raw=ex.candidates[best], pred=ex.candidates[best])
+                rec.update(logprobs=[s for s, _ in raw_scores], n_tokens=[n for _, n in raw_scores],
+                           pred_index=best, label=ex.label)
+                if task.positive is not None:
+                    t = torch.tensor(reduced)
+                    rec["positive_prob"] = float(torch.softmax(t, 0)[ex.candidates.index(task.positive)])
+                records.append(rec)
+        return records
+
+    def _record(self, ex: Example, prompt, demo_ids, *, raw: str, pred: str) -> dict:
+        rec = {"id": ex.id, "prompt": prompt_text(prompt), "demo_ids": demo_ids, "raw": raw, "pred": pred,
+               "answers": ex.answers, "group": ex.group, "source_id": source_id(ex)}
+        for k in ("rotation", "image_id", "options"):
+            if k in ex.meta:
+                rec[k] = ex.meta[k]
+        return rec
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# --------------------------------------------------------------------------- the public entry
+
+
+def evaluate(
+    model: Any, processor: Any, tasks: str | TaskSpec | list[str | TaskSpec], *, shots: int | list[int] = 0,
+    trials: int = 1, seed: int = 0, batch_size: int = 8, rices: bool = False, zero_shot_trick: bool = False,
+    chat: bool = False, limit: int | None = None, data_dir: str | Path | None = None,
+    images_dir: str | Path | None = None, out_dir: str | Path | None = None, task_options: dict | None = None,
+    rices_encoder: Encoder | None = None, rices_encoder_id: str | None = None, model_id: str | None = None,
+    num_beams: int | None = None, max_new_tokens: int | None = None, progress: bool = True,
+    print_table: bool = False, extra_config: dict | None = None,
+    on_trial: Callable[[str, int, int, list[dict]], None] | None = None,
+) -> dict:
+    """Evaluate ``model`` on ``tasks`` at each shot count over ``trials`` seeds; returns the results
+    dict (also written to ``out_dir/results.json`` by rank 0, with per-sample JSONL under
+    ``out_dir/samples``). Every process returns the same dict."""
+    opts = EvalOptions(
+        shots=[shots] if isinstance(shots, int) else list(shots), trials=trials, seed=seed, batch_size=batch_size,
+        rices=rices, zero_shot_trick=zero_shot_trick, chat=chat, limit=limit,
+        data_dir=str(data_dir) if data_dir is not None else None,
+        images_dir=str(images_dir) if images_dir is not None else None, task_options=dict(task_options or {}),
+        num_beams=num_beams, max_new_tokens=max_new_tokens,
+    )
+    task_list = [tasks] if isinstance(tasks, (str, TaskSpec)) else list(tasks)
+    specs = [t if isinstance(t, TaskSpec) else get_task(t) for t in task_list]
+    rank, world = dist_info()
+    out = Path(out_dir) if out_dir is not None else None
+    model_id = model_id or model_fingerprint(model)
+    encoder, encoder_id = rices_encoder, rices_encoder_id
+    if rices and encoder is None:
+        vt = VisionTowerEncoder(model)
+        encoder, encoder_id = vt, vt.identity
+    elif rices and encoder_id is None:
+        raise InputError("rices_encoder needs rices_encoder_id (a name that changes when the encoder does)")
+    model.eval()
+    results: dict[str, Any] = {}
+    data_files: dict[str, dict] = {}
+    for spec in specs:
+        run = _TaskRun(model, processor, spec, opts, out_dir=out, model_id=model_id, encoder=encoder,
+                       encoder_identity=encoder_id, progress=progress)
+        per_shots = {}
+        for k in opts.shots:
+            trial_results = []
+            for t in range(opts.trials):
+                got = run.run(k, t, rank, world)
+                if got is not None:
+                    trial_results.append(got[0])
+                    if on_trial is not None:
+                        on_trial(spec.name, k, t, got[1])
+            if rank == 0:
+                per_shots[str(k)] = aggregate_trials(trial_results)
+        results[spec.name] = {"metric": spec.metric, "shots": per_shots, "n_examples": len(run.examples)}
+        data_files[spec.name] = {k: {"path": str(p), "sha256": file_hash(p)} for k, p in sorted(run.files.items())} \
+            if rank == 0 else {}
+    summary = {
+        "results": results,
+        "config": {**dataclasses.asdict(opts), "tasks": [dataclasses.asdict(s) for s in specs], "world_size": world,
+                   "model_id": model_id, "prompt_format": processor.tokens.prompt_format,
+                   "rices_encoder": encoder_id if rices else None, **(extra_config or {})},
+        "versions": package_versions(),
+        "data_files": data_files,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    summary = _gather(summary if rank == 0 else None, world)[0]
+    if rank == 0:
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        if print_table:
+            print(results_table(summary))
+    return summary
+
+
+def evaluate_synthetic(
+    model: Any, processor: Any, corpus_dir: str | Path, *, shots: int = 0, limit: int | None = None,
+    chat: bool = False, batch_size: int = 8, out_dir: str | Path | None = None, captions: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Held-out synthetic VQA (exact match overall and per question type) and captions (CIDEr).
+
+    Returns ``{"vqa": {"exact_match", "vqa_accuracy", "per_qtype": {qtype: exact match}, "n"},
+    "caption": {"CIDEr", "BLEU-4", "n"}, "results": <full results dict>}``. ``chat=True`` renders
+    prompts with the processor's chat template (for instruction-tuned models).
+    """
+    tasks = ["synth-vqa"] + (["synth-caption"] if captions else [])
+    res = evaluate(model, processor, tasks, shots=shots, limit=limit, chat=chat, batch_size=batch_size,
+                   data_dir=corpus_dir, out_dir=out_dir, progress=progress)
+    vqa = res["results"]["synth-vqa"]["shots"][str(shots)]["trials"][0]
+    out: dict[str, Any] = {
+        "vqa": {"exact_match": vqa["metrics"]["exact_match"], "vqa_accuracy": vqa["metrics"]["vqa_accuracy"],
+                "per_qtype": vqa["groups"], "n": vqa["n"]},
+        "results": res,
+    }
+    if captions:
+        cap = res["results"]["synth-caption"]["shots"][str(shots)]["trials"][0]
+        out["caption"] = {"CIDEr": cap["metrics"]["CIDEr"], "BLEU-4": cap["metrics"]["BLEU-4"], "n": cap["n"]}
+    return out
