@@ -309,3 +309,14 @@ def test_media_context_does_not_outlive_the_call():
     model(input_ids=_prompt_with_images(), pixel_values=images(1, 2))
     assert current_media() is None
     assert isinstance(MediaContext, type)
+
+
+def test_model_moves_between_dtypes_and_devices():
+    model, _ = tiny_model("llama", gates=0.5)
+    ids = _prompt_with_images()
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=images(1, 2)).logits
+        model.to(torch.float64).to("cpu")
+        assert next(model.parameters()).dtype == torch.float64
+        out = model(input_ids=ids, pixel_values=images(1, 2).double()).logits
+    assert (out.float() - ref).abs().max() < 1e-4

@@ -216,12 +216,12 @@ class CrossAttentionDecoderLayer(nn.Module):
         ctx = _MEDIA.get()
         if ctx is not None or self.cross_attention.cfg.ffn_without_image:
             if "hidden_states" in kwargs:
-                kwargs["hidden_states"] = self._apply(kwargs["hidden_states"], ctx)
+                kwargs["hidden_states"] = self._cross_attend(kwargs["hidden_states"], ctx)
             else:
-                args = (self._apply(args[0], ctx), *args[1:])
+                args = (self._cross_attend(args[0], ctx), *args[1:])
         return self.decoder_layer(*args, **kwargs)
 
-    def _apply(self, hidden: torch.Tensor, ctx: MediaContext | None) -> torch.Tensor:
+    def _cross_attend(self, hidden: torch.Tensor, ctx: MediaContext | None) -> torch.Tensor:
         if ctx is None:  # no image anywhere in the batch: only an image-independent FFN can act
             h = self.cross_attention.ffn(self.cross_attention.ffn_norm(hidden))
             return hidden + torch.tanh(self.cross_attention.ffn_gate).to(hidden.dtype) * h

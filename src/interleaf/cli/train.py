@@ -1,0 +1,54 @@
+"""``interleaf train CONFIG [key.sub=value ...]``: run a training stage or a recipe of stages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def train_cmd(
+    config: Path = typer.Argument(..., help="A stage or recipe YAML, e.g. configs/pretrain.yaml."),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="Dotted overrides read as YAML values: optim.lr=3e-4 max_steps=200 checkpoint.every=50. "
+        "In a recipe, stages.NAME.key=value sets one stage; other keys set every stage.",
+    ),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Start (the first stage) from this save_pretrained directory, e.g. runs/demo/final."
+    ),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Train on this LLaVA-format JSON (a one-source llava mixture) instead of the config's data."
+    ),
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="The folder the image paths in --data are relative to (default: the JSON's folder)."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (a recipe's stages go to OUT/NAME)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the latest checkpoint in the output folder; finished stages are skipped."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train: the model, data, freezing, optimiser and schedule come from CONFIG.
+
+    Writes OUT/final (a save_pretrained directory), OUT/checkpoints/step-N, OUT/metrics.jsonl and OUT/summary.json.
+
+    Several processes: torchrun --nproc_per_node 2 -m interleaf train CONFIG distributed.strategy=fsdp
+    """
+    from transformers.utils import logging as hf_logging
+
+    from ..training import train
+
+    hf_logging.disable_progress_bar()
+    results = train(
+        config, list(overrides or []), resume=resume, model=model, data=data, images=images, out=out, progress=progress
+    )
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for r in results:
+        typer.echo(f"{r.name}: {r.final}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)

@@ -1,0 +1,231 @@
+"""The training loop on a tiny model: loss goes down, freezing, accumulation, loss weights,
+gradient checkpointing, atomic checkpoints, keep_last, and the user-LLaVA-JSON command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import interleaf
+from interleaf.data.synth import write_corpus
+from interleaf.errors import ConfigError
+from interleaf.training import train, weighted_token_loss
+from interleaf.training import checkpoint as ckpt
+from interleaf.training.distributed import DistState
+from interleaf.training.loop import prepare_model
+from interleaf.training.config import load_recipe
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root, n_train_scenes=40, n_heldout_scenes=10)
+    entries = json.loads((root / "llava" / "vqa_train.json").read_text())
+    (root / "four.json").write_text(json.dumps(entries[:4]))
+    return root
+
+
+def _stage(corpus: Path, out: Path, json_name: str = "llava/vqa_train.json", **kw) -> dict:
+    d = {
+        "model": {"preset": "tiny-random"},
+        "data": {"sources": [{"name": "vqa", "format": "llava", "paths": str(corpus / json_name), "images_root": str(corpus / "images")}]},
+        "optim": {"lr": 3e-3, "schedule": "constant", "warmup_steps": 0},
+        "batch_size": 4, "max_steps": 3, "max_length": 48, "log_every": 1, "out": str(out),
+    }
+    for k, v in kw.items():
+        d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+    return d
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    model, _ = interleaf.load(path)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_goes_down_and_outputs_are_written(corpus, tmp_path):
+    out = tmp_path / "run"
+    [result] = train(_stage(corpus, out, "four.json", freeze="all_trainable", max_steps=10, batch_size=4), progress=False)
+    losses = _losses(out)
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["final_loss"] == pytest.approx(losses[-1])
+    assert summary["tokens_seen"] > 0 and summary["bad_samples"] == {}
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "z_loss", "loss_by_source"} <= set(record)
+    assert result.final == out / "final"
+    moved = _weights(result.final)
+    start, _ = interleaf.build("tiny-random", seed=0)
+    assert not torch.equal(moved["vision_tower.backbone.blocks.0.qkv.weight"], start.state_dict()["vision_tower.backbone.blocks.0.qkv.weight"])
+
+
+@pytest.mark.parametrize("policy", ["flamingo", "unfreeze_lm"])
+def test_freeze_policy_decides_which_parameters_move(corpus, tmp_path, policy):
+    [result] = train(_stage(corpus, tmp_path / "run", freeze=policy, batch_size=2), progress=False)
+    start, _ = interleaf.build("tiny-random", seed=0)
+    start.apply_freeze(policy)
+    before = start.state_dict()
+    after = _weights(result.final)
+    trainable = {n for n, p in start.named_parameters() if p.requires_grad}
+    for name, p in start.named_parameters():
+        changed = not torch.equal(before[name], after[name])
+        assert changed == (name in trainable), (policy, name, changed)
+    assert any("decoder_layer.mlp" in n for n in trainable) == (policy == "unfreeze_lm")
+
+
+def test_grad_accumulation_equals_a_bigger_batch(corpus, tmp_path):
+    base = dict(batch_size=4, max_steps=2, freeze="unfreeze_lm")
+    [a] = train(_stage(corpus, tmp_path / "a", grad_accum=1, **base), progress=False)
+    [b] = train(_stage(corpus, tmp_path / "b", grad_accum=2, **base), progress=False)
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-5)
+    wa, wb = _weights(a.final), _weights(b.final)
+    # Adam divides by sqrt(v): rounding-level gradient differences on near-zero coordinates can move
+    # a weight by a small share of lr (3e-3), so the bound is 1% of lr per weight and 1e-7 on average.
+    diffs = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    assert diffs.max() < 3e-5 and diffs.mean() < 1e-7
+
+
+def _batch(processor, model):
+    ids = [[1, model.image_token_id, 5, 6, 7, 8, 9], [1, model.image_token_id, 10, 11, 12]]
+    labels = [[-100, -100, 5, 6, 7, 8, 9], [-100, -100, -100, 11, 12]]
+    from interleaf.data.collate import collate
+
+    samples = [{"input_ids": i, "labels": l, "images": [torch.randn(3, 32, 32)], "loss_weight": 1.0} for i, l in zip(ids, labels)]
+    return collate(samples, processor.pad_token_id)
+
+
+def test_per_sample_loss_weights_formula():
+    torch.manual_seed(0)
+    model, processor = interleaf.build("tiny-random", seed=0)
+    b = _batch(processor, model)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]).logits
+    # weights 1: the model's own loss (mean over trained tokens)
+    wce, _, ce_rows, counts = weighted_token_loss(logits, b["labels"], torch.ones(2))
+    own = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"], labels=b["labels"]).loss
+    assert float(wce.detach().sum() / counts.sum()) == pytest.approx(float(own), rel=1e-6)
+    # weights (w0, w1): sum_i w_i CE_i / sum_i w_i n_i, each row's CE summed over its own tokens
+    w = torch.tensor([0.2, 1.5])
+    wce, _, _, _ = weighted_token_loss(logits, b["labels"], w)
+    row_means = []
+    for r in range(2):
+        out = model(input_ids=b["input_ids"][r : r + 1], attention_mask=b["attention_mask"][r : r + 1],
+                    pixel_values=b["pixel_values"][r : r + 1], labels=b["labels"][r : r + 1])
+        row_means.append(float(out.loss))
+    n = counts.tolist()
+    expected = (0.2 * row_means[0] * n[0] + 1.5 * row_means[1] * n[1]) / (0.2 * n[0] + 1.5 * n[1])
+    assert float(wce.sum() / (w * counts).sum()) == pytest.approx(expected, rel=1e-5)
+    # a weight of 0 removes the sample's gradient entirely
+    model.apply_freeze("unfreeze_lm")
+    grads = []
+    for weights, rows in ((torch.tensor([0.0, 1.0]), slice(0, 2)), (torch.tensor([1.0]), slice(1, 2))):
+        model.zero_grad()
+        logits = model(input_ids=b["input_ids"][rows], attention_mask=b["attention_mask"][rows], pixel_values=b["pixel_values"][rows]).logits
+        wce, _, _, cnt = weighted_token_loss(logits, b["labels"][rows], weights)
+        (wce.sum() / (weights * cnt).sum()).backward()
+        grads.append(model.language_model.lm_head.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads():
+    stage = load_recipe({"model": {"preset": "tiny-random"}, "freeze": "unfreeze_lm"}).stages[0]
+    results = []
+    for gc in (False, True):
+        model, processor = interleaf.build("tiny-random", seed=0)
+        prepare_model(model, stage.__class__(**{**stage.__dict__, "gradient_checkpointing": gc}))
+        calls = []
+        layer = model.language_model.model.layers[0].decoder_layer  # behind a cross-attention wrapper
+        checkpoint_fn = getattr(layer, "_gradient_checkpointing_func", None)
+        if checkpoint_fn is not None:
+            layer._gradient_checkpointing_func = lambda *a, fn=checkpoint_fn, **k: (calls.append(1), fn(*a, **k))[1]
+        b = _batch(processor, model)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]).logits
+        wce, _, _, n = weighted_token_loss(logits, b["labels"], b["loss_weight"])
+        loss = wce.sum() / n.sum()
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((float(loss), grads, len(calls)))
+    (l0, g0, c0), (l1, g1, c1) = results
+    assert (c0, c1) == (0, 1)  # the wrapped decoder layer really ran under activation checkpointing
+    assert l0 == pytest.approx(l1, abs=1e-7)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], atol=1e-6), k
+
+
+def _tiny_state():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_checkpoint_write_is_atomic_under_a_crash(tmp_path, monkeypatch):
+    model, opt = _tiny_state()
+    one = DistState()
+    first = ckpt.save_checkpoint(tmp_path, 1, model=model, optimizer=opt, trainer_state={}, data_state={"pos": 1}, dist=one)
+    assert ckpt.latest_checkpoint(tmp_path) == first
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)  # dies after the weights, before optimizer and trainer state
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=opt, trainer_state={}, data_state={}, dist=one)
+    monkeypatch.undo()
+    root = ckpt.checkpoint_root(tmp_path)
+    assert (root / ".tmp-step-00000002" / "trainable.safetensors").exists()
+    assert not (root / "step-00000002").exists()
+    assert ckpt.latest_checkpoint(tmp_path) == first  # the half-written one is never picked
+    with pytest.raises(interleaf.CheckpointError, match="incomplete"):
+        ckpt.read_trainer_state(root / ".tmp-step-00000002")
+    # the next save clears the leftover
+    ckpt.save_checkpoint(tmp_path, 3, model=model, optimizer=opt, trainer_state={}, data_state={}, dist=one)
+    assert not (root / ".tmp-step-00000002").exists()
+    # and a checkpoint restores weights and optimizer exactly
+    other, other_opt = nn.Linear(3, 2), None
+    other_opt = torch.optim.AdamW(other.parameters(), lr=0.1)
+    state, data = ckpt.load_checkpoint(first, model=other, optimizer=other_opt, dist=one, fingerprint=None)
+    assert data == {"pos": 1} and state["step"] == 1
+    assert torch.equal(other.weight, model.weight)
+    assert torch.equal(other_opt.state[other.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+
+
+def test_keep_last(tmp_path):
+    model, opt = _tiny_state()
+    for step in (2, 4, 6, 8):
+        ckpt.save_checkpoint(tmp_path, step, model=model, optimizer=opt, trainer_state={}, data_state={}, dist=DistState(), keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000006", "step-00000008"]
+
+
+def test_user_llava_json_command_end_to_end(corpus, tmp_path):
+    from interleaf.cli import main
+
+    saved = tmp_path / "base"
+    model, processor = interleaf.build("tiny-random", seed=1)
+    interleaf.save(model, processor, saved)
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "sft_llava.yaml"
+    out = tmp_path / "sft"
+    args = ["train", str(recipe), "--model", str(saved), "--data", str(corpus / "llava" / "vqa_train.json"),
+            "--images", str(corpus / "images"), "--out", str(out), "--no-progress",
+            "max_steps=2", "batch_size=2", "max_length=48", "checkpoint.every=1"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0
+    assert (out / "final" / "config.json").is_file()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000001", "step-00000002"]
+    assert json.loads((out / "summary.json").read_text())["samples_read_by_source"] == {"llava": 4}
+    with pytest.raises(ConfigError, match="--resume"):  # the same out again without --resume
+        train(recipe, model=saved, data=corpus / "llava" / "vqa_train.json", images=corpus / "images", out=out)
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(recipe), "--model", str(tmp_path / "nope")])
+    assert e.value.code == 2

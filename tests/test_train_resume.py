@@ -1,0 +1,78 @@
+"""A run killed with SIGKILL after a checkpoint and resumed with --resume ends with the same weights
+(bitwise) as a run that never stopped (single process, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from interleaf.data.synth import write_corpus
+from interleaf.training import train
+from interleaf.training.checkpoint import list_checkpoints
+
+
+def _stage(corpus: Path, out: Path) -> dict:
+    return {
+        "model": {"preset": "tiny-random"},
+        "data": {"sources": [{"name": "vqa", "format": "llava", "paths": str(corpus / "llava" / "vqa_train.json"),
+                              "images_root": str(corpus / "images")}]},
+        "freeze": "unfreeze_lm",
+        "optim": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 2},
+        "batch_size": 2, "max_steps": 6, "max_length": 40, "log_every": 1,
+        "checkpoint": {"every": 2, "keep_last": 2}, "out": str(out),
+    }
+
+
+def _cli(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "interleaf", "train", str(config), "--no-progress", *extra]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, n_train_scenes=40, n_heldout_scenes=10)
+    out = tmp_path / "killed"
+    config = tmp_path / "stage.yaml"
+    config.write_text(yaml.safe_dump(_stage(corpus, out)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(_cli(config), stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        still_running = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert still_running, (tmp_path / "killed.log").read_text()[-2000:]
+    assert list_checkpoints(out) and not (out / "final").exists()
+    killed_at = int(list_checkpoints(out)[-1].name.split("-")[1])
+    assert killed_at < 6
+
+    from interleaf.cli import main
+
+    with pytest.raises(SystemExit) as e:  # the same command with --resume (in this process, to save a start-up)
+        main(["train", str(config), "--no-progress", "--resume"])
+    assert e.value.code == 0
+    assert f"at step {killed_at}" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    restart = len(steps) - (6 - killed_at)  # the resumed run logged steps killed_at + 1 .. 6
+    assert steps[restart:] == list(range(killed_at + 1, 7)) and steps[:restart][:killed_at] == list(range(1, killed_at + 1))
+
+    [reference] = train(_stage(corpus, tmp_path / "reference"), progress=False)
+    a = load_file(str(out / "final" / "model.safetensors"))
+    b = load_file(str(reference.final / "model.safetensors"))
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    ref_losses = [json.loads(x)["loss"] for x in (reference.out / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[restart:] == ref_losses[killed_at:]
