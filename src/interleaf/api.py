@@ -98,8 +98,8 @@ def build(
         )
         if lm is None:
             lm = dict(p.text_config)
-        if tokenizer is None and p.tokenizer == "tiny":
-            tokenizer = "tiny"
+        if tokenizer is None and p.tokenizer in ("tiny", "none"):
+            tokenizer = p.tokenizer
     for key in ("resampler", "cross_attention", "tokens"):
         if key in options:
             sections[key] = {**sections.get(key, {}), **dict(options.pop(key))}
@@ -116,7 +116,9 @@ def build(
     if seed is not None:
         torch.manual_seed(seed)
 
-    tok = _resolve_tokenizer(tokenizer, lm)
+    # "none": the preset's vocabulary comes from its config and its tokens section (special-token
+    # ids where the released checkpoints put them); there is no processor without a tokenizer.
+    tok = None if tokenizer == "none" else _resolve_tokenizer(tokenizer, lm)
     ctx = torch.device(device) if device is not None else contextlib.nullcontext()
     with ctx:
         # -- the language model --
@@ -128,6 +130,8 @@ def build(
         else:
             text_cfg = dict(lm.to_dict() if isinstance(lm, PreTrainedConfig) else lm)
             if text_cfg.get("vocab_size") is None:
+                if tok is None:
+                    raise ConfigError("text_config.vocab_size", "is required when no tokenizer is given")
                 text_cfg["vocab_size"] = len(tok)
             text_cfg = InterleafConfig(text_config=text_cfg).text_config
             lm_model = AutoModelForCausalLM.from_config(text_cfg, dtype=dtype)
@@ -142,14 +146,16 @@ def build(
             sections["vision"] = dataclasses.asdict(vision)
         elif isinstance(vision, dict):
             sections["vision"] = {**sections.get("vision", {}), **vision}
-        tokens = _add_special_tokens(
-            tok, TokensConfig(**sections.pop("tokens", {})), lm_model.get_input_embeddings().weight.shape[0]
-        )
+        tokens = TokensConfig(**sections.pop("tokens", {}))
+        if tok is not None:
+            tokens = _add_special_tokens(tok, tokens, lm_model.get_input_embeddings().weight.shape[0])
         config = InterleafConfig(text_config=lm_model.config, tokens=dataclasses.asdict(tokens), **sections)
         model = InterleafForConditionalGeneration(config, language_model=lm_model, vision_model=vision_module)
         if dtype is not None:
             model.to(dtype)
     model.apply_freeze()
+    if tok is None:
+        return model.eval(), None
     processor = InterleafProcessor(
         tok,
         config.tokens_cfg,
@@ -172,6 +178,7 @@ def load(
         )
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot load the model in {str(p)!r}: {e}") from e
+    model.apply_freeze()  # the config's freeze policy, as build applies it
     processor = InterleafProcessor.from_pretrained(p)
     return model.eval(), processor
 

@@ -67,3 +67,5 @@ register(
     )
 )
 
+
+from . import seed_presets  # noqa: E402,F401

@@ -214,7 +214,11 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         return MediaCache(latents=latents, num_images=num_images)
 
     def _media_context(
-        self, input_ids: torch.Tensor, cache: MediaCache, past_length: int
+        self,
+        input_ids: torch.Tensor,
+        cache: MediaCache,
+        past_length: int,
+        image_attention_mask: torch.Tensor | None = None,
     ) -> MediaContext:
         rows = input_ids.shape[0]
         row_index = cache.row_index(rows)
@@ -222,6 +226,10 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         num_images = num_images.to(input_ids.device)
         if past_length == 0:
             index = (input_ids == self.image_token_id).long().cumsum(-1) - 1  # (B, T)
+            if image_attention_mask is not None and image_attention_mask.shape[:2] == input_ids.shape:
+                # An explicit mask may take images away (IDEFICS' packed input: none after an EOS).
+                sees = image_attention_mask.to(input_ids.device).bool().any(-1)  # (B, T)
+                index = index.masked_fill(~sees, -1)
         else:  # tokens after the prompt attend its last image
             index = (num_images - 1)[:, None].expand_as(input_ids)
         index = torch.minimum(index, (num_images - 1)[:, None])
@@ -240,10 +248,15 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        image_attention_mask: torch.Tensor | None = None,  # accepted for IDEFICS-style inputs; derived from input_ids
+        image_attention_mask: torch.Tensor | None = None,  # IDEFICS-style; may only take images away
+        batch_images: torch.Tensor | None = None,  # InfiMM's name for pixel_values, (B, N_img, 1, 3, H, W)
         return_dict: bool | None = None,
         **kwargs,
     ) -> InterleafOutput:
+        if batch_images is not None:
+            if pixel_values is not None:
+                raise InputError("pass either pixel_values or batch_images, not both")
+            pixel_values = batch_images
         if input_ids is None:
             raise InputError("input_ids is required (interleaf finds images in the text by the image token)")
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -255,7 +268,11 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
                     "new images cannot be added after a cached prefix; run the whole prompt with its images"
                 )
             media_cache = self.prepare_media(input_ids, pixel_values)
-        ctx = self._media_context(input_ids, media_cache, past_length) if media_cache is not None else None
+        ctx = (
+            self._media_context(input_ids, media_cache, past_length, image_attention_mask)
+            if media_cache is not None
+            else None
+        )
         if ctx is not None and not bool((ctx.image_index >= 0).any()):
             ctx = None  # no token sees an image: skip cross-attention entirely
         if position_ids is None and attention_mask is not None and self._lm_accepts_position_ids:

@@ -56,7 +56,11 @@ class InterleafProcessor:
         max_images: int = 8,
         max_pixels: int = 50_000_000,
         max_length: int | None = None,
+        images_key: str = "pixel_values",
     ):
+        if images_key not in ("pixel_values", "batch_images"):
+            raise ConfigError("images_key", f"must be 'pixel_values' or 'batch_images', got {images_key!r}")
+        self.images_key = images_key  # "batch_images": InfiMM's name and (B, N_img, 1, 3, H, W) shape
         self.tokenizer = tokenizer
         self.tokens = tokens
         self.image_transform = image_transform
@@ -180,7 +184,11 @@ class InterleafProcessor:
             "image_attention_mask": self.image_attention_mask(input_ids, n_max, reset_after_eos),
         }
         if n_max > 0:
-            data["pixel_values"] = self._pixels(all_images, n_max, allow_urls)
+            pixels = self._pixels(all_images, n_max, allow_urls)  # (B, N_img, 3, S, S)
+            if self.images_key == "batch_images":
+                data["batch_images"] = pixels[:, :, None]  # (B, N_img, 1, 3, S, S)
+            else:
+                data["pixel_values"] = pixels
         return BatchFeature(data=data)
 
     # -- steps --
@@ -368,6 +376,7 @@ class InterleafProcessor:
             "max_images": self.max_images,
             "max_pixels": self.max_pixels,
             "max_length": self.max_length,
+            "images_key": self.images_key,
         }
 
     def save_pretrained(self, save_directory: str | Path) -> None:
@@ -395,14 +404,14 @@ class InterleafProcessor:
             raise CheckpointError(f"{str(path / PROCESSOR_CONFIG)!r} is not valid JSON ({e})") from e
         for key in _HUB_LOADING_KWARGS:  # passed by transformers' AutoProcessor; everything here is local
             overrides.pop(key, None)
-        unknown = set(overrides) - {"max_images", "max_pixels", "max_length"}
+        unknown = set(overrides) - {"max_images", "max_pixels", "max_length", "images_key"}
         if unknown:
             raise InputError(f"from_pretrained: unknown overrides {sorted(unknown)}; known: max_images, max_pixels, max_length")
         for key in ("tokens", "image_transform"):
             if key not in config:
                 raise CheckpointError(f"{str(path / PROCESSOR_CONFIG)!r} lacks the {key!r} section")
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length") if k in config}
+        limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length", "images_key") if k in config}
         limits.update(overrides)
         return cls(
             tokenizer,

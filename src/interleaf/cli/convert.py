@@ -1,0 +1,62 @@
+"""``interleaf convert ...``: checkpoint converters on the command line.
+
+    interleaf convert idefics SRC DST          transformers IDEFICS directory -> interleaf
+    interleaf convert to-idefics SRC DST       interleaf (IDEFICS architecture) -> transformers IDEFICS
+    interleaf convert openflamingo CKPT --lm LM --vision CLIP DST --every N
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+convert_app = typer.Typer(
+    name="convert", help="Convert checkpoints between interleaf and the seeds' formats.", no_args_is_help=True
+)
+
+
+@convert_app.command("idefics")
+def idefics_cmd(
+    src: Path = typer.Argument(..., help="IDEFICS directory written by save_pretrained (with its tokenizer)."),
+    dst: Path = typer.Argument(..., help="Output interleaf directory."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory, if SRC has none."),
+) -> None:
+    """Convert a transformers IDEFICS checkpoint into an interleaf model directory."""
+    from ..convert import from_idefics
+
+    out = from_idefics(src, dst, tokenizer=tokenizer)
+    typer.echo(f"wrote {out}")
+
+
+@convert_app.command("to-idefics")
+def to_idefics_cmd(
+    src: Path = typer.Argument(..., help="interleaf directory with IDEFICS' architecture."),
+    dst: Path = typer.Argument(..., help="Output transformers IDEFICS directory."),
+) -> None:
+    """Convert an interleaf model with IDEFICS' architecture back to transformers' IDEFICS."""
+    from ..convert import to_idefics
+
+    out = to_idefics(src, dst)
+    typer.echo(f"wrote {out}")
+
+
+@convert_app.command("openflamingo")
+def openflamingo_cmd(
+    checkpoint: Path = typer.Argument(..., help="OpenFlamingo checkpoint.pt (trainable weights)."),
+    dst: Path = typer.Argument(..., help="Output interleaf directory."),
+    lm: Path = typer.Option(..., "--lm", help="The base LM as a local transformers directory (with tokenizer)."),
+    vision: Path = typer.Option(..., "--vision", help="The CLIP vision tower as a local transformers directory."),
+    every: int = typer.Option(1, "--every", min=1, help="cross_attn_every_n_layers: 1 (3B), 2 (4B), 4 (9B)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory, if not the LM's."),
+) -> None:
+    """Import an OpenFlamingo checkpoint with its base LM and vision tower."""
+    from ..convert import from_openflamingo
+
+    out = from_openflamingo(checkpoint, lm, vision, dst, cross_attn_every_n_layers=every, tokenizer=tokenizer)
+    typer.echo(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(convert_app, name="convert")

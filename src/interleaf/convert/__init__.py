@@ -1,0 +1,22 @@
+"""Checkpoint converters between interleaf and the seeds' own formats.
+
+- :func:`from_idefics` / :func:`to_idefics`: transformers ``IdeficsForVisionText2Text``
+  directories, both ways, with exact logits parity.
+- :func:`from_openflamingo`: OpenFlamingo's ``checkpoint.pt`` (trainable weights only) plus its
+  base LM and CLIP vision tower as local transformers directories.
+
+Each converter maps every weight through an explicit key table; a missing or unexpected key is
+an error that lists them. Foreign pickles are read with ``torch.load(weights_only=True)`` only.
+"""
+
+from .idefics import from_idefics, idefics_to_interleaf_config, interleaf_to_idefics_config, to_idefics
+from .openflamingo import from_openflamingo, openflamingo_key_map
+
+__all__ = [
+    "from_idefics",
+    "from_openflamingo",
+    "idefics_to_interleaf_config",
+    "interleaf_to_idefics_config",
+    "openflamingo_key_map",
+    "to_idefics",
+]

@@ -1,0 +1,186 @@
+"""The seeds' architectures as presets: IDEFICS, OpenFlamingo and InfiMM, at their real sizes.
+
+``interleaf.build("idefics-9b", device="meta")`` builds the architecture without memory (random
+weights otherwise); real weights come from the converters (:mod:`interleaf.convert`). The LMs are
+written out as transformers configs. These presets carry no tokenizer (``tokenizer="none"``):
+their vocabularies are sized from the config, and the IDEFICS / OpenFlamingo special tokens sit
+where the released checkpoints put them (``tokens.extra_start`` / ``image_token_id``).
+
+Dimensions (REFERENCE.md and the released configs):
+
+- IDEFICS-9B: LLaMA-7B + CLIP ViT-H/14 (224 px, width 1280); perceiver 6 x 64 latents, 16 heads
+  x 96, q/k norms; cross-attention before every 4th layer (0, 4, ...), q/k RMSNorm; 2 added
+  tokens (``<fake_token_around_image>`` 32000, ``<image>`` 32001). IDEFICS-80B: LLaMA-65B.
+- OpenFlamingo: CLIP ViT-L/14 (open_clip's, = OpenAI's), patch tokens after ``ln_post``;
+  perceiver 6 x 64 latents, 8 heads x 64; cross-attention 8 heads x 64, LayerNorm, GELU x4; 3B:
+  MPT-1B every layer, 4B: RedPajama-INCITE-3B (GPT-NeoX) every 2nd, 9B: MPT-7B every 4th. The
+  embedding is resized to the tokenizer plus ``<|endofchunk|>``, ``<image>``, ``<PAD>`` (50280).
+- InfiMM: EVA-CLIP at 336 px with Zephyr-7B (Mistral), LLaMA2-13B or Vicuna-13B, cross-attention
+  every 2nd layer, perceiver 6 x 64 latents, 16 heads x 96. transformers has no EVA-CLIP, so
+  building these presets raises an error that says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .errors import ConfigError
+from .presets import Preset, register
+
+# -- vision towers (transformers CLIPVisionConfig fields) --
+
+CLIP_VIT_H14 = dict(  # laion/CLIP-ViT-H-14-laion2B-s32B-b79K, as IDEFICS uses it
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+    image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5,
+)
+CLIP_VIT_L14 = dict(  # OpenAI ViT-L/14 (open_clip "ViT-L-14", "openai")
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=224, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+)
+
+# -- language models (transformers configs) --
+
+LLAMA_7B = dict(
+    model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=2048,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+LLAMA_65B = {**LLAMA_7B, "hidden_size": 8192, "intermediate_size": 22016, "num_hidden_layers": 80,
+             "num_attention_heads": 64, "num_key_value_heads": 64, "rms_norm_eps": 1e-5}
+LLAMA2_13B = {**LLAMA_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+              "num_attention_heads": 40, "num_key_value_heads": 40, "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-5}
+MISTRAL_7B = dict(  # Zephyr-7B-beta
+    model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=32768,
+    rms_norm_eps=1e-5, sliding_window=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)
+OPENFLAMINGO_VOCAB = 50280  # gpt-neox-20b tokenizer (50277) + <|endofchunk|>, <image>, <PAD>
+MPT_1B = dict(
+    model_type="mpt", vocab_size=OPENFLAMINGO_VOCAB, d_model=2048, n_heads=16, n_layers=24, expansion_ratio=4,
+    max_seq_len=2048, no_bias=True, attn_config=dict(alibi=True, attn_impl="torch"), tie_word_embeddings=True,
+)
+MPT_7B = {**MPT_1B, "d_model": 4096, "n_heads": 32, "n_layers": 32}
+REDPAJAMA_3B = dict(  # RedPajama-INCITE-Base-3B-v1
+    model_type="gpt_neox", vocab_size=OPENFLAMINGO_VOCAB, hidden_size=2560, intermediate_size=10240,
+    num_hidden_layers=32, num_attention_heads=32, rotary_pct=1.0, use_parallel_residual=False,
+    max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+)
+
+# -- the fusion parts --
+
+IDEFICS_RESAMPLER = dict(depth=6, num_latents=64, heads=16, head_dim=96, ff_mult=4, qk_norm=True, activation="relu")
+OPENFLAMINGO_RESAMPLER = dict(depth=6, num_latents=64, heads=8, head_dim=64, ff_mult=4, activation="gelu")
+OPENFLAMINGO_XATTN = dict(
+    heads=8, head_dim=64, norm="layer", ffn="plain", activation="gelu", gate_init="zeros",
+    ffn_without_image=True, norm_eps=1e-5,
+)
+
+
+def _idefics_xattn(num_layers: int, interval: int, text: dict) -> dict[str, Any]:
+    return dict(
+        layers=list(range(0, num_layers, interval)), heads=text["num_attention_heads"],
+        head_dim=text["hidden_size"] // text["num_attention_heads"], qk_norm=True, norm="rms", ffn="gated",
+        ffn_dim=text["intermediate_size"], activation="silu", gate_init="zeros", gate_shape="scalar",
+        ffn_without_image=True, norm_eps=text["rms_norm_eps"],
+    )
+
+
+def _idefics(name: str, text: dict, size: str) -> Preset:
+    return Preset(
+        name=name,
+        description=f"IDEFICS-{size} architecture: {'LLaMA-7B' if size == '9B' else 'LLaMA-65B'} + CLIP ViT-H/14, "
+        "cross-attention every 4 layers (random weights; convert real ones with `interleaf convert idefics`)",
+        vision=dict(kind="clip", hf_config=CLIP_VIT_H14, feature_layer=-1, resize="squash"),
+        resampler=IDEFICS_RESAMPLER,
+        cross_attention=_idefics_xattn(text["num_hidden_layers"], 4, text),
+        text_config=text,
+        tokens=dict(prompt_format="idefics", extra_start=32000, num_extra=2, image_token_id=32001),
+        tokenizer="none",
+        note="Matches transformers' IdeficsForVisionText2Text parameter for parameter.",
+    )
+
+
+def _openflamingo(name: str, text: dict, every: int, lm: str, note: str) -> Preset:
+    return Preset(
+        name=name,
+        description=f"OpenFlamingo architecture: CLIP ViT-L/14 + {lm}, cross-attention every {every} layer(s)",
+        vision=dict(kind="clip", hf_config=CLIP_VIT_L14, feature_layer=-1, drop_cls_token=True, post_layernorm=True),
+        resampler=OPENFLAMINGO_RESAMPLER,
+        cross_attention=dict(every_n_layers=every, **OPENFLAMINGO_XATTN),
+        text_config=text,
+        tokens=dict(prompt_format="openflamingo", extra_start=50277, num_extra=3, image_token_id=50278),
+        tokenizer="none",
+        note=note,
+    )
+
+
+class UnavailableVision(Mapping):
+    """A preset's vision section that transformers cannot build: any use raises a clear error."""
+
+    def __init__(self, tower: str, why: str):
+        self.tower, self.why = tower, why
+
+    def _fail(self):
+        raise ConfigError(
+            "vision",
+            f"this preset's vision tower is {self.tower}, {self.why}",
+            "build it with your own tower: interleaf.build(vision=<local CLIP or SigLIP directory>, lm=..., "
+            "cross_attention=..., resampler=...)",
+        )
+
+    def __getitem__(self, key: str) -> Any:
+        self._fail()
+
+    def __iter__(self) -> Iterator[str]:
+        self._fail()
+        return iter(())
+
+    def __len__(self) -> int:
+        self._fail()
+        return 0
+
+    def __repr__(self) -> str:
+        return f"UnavailableVision({self.tower!r})"
+
+
+def _infimm(name: str, text: dict, lm: str) -> Preset:
+    return Preset(
+        name=name,
+        description=f"InfiMM architecture: EVA-CLIP (336 px) + {lm}, cross-attention every 2 layers (needs EVA-CLIP)",
+        vision=UnavailableVision(  # type: ignore[arg-type]
+            "EVA-CLIP (EVA02-CLIP-L/14 at 336 px)",
+            "which transformers does not implement (and interleaf never loads timm or open_clip)",
+        ),
+        resampler=dict(depth=6, num_latents=64, heads=16, head_dim=96, ff_mult=4, activation="gelu"),
+        cross_attention=dict(every_n_layers=2, **OPENFLAMINGO_XATTN),
+        text_config=text,
+        tokens=dict(prompt_format="openflamingo"),
+        tokenizer="none",
+        note="InfiMM's code defaults disagree with its model card on the perceiver; the card's values are used.",
+    )
+
+
+for _preset in (
+    _idefics("idefics-9b", LLAMA_7B, "9B"),
+    _idefics("idefics-80b", LLAMA_65B, "80B"),
+    _openflamingo(
+        "openflamingo-3b", MPT_1B, 1, "MPT-1B",
+        "MPT-1B (mosaicml mpt-1b-redpajama-200b) is custom 'mosaic_gpt' code; the closest transformers family is "
+        "MPT (same blocks, ALiBi, no biases, tied embedding), used here. transformers' MPT has no q/k LayerNorm "
+        "(MosaicGPT's attn_qk_ln), so the real MPT-1B weights need that added before they load.",
+    ),
+    _openflamingo(
+        "openflamingo-4b", REDPAJAMA_3B, 2, "RedPajama-INCITE-3B",
+        "RedPajama-INCITE-Base-3B is GPT-NeoX; its 50432-row embedding is resized to 50280 as OpenFlamingo does.",
+    ),
+    _openflamingo(
+        "openflamingo-9b", MPT_7B, 4, "MPT-7B",
+        "MPT-7B is transformers' MPT; its 50432-row embedding is resized to 50280 as OpenFlamingo does.",
+    ),
+    _infimm("infimm-zephyr-7b", MISTRAL_7B, "Zephyr-7B"),
+    _infimm("infimm-llama2-13b", LLAMA2_13B, "LLaMA2-13B"),
+    _infimm("infimm-vicuna-13b", LLAMA2_13B, "Vicuna-13B"),
+):
+    register(_preset)

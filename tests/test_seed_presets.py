@@ -1,0 +1,94 @@
+"""The seeds' architectures as presets, built on the meta device at their real sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import IdeficsConfig, IdeficsForVisionText2Text
+
+import interleaf
+from interleaf.convert import idefics_to_interleaf_config
+from interleaf.errors import ConfigError
+
+SEEDS = [
+    "idefics-9b", "idefics-80b", "openflamingo-3b", "openflamingo-4b", "openflamingo-9b",
+    "infimm-zephyr-7b", "infimm-llama2-13b", "infimm-vicuna-13b",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def idefics_config(hidden: int, intermediate: int, layers: int, heads: int) -> IdeficsConfig:
+    """The released IDEFICS configs (HuggingFaceM4/idefics-9b, -80b), written out."""
+    return IdeficsConfig(
+        vocab_size=32000, additional_vocab_size=2, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, cross_layer_interval=4, qk_layer_norms=True,
+        use_resampler=True, alpha_type="float", alpha_initializer="zeros",
+        rms_norm_eps=1e-6 if layers == 32 else 1e-5,
+        vision_config=dict(embed_dim=1280, image_size=224, patch_size=14, num_hidden_layers=32,
+                           num_attention_heads=16, intermediate_size=5120, hidden_act="gelu"),
+        perceiver_config=dict(resampler_n_latents=64, resampler_depth=6, resampler_n_heads=16,
+                              resampler_head_dim=96, qk_layer_norms_perceiver=True),
+    )
+
+
+@pytest.mark.parametrize(
+    "name, dims, expected",
+    [
+        ("idefics-9b", (4096, 11008, 32, 32), 8_929_679_632),
+        ("idefics-80b", (8192, 22016, 80, 64), 79_967_843_624),
+    ],
+)
+def test_idefics_presets_have_the_released_parameter_counts(name, dims, expected):
+    model, _ = interleaf.build(name, device="meta")
+    assert model.num_parameters() == expected
+    config = idefics_config(*dims)
+    with torch.device("meta"):
+        reference = IdeficsForVisionText2Text(config)
+    assert reference.num_parameters() == expected
+    # the preset is exactly what the converter makes of the released config
+    converted = idefics_to_interleaf_config(config)
+    assert model.config.cross_attention == converted.cross_attention
+    assert model.config.resampler == converted.resampler
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "rms_norm_eps"):
+        assert getattr(model.config.text_config, key) == getattr(converted.text_config, key), key
+    assert model.config.vision_cfg.width == 1280 and model.config.vision_cfg.image_size == 224
+
+
+@pytest.mark.parametrize(
+    "name, model_type, width, layers, every",
+    [
+        ("openflamingo-3b", "mpt", 2048, 24, 1),
+        ("openflamingo-4b", "gpt_neox", 2560, 32, 2),
+        ("openflamingo-9b", "mpt", 4096, 32, 4),
+    ],
+)
+def test_openflamingo_presets(name, model_type, width, layers, every):
+    model, _ = interleaf.build(name, device="meta")
+    text = model.config.text_config
+    assert (text.model_type, text.hidden_size, text.num_hidden_layers) == (model_type, width, layers)
+    assert model.config.xattn_cfg.layer_indices(layers) == [i for i in range(layers) if (i + 1) % every == 0]
+    assert len(model.cross_attention_blocks) == layers // every
+    block = model.cross_attention_blocks[0]
+    assert (block.heads, block.head_dim, block.k_proj.in_features) == (8, 64, 1024)  # ViT-L/14 width
+    assert model.resampler.latents.shape == (64, 1024)
+    vision = model.config.vision_cfg
+    assert vision.drop_cls_token and vision.post_layernorm and vision.num_patches == 256
+
+
+@pytest.mark.parametrize("name", [n for n in SEEDS if n.startswith("infimm")])
+def test_infimm_presets_name_the_missing_eva_clip(name):
+    with pytest.raises(ConfigError, match=r"EVA-CLIP .*which transformers does not implement"):
+        interleaf.build(name, device="meta")
+
+
+def test_every_seed_preset_is_listed():
+    listed = interleaf.presets()
+    assert set(SEEDS) <= set(listed)
+    assert "EVA-CLIP" in listed["infimm-zephyr-7b"]
