@@ -206,7 +206,13 @@ class ModelSpec:
                 raise where.error(f"model.{key}", f"must be a string, got {data[key]!r}")
         if data.get("path") is not None and options:
             raise where.error("model.path", "a saved model is loaded as it is; build options apply to preset/vision/lm only")
-        return cls(preset=data.get("preset"), path=data.get("path"), from_stage=data.get("from_stage"), options=options)
+        from ..data.mixture import _expand
+
+        # $VARS in local paths come from the environment, as in mixtures
+        options = {k: _expand(v, f"model.{k}") if isinstance(v, str) and k in ("vision", "lm", "tokenizer") else v
+                   for k, v in options.items()}
+        path = _expand(data["path"], "model.path") if data.get("path") is not None else None
+        return cls(preset=data.get("preset"), path=path, from_stage=data.get("from_stage"), options=options)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("preset", "path", "from_stage") if getattr(self, k) is not None}
