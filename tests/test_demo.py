@@ -1,0 +1,22 @@
+"""The demo pipeline end to end, with a tiny corpus and a few steps per stage (the real run is `make demo`)."""
+
+from __future__ import annotations
+
+import json
+
+from interleaf.demo import run_demo
+
+
+def test_demo_runs_every_stage_and_writes_its_report(tmp_path):
+    steps = [f"stages.{i}.max_steps=3" for i in range(4)]
+    metrics = run_demo(tmp_path / "demo", train_scenes=200, heldout_scenes=20, overrides=steps, progress=False)
+    out = tmp_path / "demo"
+    assert metrics["stages"] == ["lm", "pt", "mtt", "ift"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["heldout_vqa_per_question_type"]) == {"colour", "shape", "count", "position", "yesno"}
+    assert 0.0 <= saved["heldout_vqa_exact_match"] <= 1.0 and "caption_cider" in saved
+    assert (out / "final" / "config.json").exists()
+    for stage in ("lm", "pt", "mtt", "ift"):
+        assert (out / stage / "metrics.jsonl").stat().st_size > 0
+    report = (out / "report.html").read_text()
+    assert "<svg" in report and report.count("<figure") >= 10 and "data:image/png;base64," in report
