@@ -19,21 +19,10 @@ from transformers import IdeficsConfig, IdeficsForVisionText2Text
 import interleaf
 from interleaf.convert import from_idefics, to_idefics
 from interleaf.errors import CheckpointError, ConfigError
-from interleaf.model import InterleafForConditionalGeneration
 from interleaf.processing import build_tiny_tokenizer
 
 IDEFICS_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 RED, GREEN, BLUE, GREY = (230, 20, 20), (20, 230, 20), (20, 20, 230), (128, 128, 128)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def idefics_tokenizer(text: str | None = None):

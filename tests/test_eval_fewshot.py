@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from PIL import Image
 
@@ -10,14 +9,6 @@ import interleaf
 from interleaf.evaluation.fewshot import RandomDemos, example_seed, render_prompt
 from interleaf.evaluation.rices import RICESDemos, build_rices, image_features
 from interleaf.evaluation.tasks import Example, get_task
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def colour_image(c: int) -> Image.Image:

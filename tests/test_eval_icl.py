@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 
 import interleaf
@@ -33,14 +32,6 @@ STEPS = 900
 BATCH = 32
 LR = 3e-3
 TRAIN_EPISODES = 1024
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def build_model():

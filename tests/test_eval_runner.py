@@ -18,14 +18,6 @@ from interleaf.data import write_corpus
 from interleaf.evaluation.runner import evaluate, evaluate_synthetic, shard_indices
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")

@@ -10,14 +10,6 @@ import interleaf
 from interleaf.evaluation.scoring import cut_at_stop, generate_batch, reduce_scores, score
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model_and_processor():
     # gates at one, so images change the outputs

@@ -8,7 +8,7 @@ import torch
 from interleaf.errors import ConfigError, InputError
 from interleaf.model.cross_attention import MediaContext
 
-from tiny import CHUNK, IMAGE, LM_FAMILIES, images, set_gates, tiny_model
+from tiny import CHUNK, IMAGE, LM_FAMILIES, images, tiny_model
 
 TEXT = torch.tensor([[1, 5, 9, 17, 33, 4, 8, 2, 77, 45]])
 
@@ -199,8 +199,6 @@ def _first_tensor_shape(args, kwargs):
 
 
 def test_generation_options():
-    from transformers import TextIteratorStreamer  # noqa: F401  (streaming is tested with the processor)
-
     model, _ = tiny_model("llama", gates=0.7)
     _, ids, mask, pv = _batch()
     base = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, pad_token_id=0)

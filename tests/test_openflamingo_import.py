@@ -23,16 +23,6 @@ from interleaf.processing import build_tiny_tokenizer
 D, DV, HEADS, DH_X, DH_P, LAYERS, DEPTH, LATENTS = 32, 16, 8, 4, 2, 4, 2, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 class Payload:
     """An arbitrary object: unpickling it needs code, which weights_only=True refuses."""
 

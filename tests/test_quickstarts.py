@@ -25,15 +25,6 @@ from transformers import IdeficsForVisionText2Text as TransformersIdefics
 from interleaf.convert import from_idefics, from_openflamingo
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def idefics_dirs(tmp_path_factory):
     from test_convert_idefics import tiny_idefics

@@ -16,14 +16,6 @@ SEEDS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def idefics_config(hidden: int, intermediate: int, layers: int, heads: int) -> IdeficsConfig:
     """The released IDEFICS configs (HuggingFaceM4/idefics-9b, -80b), written out."""
     return IdeficsConfig(

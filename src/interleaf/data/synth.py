@@ -55,7 +55,6 @@ import hashlib
 import io
 import itertools
 import json
-import math
 import random
 import shutil
 import struct
