@@ -229,3 +229,27 @@ def test_user_llava_json_command_end_to_end(corpus, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["train", str(recipe), "--model", str(tmp_path / "nope")])
     assert e.value.code == 2
+
+
+def test_a_shard_with_corrupt_images_and_broken_json_trains_to_the_end(tmp_path, capsys):
+    """Bad samples are skipped and counted by reason; the run finishes and reports them."""
+    from test_data_stream import broken_shard
+
+    broken_shard(tmp_path / "web.tar", n_good=24, n_bad=6)
+    good = '{"id": "ok", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}'
+    (tmp_path / "chat.jsonl").write_text("\n".join([good, "{oops", good, good, good, good]) + "\n")
+    stage = {
+        "model": {"preset": "tiny-random"},
+        "data": {"max_bad_fraction": 0.5, "sources": [
+            {"name": "web", "format": "pairs", "paths": str(tmp_path / "web.tar"), "weight": 3},
+            {"name": "chat", "format": "llava", "paths": str(tmp_path / "chat.jsonl"), "weight": 1}]},
+        "freeze": "all_trainable", "optim": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0},
+        "batch_size": 8, "max_steps": 12, "max_length": 48, "log_every": 4, "out": str(tmp_path / "run"),
+    }
+    [result] = train(stage, progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 12 and (result.final / "config.json").exists()
+    assert summary["bad_samples"]["web"]["unreadable_image"] >= 6
+    assert summary["bad_samples"]["chat"]["malformed_json"] >= 1
+    printed = capsys.readouterr()
+    assert "unreadable_image" in printed.out + printed.err and "malformed_json" in printed.out + printed.err
