@@ -43,7 +43,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     out = tmp_path / "killed"
     config = tmp_path / "stage.yaml"
     config.write_text(yaml.safe_dump(_stage(corpus, out)))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the same thread count as this process (conftest uses one), so float sums run in the same order
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(_cli(config), stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
