@@ -40,8 +40,17 @@ def _recipe_path() -> Path:
 
 
 def write_text_corpus(corpus: Path) -> Path:
-    """The training conversations without their images: text for pretraining the LM alone."""
+    """The training texts without their images, for pretraining the LM alone: the conversations,
+    and each pair's caption as an answer to the caption prompt (so the frozen LM of the next stages
+    already knows the captions' language)."""
+    from ..data.synth import CAPTION_PROMPT, Scene, caption
+
     entries = []
+    scenes = json.loads((corpus / "scenes.json").read_text(encoding="utf-8"))
+    for i, (path, scene) in enumerate(sorted(scenes.items())):
+        if path.startswith("train/"):
+            entries.append({"id": f"text-caption-{i}", "conversations": [
+                {"from": "human", "value": CAPTION_PROMPT}, {"from": "gpt", "value": caption(Scene.from_dict(scene))}]})
     for name in ("vqa_train.json", "conv_train.json"):
         for e in json.loads((corpus / "llava" / name).read_text(encoding="utf-8")):
             turns = [
