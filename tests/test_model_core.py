@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from interleaf.errors import ConfigError, InputError
-from interleaf.model.cross_attention import MediaContext
 
 from tiny import CHUNK, IMAGE, LM_FAMILIES, images, tiny_model
 
@@ -19,19 +18,15 @@ def test_gates_at_init_give_the_base_lm_exactly(family):
     with torch.no_grad():
         ours = model(input_ids=TEXT).logits
         ref = plain(input_ids=TEXT).logits
-        # with images in the prompt too: zero gates mean the images change nothing
+        # images in the prompt, zero gates: outside the image tokens themselves (whose embedding is
+        # a new trainable row), the logits are the plain LM's
         ids = torch.tensor([[1, IMAGE, 9, 17, 33, IMAGE, 8, 2, 77, 45]])
         with_images = model(input_ids=ids, pixel_values=images(1, 2)).logits
-        ref_images = plain(input_ids=ids.clamp_max(119)).logits
+        with_other_images = model(input_ids=ids, pixel_values=images(1, 2, seed=1)).logits
     assert ours.shape[-1] == 122  # base vocabulary + <image> + <|endofchunk|>
     assert (ours[..., :120] - ref).abs().max() <= 1e-6
-    # rows other than the image token itself (whose embedding is the new trainable row)
-    keep = ids[0] != IMAGE
-    keep[1:] &= ids[0, :-1] != IMAGE  # not needed for the comparison, but explicit
     assert torch.isfinite(with_images).all()
-    model_plain_text = model(input_ids=TEXT).logits
-    assert torch.equal(model_plain_text, ours)
-    del ref_images
+    assert torch.equal(with_images, with_other_images)  # gates at zero: the pixels change nothing
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
@@ -304,9 +299,9 @@ def test_media_context_does_not_outlive_the_call():
     from interleaf.model.cross_attention import current_media
 
     model, _ = tiny_model("llama", gates=0.5)
+    assert current_media() is None
     model(input_ids=_prompt_with_images(), pixel_values=images(1, 2))
     assert current_media() is None
-    assert isinstance(MediaContext, type)
 
 
 def test_model_moves_between_dtypes_and_devices():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from transformers import PreTrainedConfig
@@ -21,6 +22,19 @@ from .errors import ConfigError
 FREEZE_POLICIES = ("flamingo", "flamingo_train_vision", "unfreeze_lm", "all_trainable")
 FUSIONS = ("cross_attention",)  # "token_insertion" (xGen-MM, LLaVA) plugs in here
 PROMPT_FORMATS = ("openflamingo", "idefics")
+
+
+def read_yaml_file(path: str | Path, field: str, hint: str) -> Any:
+    """Parse a YAML file; a missing file or broken YAML is a :class:`ConfigError` naming ``field``."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(field, f"file {str(p)!r} does not exist", hint)
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(field, f"{str(p)!r} is not valid YAML ({e})") from e
 
 
 def _check_positive(section: str, obj: Any, *names: str) -> None:

@@ -83,8 +83,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from ..config import read_yaml_file
 from ..errors import ConfigError
 from .formats import FORMATS
 
@@ -249,12 +249,7 @@ def load_mixture(
         return source
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
-        if not path.is_file():
-            raise ConfigError("mixture", f"file {str(path)!r} does not exist", "pass the path of a mixture YAML")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError("mixture", f"{str(path)!r} is not valid YAML ({e})") from e
+        data = read_yaml_file(path, "mixture", "pass the path of a mixture YAML")
         base = Path(base_dir) if base_dir is not None else path.parent
     else:
         data, base = source, Path(base_dir) if base_dir is not None else Path.cwd()

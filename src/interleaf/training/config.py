@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from ..config import FREEZE_POLICIES
+from ..config import FREEZE_POLICIES, read_yaml_file
 from ..errors import ConfigError
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -416,12 +416,7 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) ->
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError("config", f"file {str(p)!r} does not exist", "pass the path of a training YAML, e.g. configs/pretrain.yaml")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError("config", f"{str(p)!r} is not valid YAML: {e}") from e
+    data = read_yaml_file(p, "config", "pass the path of a training YAML, e.g. configs/pretrain.yaml")
     if not isinstance(data, dict):
         raise ConfigError("config", f"{str(p)!r} must hold a mapping (a stage, or stages: [...]), got {type(data).__name__}")
     return data
