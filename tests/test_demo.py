@@ -20,3 +20,30 @@ def test_demo_runs_every_stage_and_writes_its_report(tmp_path):
         assert (out / stage / "metrics.jsonl").stat().st_size > 0
     report = (out / "report.html").read_text()
     assert "<svg" in report and report.count("<figure") >= 10 and "data:image/png;base64," in report
+
+
+def test_demo_command_runs_a_recipe_of_your_own(tmp_path):
+    """`interleaf demo --recipe`: the same corpus, tokenizer and evaluation around another recipe."""
+    import shutil
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from interleaf.cli import app
+    from interleaf.demo import _recipe_path
+
+    recipe_dir = tmp_path / "recipe"
+    shutil.copytree(_recipe_path().parent, recipe_dir)
+    recipe = yaml.safe_load((recipe_dir / "recipe.yaml").read_text())
+    recipe["stages"] = recipe["stages"][:2]  # lm -> pt only
+    for stage in recipe["stages"]:
+        stage["max_steps"] = 2
+    (recipe_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--recipe", str(recipe_dir / "recipe.yaml"),
+            "--train-scenes", "100", "--heldout-scenes", "20"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stages"] == ["lm", "pt"]
+    assert not (out / "mtt").exists() and (out / "final" / "config.json").exists()

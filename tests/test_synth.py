@@ -273,6 +273,10 @@ def test_vqa_files_have_one_question_per_type_and_balanced_yesno(corpus):
         yes = sum(e["conversations"][1]["value"] == "yes" for e in by_type["yesno"])
         assert abs(yes - (n - yes)) <= 1
         assert len({e["id"] for e in entries}) == len(entries)
+    # The per-type training files hold exactly the training entries of their type, in order.
+    train = _load(out, "vqa_train.json")
+    for qtype in QTYPES:
+        assert _load(out, f"vqa_train_{qtype}.json") == [e for e in train if e["qtype"] == qtype]
     convs = _load(out, "conv_train.json")
     assert all(2 <= len(c["conversations"]) // 2 <= 3 for c in convs)
 

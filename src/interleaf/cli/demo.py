@@ -13,12 +13,13 @@ def demo_cmd(
     train_scenes: int = typer.Option(8000, min=100, help="Training scenes in the synthetic corpus."),
     heldout_scenes: int = typer.Option(400, min=20, help="Held-out scenes (never seen in training)."),
     override: list[str] = typer.Option([], "--set", help="Dotted recipe override, e.g. stages.1.max_steps=100."),
+    recipe: Path = typer.Option(None, help="A recipe to run instead of configs/demo/recipe.yaml."),
 ) -> None:
     """Synthesise a corpus, train lm -> pt -> mtt -> ift (configs/demo/recipe.yaml), evaluate on the
     held-out split, and write OUT/metrics.json, OUT/report.html and the model OUT/final."""
     from ..demo import run_demo
 
-    run_demo(out, seed=seed, train_scenes=train_scenes, heldout_scenes=heldout_scenes, overrides=override)
+    run_demo(out, seed=seed, train_scenes=train_scenes, heldout_scenes=heldout_scenes, overrides=override, recipe=recipe)
 
 
 def register(app: typer.Typer) -> None:

@@ -32,6 +32,8 @@ On-disk layout written by :func:`write_corpus` (paths relative to ``out_dir``)::
                                         {key}.json = {"texts": [...], "images": [...]}
                                         {key}.0.png, {key}.1.png, ... the document's images
     llava/vqa_train.json              single-turn VQA, LLaVA format, one "qtype" per entry
+    llava/vqa_train_colour.json       the same entries split by question type (``_shape``,
+                                        ``_count``, ``_position``, ``_yesno`` likewise)
     llava/vqa_heldout.json            the same for held-out scenes (evaluation)
     llava/conv_train.json             multi-turn conversations (2-3 turns) for instruction tuning
     llava/captions_heldout.json       held-out image id -> list of reference captions (CIDEr);
@@ -621,6 +623,9 @@ def write_corpus(
         "scenes": "scenes.json",
     }
     _dump_json(out / files["vqa_train"], vqa_train)
+    for qtype in QTYPES:  # the same entries split by type, for mixtures that weight tasks
+        files[f"vqa_train_{qtype}"] = f"llava/vqa_train_{qtype}.json"
+        _dump_json(out / files[f"vqa_train_{qtype}"], [e for e in vqa_train if e["qtype"] == qtype])
     _dump_json(out / files["vqa_heldout"], vqa_heldout)
     _dump_json(out / files["conv_train"], conv_train)
     _dump_json(out / files["captions_heldout"], captions_heldout)

@@ -118,8 +118,13 @@ def run_demo(
     heldout_scenes: int = 400,
     overrides: list[str] | None = None,
     progress: bool = True,
+    recipe: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run the whole demo; returns the metrics written to ``out/metrics.json``."""
+    """Run the whole demo; returns the metrics written to ``out/metrics.json``.
+
+    ``recipe`` replaces configs/demo/recipe.yaml (a recipe with the same stage layout: its first
+    stage's ``model.tokenizer`` is set to the corpus tokenizer).
+    """
     from ..api import load
     from ..data.synth import corpus_text, write_corpus
     from ..evaluation.runner import evaluate_synthetic
@@ -145,7 +150,7 @@ def run_demo(
             shutil.rmtree(out / name)
     t = time.perf_counter()
     results = train(
-        _recipe_path(),
+        Path(recipe) if recipe is not None else _recipe_path(),
         [f"stages.0.model.tokenizer={(out / 'tokenizer').resolve()}", *(overrides or [])],
         out=out,
         progress=progress,
