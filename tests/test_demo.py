@@ -47,3 +47,27 @@ def test_demo_command_runs_a_recipe_of_your_own(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stages"] == ["lm", "pt"]
     assert not (out / "mtt").exists() and (out / "final" / "config.json").exists()
+
+
+def test_text_corpus_is_captions_and_reading_comprehension_of_training_scenes(tmp_path):
+    from interleaf.data.synth import CAPTION_PROMPT, Scene, caption, located_caption, write_corpus
+    from interleaf.demo import TEXT_QA_TYPES, write_text_corpus
+
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, n_train_scenes=60, n_heldout_scenes=10)
+    entries = json.loads(write_text_corpus(corpus).read_text())
+    scenes = {k: Scene.from_dict(v) for k, v in json.loads((corpus / "scenes.json").read_text()).items()}
+    train_captions = {caption(s) for k, s in scenes.items() if k.startswith("train/")}
+    vqa = {e["id"]: e for e in json.loads((corpus / "llava" / "vqa_train.json").read_text())}
+    captions = [e for e in entries if e["id"].startswith("text-caption-")]
+    assert {e["conversations"][1]["value"] for e in captions} == train_captions
+    assert all(e["conversations"][0]["value"] == CAPTION_PROMPT for e in captions)
+    questions = [e for e in entries if not e["id"].startswith("text-caption-")]
+    assert len(questions) == sum(e["qtype"] in TEXT_QA_TYPES for e in vqa.values()) > 0
+    assert "yesno" not in TEXT_QA_TYPES
+    for e in questions:
+        source = vqa[e["id"].removeprefix("text-")]
+        asked = source["conversations"][0]["value"].removeprefix("<image>\n")
+        # the question comes after a description of its own scene, and keeps its answer
+        assert e["conversations"][0]["value"] == f"{located_caption(scenes[source['image']])} {asked}"
+        assert e["conversations"][1]["value"] == source["conversations"][1]["value"]

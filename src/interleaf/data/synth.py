@@ -295,13 +295,17 @@ def caption(scene: Scene) -> str:
     return _join([f"a {_noun_phrase(o)}" for o in scene.objects]) + "."
 
 
+def located_caption(scene: Scene) -> str:
+    """The caption with each object's cell: ``"a red circle at the top left and a ..."``."""
+    return _join([f"a {_noun_phrase(o)} at the {_CELL_NAMES[o.cell]}" for o in scene.objects]) + "."
+
+
 def reference_captions(scene: Scene) -> list[str]:
     """Reference captions for CIDEr: the canonical caption first, then two paraphrases."""
     n = len(scene.objects)
     noun = "object" if n == 1 else "objects"
-    located = _join([f"a {_noun_phrase(o)} at the {_CELL_NAMES[o.cell]}" for o in scene.objects])
     listed = _join([f"a {_noun_phrase(o)}" for o in scene.objects])
-    return [caption(scene), f"{located}.", f"{NUMBER_WORDS[n]} {noun}: {listed}."]
+    return [caption(scene), located_caption(scene), f"{NUMBER_WORDS[n]} {noun}: {listed}."]
 
 
 @dataclass(frozen=True)
@@ -769,7 +773,7 @@ def fewshot_episodes(
 __all__ = [
     "BACKGROUND", "CAPTION_PROMPT", "COLOURS", "NONSENSE_WORDS", "NUMBER_WORDS", "POSITIONS",
     "QTYPES", "SHAPES", "SIZES", "Episode", "Question", "Scene", "SceneObject", "all_scenes",
-    "answer_vocabulary", "caption", "conversation", "corpus_text", "document", "encode_png",
+    "answer_vocabulary", "caption", "conversation", "located_caption", "corpus_text", "document", "encode_png",
     "fewshot_episodes", "make_question", "reference_captions", "render_scene", "sample_scene",
     "scene_key", "scene_questions", "vqa_entry", "write_corpus", "MIN_SIZE_FOR_SMALL",
 ]
