@@ -71,3 +71,13 @@ def test_text_corpus_is_captions_and_reading_comprehension_of_training_scenes(tm
         # the question comes after a description of its own scene, and keeps its answer
         assert e["conversations"][0]["value"] == f"{located_caption(scenes[source['image']])} {asked}"
         assert e["conversations"][1]["value"] == source["conversations"][1]["value"]
+
+
+def test_demo_with_a_missing_recipe_fails_before_writing_anything(tmp_path):
+    import pytest
+
+    from interleaf.errors import InputError
+
+    with pytest.raises(InputError, match=r"recipe .*nope\.yaml does not exist; pass the path of a recipe YAML"):
+        run_demo(tmp_path / "demo", recipe=tmp_path / "nope.yaml", progress=False)
+    assert not (tmp_path / "demo").exists()

@@ -670,6 +670,11 @@ def write_corpus(
     return manifest
 
 
+def strip_image_markers(text: str) -> str:
+    """A LLaVA turn's text without its ``<image>`` markers."""
+    return text.replace("<image>\n", "").replace("<image>", "").strip()
+
+
 def corpus_text(out_dir: str | Path) -> Iterator[str]:
     """Every training text of a written corpus: captions, documents, VQA and conversation turns.
 
@@ -696,12 +701,9 @@ def corpus_text(out_dir: str | Path) -> Iterator[str]:
                     doc = json.loads(tar.extractfile(m).read())
                     yield " ".join(t for t in doc["texts"] if t is not None)
 
-    def strip(value: str) -> str:
-        return value.replace("<image>\n", "").replace("<image>", "").strip()
-
     for key in ("vqa_train", "conv_train"):
         for entry in json.loads((out / files[key]).read_text()):
-            yield " ".join(strip(turn["value"]) for turn in entry["conversations"])
+            yield " ".join(strip_image_markers(turn["value"]) for turn in entry["conversations"])
 
 
 # --------------------------------------------------------------------------- few-shot
@@ -775,5 +777,5 @@ __all__ = [
     "QTYPES", "SHAPES", "SIZES", "Episode", "Question", "Scene", "SceneObject", "all_scenes",
     "answer_vocabulary", "caption", "conversation", "located_caption", "corpus_text", "document", "encode_png",
     "fewshot_episodes", "make_question", "reference_captions", "render_scene", "sample_scene",
-    "scene_key", "scene_questions", "vqa_entry", "write_corpus", "MIN_SIZE_FOR_SMALL",
+    "scene_key", "scene_questions", "strip_image_markers", "vqa_entry", "write_corpus", "MIN_SIZE_FOR_SMALL",
 ]

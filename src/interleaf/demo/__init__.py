@@ -27,6 +27,8 @@ from typing import Any
 
 from PIL import Image
 
+from ..errors import InputError
+
 RECIPE = Path(__file__).resolve().parents[3] / "configs" / "demo" / "recipe.yaml"
 CORPUS_ENV = "INTERLEAF_DEMO_CORPUS"
 
@@ -63,7 +65,7 @@ def write_text_corpus(corpus: Path, qtypes: tuple[str, ...] = TEXT_QA_TYPES) -> 
     shipped recipe on 2 cores: colour 87.0%, yes/no 90.8%). Adding the other types' text did not help and made colour unstable
     between runs (60-97%), so they are left to the image stages.
     """
-    from ..data.synth import CAPTION_PROMPT, Scene, caption, located_caption
+    from ..data.synth import CAPTION_PROMPT, Scene, caption, located_caption, strip_image_markers
 
     scenes = json.loads((corpus / "scenes.json").read_text(encoding="utf-8"))
     entries = []
@@ -75,7 +77,7 @@ def write_text_corpus(corpus: Path, qtypes: tuple[str, ...] = TEXT_QA_TYPES) -> 
         if e["qtype"] not in qtypes:
             continue
         located = located_caption(Scene.from_dict(scenes[e["image"]]))
-        question = e["conversations"][0]["value"].replace("<image>\n", "").replace("<image>", "").strip()
+        question = strip_image_markers(e["conversations"][0]["value"])
         entries.append({"id": f"text-{e['id']}", "conversations": [
             {"from": "human", "value": f"{located} {question}"}, {"from": "gpt", "value": e["conversations"][1]["value"]}]})
     path = corpus / "llava" / "text_train.json"
@@ -152,6 +154,10 @@ def run_demo(
     from ..training import train
     from .report import write_report
 
+    recipe_path = Path(recipe) if recipe is not None else _recipe_path()
+    if not recipe_path.is_file():  # before minutes of corpus writing, not after
+        raise InputError(f"demo: recipe {recipe_path} does not exist; pass the path of a recipe YAML "
+                         "such as configs/demo/recipe.yaml")
     out = Path(out)
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -170,7 +176,7 @@ def run_demo(
             shutil.rmtree(out / name)
     t = time.perf_counter()
     results = train(
-        Path(recipe) if recipe is not None else _recipe_path(),
+        recipe_path,
         [f"stages.0.model.tokenizer={(out / 'tokenizer').resolve()}", *(overrides or [])],
         out=out,
         progress=progress,
