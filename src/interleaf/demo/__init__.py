@@ -148,6 +148,7 @@ def run_demo(
     stage's ``model.tokenizer`` is set to the corpus tokenizer).
     """
     from ..api import load
+    from ..config import read_yaml_file
     from ..data.synth import corpus_text, write_corpus
     from ..evaluation.runner import evaluate_synthetic
     from ..processing import build_tiny_tokenizer
@@ -170,9 +171,10 @@ def run_demo(
     timings["corpus"] = time.perf_counter() - start
 
     os.environ[CORPUS_ENV] = str(corpus.resolve())
-    stage_names: list[str] = []
-    for name in ("lm", "pt", "mtt", "ift"):
-        if (out / name).exists():
+    recipe_data = read_yaml_file(recipe_path, "recipe", "pass a recipe YAML")
+    for stage in (recipe_data.get("stages") if isinstance(recipe_data, dict) else None) or []:  # a rerun starts each stage afresh instead of resuming it
+        name = stage.get("name") if isinstance(stage, dict) else None
+        if name and (out / name).exists():
             shutil.rmtree(out / name)
     t = time.perf_counter()
     results = train(
