@@ -194,3 +194,81 @@ def test_transform_normalises_and_serialises():
         ImageTransform(4, (0, 0, 0), (1, 1, 1), resize="stretch")
     with pytest.raises(InputError, match="expected keys"):
         ImageTransform.from_dict({"image_size": 4})
+
+
+# -- truncated and corrupt files fail when loaded, in every format, naming the input --
+
+FORMATS = ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"]
+
+
+def noisy(size=(40, 32), seed=0) -> Image.Image:
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)  # (H, W, 3)
+    return Image.fromarray(arr, mode="RGB")
+
+
+def encoded(fmt: str, img: Image.Image | None = None) -> bytes:
+    buf = io.BytesIO()
+    (img or noisy()).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def cut_points(n: int) -> list[int]:
+    """Inside the signature, inside the header, and a quarter, half and three quarters in."""
+    return [4, 16, 30, n // 4, n // 2, n * 3 // 4]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_truncated_files_fail_when_loaded_naming_the_item(fmt):
+    data = encoded(fmt)
+    whole = load_image(data, where="w")  # the whole file decodes (so the cuts below are what fails)
+    assert whole.size == (40, 32) and whole.mode == "RGB"
+    for cut in cut_points(len(data)):
+        with pytest.raises(InputError) as e:
+            load_image(data[:cut], where="batch row 1, prompt item 2")
+        msg = str(e.value)
+        assert msg.startswith("batch row 1, prompt item 2: the image bytes") and "corrupt" in msg, (cut, msg)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_truncated_files_fail_even_when_pillow_is_told_to_load_truncated_images(fmt, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    data = encoded(fmt)
+    for cut in cut_points(len(data))[3:]:
+        with pytest.raises(InputError, match=r"^item 0: .*corrupt"):
+            load_image(data[:cut], where="item 0")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is put back
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_lazily_opened_truncated_image_fails_in_load_image_not_later(fmt, transform):
+    data = encoded(fmt)
+    try:
+        lazy = Image.open(io.BytesIO(data[: len(data) // 2]))  # reads the header only
+    except OSError:  # WebP's decoder reads the whole stream when it opens
+        pytest.skip(f"Pillow refuses a truncated {fmt} already at Image.open")
+    with pytest.raises(InputError, match=r"^message 2, part 0: the image could not be decoded"):
+        load_image(lazy, where="message 2, part 0")
+    ok = load_image(Image.open(io.BytesIO(data)), where="w")
+    assert transform(ok).shape == (3, S, S)  # a lazy image that is whole loads, and needs no second decode
+    assert ok.getbbox() is not None
+
+
+def test_flipped_bytes_in_png_pixel_data_fail_the_checksum():
+    data = bytearray(encoded("PNG"))
+    start = data.index(b"IDAT") + 4
+    for offset in (10, 200, 1000):
+        broken = bytearray(data)
+        broken[start + offset] ^= 0xFF
+        with pytest.raises(InputError, match=r"^row 3: the image bytes could not be decoded .*corrupt"):
+            load_image(bytes(broken), where="row 3")
+
+
+def test_header_only_truncation_of_every_format_is_an_input_error_not_oserror():
+    # Cut inside the header chunks: Pillow raises OSError('Truncated File Read') or ValueError here.
+    for fmt in FORMATS:
+        data = encoded(fmt)
+        for cut in range(1, 64):
+            with pytest.raises(InputError):
+                load_image(data[:cut], where="w")

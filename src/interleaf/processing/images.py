@@ -4,7 +4,9 @@
 bytes, a ``data:image/...;base64,...`` URL, or an http(s) URL when explicitly allowed) into an
 RGB ``PIL.Image.Image``. It honours EXIF orientation, flattens transparency onto white, scales
 16-bit and float images to 8 bits, takes the first frame of animations, and refuses images with
-more than ``max_pixels`` pixels before decoding them (read from the header). Every failure is an
+more than ``max_pixels`` pixels before decoding them (read from the header), then decodes every
+pixel at once, strictly (a truncated or corrupt file fails here, whatever Pillow's
+``ImageFile.LOAD_TRUNCATED_IMAGES`` says), so nothing decodes later. Every failure is an
 :class:`~interleaf.errors.InputError` naming ``where`` the image came from and how to fix it.
 
 :class:`ImageTransform` resizes (shortest edge + centre crop, or squash), scales to [0, 1] and
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
+import threading
 import urllib.error
 import urllib.request
 import warnings
@@ -24,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError, OfflineError
 
@@ -54,7 +58,9 @@ def load_image(
     """
     if isinstance(item, Image.Image):
         _check_pixels(item.size, where, max_pixels)
-        return to_rgb(item, where=where)
+        # A PIL image may still be lazy (Image.open reads only the header): decode it here, so a
+        # truncated file fails now with ``where`` named, not later inside the transform.
+        return _decode(item, where, "the image")
     if isinstance(item, (bytes, bytearray, memoryview)):
         return _open_bytes(bytes(item), where, max_pixels, "the image bytes")
     if isinstance(item, str):
@@ -128,27 +134,36 @@ def _open_bytes(data: bytes, where: str, max_pixels: int, what: str) -> Image.Im
 
 
 def _open_path(path: Path, where: str, max_pixels: int) -> Image.Image:
-    path = path.expanduser()
-    if not path.exists():
+    try:
+        path = path.expanduser()
+        exists, is_dir = path.exists(), path.is_dir()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, no home directory
+        raise InputError(f"{where}: {str(path)[:200]!r} is not a usable file path ({e}); check the path") from e
+    if not exists:
         raise InputError(
             f"{where}: image file {str(path)!r} does not exist (relative paths are resolved against "
             f"{Path.cwd()}); check the path"
         )
-    if path.is_dir():
+    if is_dir:
         raise InputError(f"{where}: {str(path)!r} is a directory, not an image file; pass the path of a file")
     try:
         with open(path, "rb") as f:
             return _open_stream(f, where, max_pixels, f"file {str(path)!r}")
     except PermissionError as e:
         raise InputError(f"{where}: cannot read image file {str(path)!r} ({e}); check its permissions") from e
+    except OSError as e:  # a FIFO, a device, an I/O error
+        raise InputError(f"{where}: cannot read image file {str(path)!r} ({e}); pass a regular image file") from e
 
 
 def _open_stream(stream, where: str, max_pixels: int, what: str) -> Image.Image:
     with warnings.catch_warnings():
-        # Our own limit replaces Pillow's decompression-bomb warning.
+        # Our own limit replaces Pillow's decompression-bomb warning; a truncated TIFF's warning
+        # becomes the error below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)
         try:
-            img = Image.open(stream)
+            with _strict_decoding():
+                img = Image.open(stream)
         except Image.DecompressionBombError as e:
             raise InputError(
                 f"{where}: {what} has too many pixels to decode safely ({e}); downscale it"
@@ -158,17 +173,62 @@ def _open_stream(stream, where: str, max_pixels: int, what: str) -> Image.Image:
                 f"{where}: {what} is not a recognised image (corrupt data or an unsupported format); "
                 "pass a valid PNG, JPEG, GIF, WebP, BMP or TIFF image"
             ) from e
+        except Exception as e:  # a header cut short or garbled: Pillow's plugins raise many types
+            raise _undecodable(where, what, e) from e
         _check_pixels(img.size, where, max_pixels)  # from the header, before decoding
-        try:
+        return _decode(img, where, what)
+
+
+def _decode(img: Image.Image, where: str, what: str) -> Image.Image:
+    """Decode every pixel of ``img`` now and convert it to RGB; any failure names ``where``.
+
+    The image returned is fully in memory: nothing decodes later, where an error could not say
+    which input it came from.
+    """
+    try:
+        with _strict_decoding():
             img.load()
-            return to_rgb(img, where=where)
-        except InputError:
-            raise
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise InputError(
-                f"{where}: {what} could not be decoded ({e}); the file is truncated or corrupt, "
-                "re-export or re-download it"
-            ) from e
+            rgb = to_rgb(img, where=where)
+            rgb.load()  # seeking to the first frame of an animation may have made it lazy again
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{where}: {what} has too many pixels to decode safely ({e}); downscale it") from e
+    except Exception as e:  # OSError, SyntaxError, EOFError, ValueError, struct.error, ... from a decoder
+        raise _undecodable(where, what, e) from e
+    return rgb
+
+
+def _undecodable(where: str, what: str, error: Exception) -> InputError:
+    return InputError(
+        f"{where}: {what} could not be decoded ({type(error).__name__}: {error}); the data is truncated or "
+        "corrupt: re-export or re-download the image"
+    )
+
+
+# Pillow reads ImageFile.LOAD_TRUNCATED_IMAGES (a process-wide switch other code may turn on) at
+# decode time; with it on, a truncated file decodes to an image with grey or black rows instead of
+# failing. Our decoding turns it off while any of it runs and puts the caller's value back after.
+_strict_lock = threading.Lock()
+_strict_users = 0
+_saved_load_truncated = False
+
+
+@contextlib.contextmanager
+def _strict_decoding():
+    global _strict_users, _saved_load_truncated
+    with _strict_lock:
+        if _strict_users == 0:
+            _saved_load_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+        _strict_users += 1
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        with _strict_lock:
+            _strict_users -= 1
+            if _strict_users == 0 and ImageFile.LOAD_TRUNCATED_IMAGES is False:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _saved_load_truncated
 
 
 def _decode_data_url(url: str, where: str, max_bytes: int) -> bytes:
