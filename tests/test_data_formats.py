@@ -346,3 +346,28 @@ def test_collate_right_pads_and_masks(proc):
     assert batch["pixel_values"][1, 1].mean() == 3
     assert batch["loss_weight"].tolist() == pytest.approx([0.2, 1.0, 1.0])
     assert "pixel_values" not in collate([c], pad_token_id=0)
+
+
+def test_truncated_images_of_every_format_are_skipped_as_unreadable_and_named(tmp_path, proc):
+    import numpy as np
+
+    arr = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)  # (H, W, 3)
+    members, expected_bad = [], []
+    for fmt, ext in [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")]:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        data = buf.getvalue()
+        for cut in (20, len(data) // 2):
+            key = f"{ext}-cut{cut}"
+            members += [(f"{key}.{ext}", data[:cut]), (f"{key}.txt", b"a truncated picture.")]
+            expected_bad.append(key)
+        members += [(f"{ext}-whole.{ext}", data), (f"{ext}-whole.txt", b"a whole picture.")]
+    write_tar(tmp_path / "cut.tar", members)
+    cfg = load_mixture({"sources": [{"name": "p", "format": "pairs", "paths": "cut.tar"}]}, base_dir=tmp_path).sources[0]
+    goods, bads = [], []
+    for sample, bad in iter_source(cfg, proc):
+        (goods if sample is not None else bads).append(sample or bad)
+    assert [s["key"] for s in goods] == ["png-whole", "jpg-whole", "webp-whole"]
+    assert [b.reason for b in bads] == ["unreadable_image"] * len(expected_bad)
+    for bad, key in zip(bads, expected_bad):
+        assert bad.where == f"{tmp_path / 'cut.tar'}:{key} image" and "truncated or corrupt" in bad.detail, bad

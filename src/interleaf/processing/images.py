@@ -170,8 +170,8 @@ def _open_stream(stream, where: str, max_pixels: int, what: str) -> Image.Image:
             ) from e
         except UnidentifiedImageError as e:
             raise InputError(
-                f"{where}: {what} is not a recognised image (corrupt data or an unsupported format); "
-                "pass a valid PNG, JPEG, GIF, WebP, BMP or TIFF image"
+                f"{where}: {what} could not be read: not a recognised image (truncated or corrupt data, or an "
+                "unsupported format); pass a valid PNG, JPEG, GIF, WebP, BMP or TIFF image"
             ) from e
         except Exception as e:  # a header cut short or garbled: Pillow's plugins raise many types
             raise _undecodable(where, what, e) from e
