@@ -30,5 +30,9 @@ class CheckpointError(InterleafError, ValueError):
     """A checkpoint directory or file cannot be used. The message lists what is missing."""
 
 
+class TrainingError(InterleafError, RuntimeError):
+    """A training run cannot go on (e.g. the loss stayed non-finite). The message says how to resume."""
+
+
 class OfflineError(InterleafError, RuntimeError):
     """Something would need the network, which interleaf never uses unless asked."""

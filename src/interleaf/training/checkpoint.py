@@ -14,18 +14,39 @@ checkpoint of a frozen 7B LM to the size of its adapters. A fingerprint (count a
 of the frozen weights is stored and checked, so a changed base model is an error, not a silent
 drift.
 
+    manifest.json           the size and sha256 of every other file (written last)
+
 Writes are atomic: everything goes into ``.tmp-step-N`` in the same folder, which is renamed to
 ``step-N`` only once complete (``os.replace``). A process killed mid-write leaves a ``.tmp-*``
-folder, which :func:`list_checkpoints` ignores and the next save removes.
+folder, which :func:`list_checkpoints` ignores and the next save removes. A write that fails
+(a full disk, an I/O error) removes its ``.tmp-*`` folder and raises a :class:`CheckpointError`
+saying that the previous checkpoint is intact and how to resume; nothing older is pruned until a
+new checkpoint is complete.
+
+At resume, :func:`latest_checkpoint` checks the newest checkpoint against its manifest (sizes,
+then sha256) and falls back to the one before, naming the bad one and why; with none left it
+raises. ``checkpoint.keep_last`` (default 2) is how many complete checkpoints stay on disk: keep
+at least 2 so that a damaged newest one has a predecessor to fall back to.
+
+Fault injection (for tests): the environment variable ``INTERLEAF_FAULT=ACTION:POINT=STEP`` makes
+the process act when it reaches ``POINT`` at optimiser step ``STEP``. ``ACTION`` is ``kill``
+(SIGKILL itself, like ``kill -9``) or ``enospc`` (raise ``OSError(ENOSPC)``, like a full disk);
+``POINT`` is ``step`` (right after that step's optimiser update) or ``checkpoint.PHASE`` inside
+the checkpoint write, ``PHASE`` being one of :data:`CHECKPOINT_PHASES` (each names what is about to
+happen): e.g. ``kill:step=7``, ``kill:checkpoint.rename=4``, ``enospc:checkpoint.optimizer=6``.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +55,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CheckpointError
-from .distributed import DistState, barrier
+from ..errors import CheckpointError, ConfigError
+from .distributed import DistState, all_reduce_sum, barrier
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-REQUIRED = ("trainable.safetensors", "optimizer.pt", "trainer_state.json")
+MANIFEST = "manifest.json"
+REQUIRED = ("trainable.safetensors", "optimizer.pt", "trainer_state.json", MANIFEST)
+# Points inside save_checkpoint, in order; each names what is about to happen.
+CHECKPOINT_PHASES = ("rank_files", "weights", "optimizer", "trainer_state", "manifest", "rename", "prune", "done")
+FAULT_ENV = "INTERLEAF_FAULT"
+_FAULT_ACTIONS = ("kill", "enospc")
 
 
 def checkpoint_root(out: str | Path) -> Path:
@@ -58,9 +84,133 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _step_dirs(out: str | Path) -> list[tuple[int, Path]]:
+    """Every ``step-N`` folder, complete or not, oldest first."""
+    root = checkpoint_root(out)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def _main_process() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def latest_checkpoint(out: str | Path) -> Path | None:
-    found = list_checkpoints(out)
-    return found[-1] if found else None
+    """The newest checkpoint that matches its manifest, or ``None`` when there is no checkpoint.
+
+    A damaged newer one (a missing, truncated or altered file) is skipped with a warning naming it
+    and why; when checkpoints exist but none is intact this raises a :class:`CheckpointError`.
+    """
+    found = _step_dirs(out)
+    bad: list[str] = []
+    for _, path in reversed(found):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            if bad and _main_process():
+                print(f"warning: resuming from {path} instead of the newer damaged one: {'; '.join(bad)}",
+                      file=sys.stderr, flush=True)
+            return path
+        bad.append(f"{path} is unusable ({problem})")
+    if bad:
+        raise CheckpointError(
+            f"no intact checkpoint to resume from: {'; '.join(bad)}. Restore a copy of one of them, or start "
+            f"afresh by removing {checkpoint_root(out)} (or by training into another --out without --resume)"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _file_digest(path: Path, sync: bool = False) -> tuple[int, str]:
+    """``(size, sha256 hex)`` of a file; ``sync`` also flushes it to the disk."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return size, h.hexdigest()
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != MANIFEST:
+            size, digest = _file_digest(p, sync=True)
+            files[p.name] = {"size": size, "sha256": digest}
+    _write_json(folder / MANIFEST, {"format": 1, "step": step, "files": files})
+
+
+_VERIFIED: set[str] = set()  # checkpoints this process has checked in full (not hashed twice per resume)
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """``None`` when every file of the checkpoint matches its manifest, else what is wrong (one line)."""
+    p = Path(path)
+    manifest_path = p / MANIFEST
+    if not manifest_path.is_file():
+        return f"it has no {MANIFEST}, so it was not written completely by this version of interleaf"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} cannot be read ({e})"
+    unlisted = [n for n in REQUIRED if n != MANIFEST and n not in files]
+    if unlisted:
+        return f"{MANIFEST} does not list {', '.join(unlisted)}"
+    for name, entry in sorted(files.items()):
+        f = p / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != entry.get("size"):
+            return f"{name} has {size} bytes where the manifest says {entry.get('size')} (truncated or overwritten)"
+    for name, entry in sorted(files.items()):
+        try:
+            _, digest = _file_digest(p / name)
+        except OSError as e:
+            return f"{name} cannot be read ({e})"
+        if digest != entry.get("sha256"):
+            return f"{name} does not match its sha256 in the manifest (its content is corrupted)"
+    _VERIFIED.add(str(p.resolve()))
+    return None
+
+
+# --------------------------------------------------------------------------- fault injection (tests)
+
+
+def _parse_fault(spec: str) -> tuple[str, str, int]:
+    points = ("step", *(f"checkpoint.{p}" for p in CHECKPOINT_PHASES))
+    action, _, rest = spec.partition(":")
+    point, _, at = rest.partition("=")
+    if action not in _FAULT_ACTIONS or point not in points or not at.strip().isdigit():
+        raise ConfigError(
+            FAULT_ENV, f"cannot read {spec!r}",
+            f"write ACTION:POINT=STEP with ACTION one of {list(_FAULT_ACTIONS)} and POINT one of {list(points)}, "
+            "e.g. kill:step=7 or enospc:checkpoint.optimizer=4; unset it for a normal run",
+        )
+    return action, point, int(at)
+
+
+def fault_point(point: str, step: int, file: str | Path | None = None) -> None:
+    """Act on ``INTERLEAF_FAULT`` if it names this point and step (does nothing when it is unset)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    action, where, at = _parse_fault(spec)
+    if where != point or at != step:
+        return
+    if action == "kill":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None if file is None else str(file))
 
 
 # --------------------------------------------------------------------------- state pieces
@@ -192,35 +342,91 @@ def save_checkpoint(
     dist: DistState,
     keep_last: int | None = None,
 ) -> Path:
-    """Write ``OUT/checkpoints/step-N`` atomically (collective: every process calls it)."""
+    """Write ``OUT/checkpoints/step-N`` atomically (collective: every process calls it).
+
+    A write that fails on any process (``OSError``: a full disk, a lost mount) removes the
+    unfinished folder and raises a :class:`CheckpointError` on every process; the checkpoints
+    already on disk are untouched.
+    """
     root = checkpoint_root(out)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
+    previous = [p for n, p in _step_dirs(out) if n < step]
+    failure: OSError | None = None
     if dist.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            failure = e
     barrier(dist)
-    _write_json(tmp / f"rng_rank{dist.rank}.json", rng_state())
-    _write_json(tmp / f"data_rank{dist.rank}.json", data_state)
-    weights = trainable_state(model)
+    if failure is None and tmp.is_dir():
+        try:
+            fault_point("checkpoint.rank_files", step, tmp / f"rng_rank{dist.rank}.json")
+            _write_json(tmp / f"rng_rank{dist.rank}.json", rng_state())
+            _write_json(tmp / f"data_rank{dist.rank}.json", data_state)
+        except OSError as e:
+            failure = e
+    weights = trainable_state(model)  # collectives under FSDP: every process takes part, failed or not
     optim = optimizer_state(model, optimizer)
+    if dist.is_main and failure is None:
+        try:
+            fault_point("checkpoint.weights", step, tmp / "trainable.safetensors")
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            fault_point("checkpoint.optimizer", step, tmp / "optimizer.pt")
+            torch.save(optim, tmp / "optimizer.pt")
+            fault_point("checkpoint.trainer_state", step, tmp / "trainer_state.json")
+            _write_json(tmp / "trainer_state.json", {**trainer_state, "step": step, "world_size": dist.world_size})
+        except OSError as e:
+            failure = e
+    del weights, optim
+    _agree_or_fail(failure, dist, step, tmp, previous)  # every process's files are in place (or it raises)
     if dist.is_main:
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(optim, tmp / "optimizer.pt")
-        _write_json(tmp / "trainer_state.json", {**trainer_state, "step": step, "world_size": dist.world_size})
-    barrier(dist)
+        try:
+            fault_point("checkpoint.manifest", step, tmp / MANIFEST)
+            _write_manifest(tmp, step)
+            fault_point("checkpoint.rename", step, final)
+            if final.exists():  # a damaged checkpoint of this step, passed over at resume
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        except OSError as e:
+            failure = e
+    _agree_or_fail(failure, dist, step, tmp, previous)
     if dist.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        fault_point("checkpoint.prune", step)
         if keep_last is not None:
-            for old in list_checkpoints(out)[:-keep_last]:
+            # Only older ones are pruned, and only now that this one is complete; a damaged newer one
+            # left by an earlier run is replaced when the run reaches its step.
+            older = [p for n, p in _step_dirs(out) if n < step]
+            for old in older[: max(0, len(older) - (keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
+        fault_point("checkpoint.done", step)
     barrier(dist)
     return final
+
+
+def _agree_or_fail(failure: OSError | None, dist: DistState, step: int, tmp: Path, previous: list[Path]) -> None:
+    """Every process learns whether any write failed; if one did, clean up and raise everywhere."""
+    failed = all_reduce_sum(torch.tensor([0.0 if failure is None else 1.0]), dist)
+    if float(failed[0]) == 0:
+        return
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier(dist)
+    what = f"{failure}" if failure is not None else "another process failed to write its part"
+    intact = [p for p in previous if verify_checkpoint(p) is None] if dist.is_main else previous
+    if intact:
+        kept = (f"the previous checkpoint {intact[-1]} (step {int(_STEP_DIR.match(intact[-1].name).group(1))}) "
+                f"is intact, and `interleaf train CONFIG --resume` continues from it")
+    else:
+        kept = "there is no earlier checkpoint, so `interleaf train CONFIG --resume` starts again from step 0"
+    raise CheckpointError(
+        f"could not write the checkpoint of step {step} into {tmp} (process {dist.rank}): {what}. The unfinished "
+        f"folder was removed and {kept}. Free disk space in {tmp.parent} (or lower checkpoint.keep_last) and resume"
+    )
 
 
 def read_trainer_state(path: str | Path) -> dict:
@@ -240,6 +446,10 @@ def load_checkpoint(
     """Restore weights, optimizer and this process's RNG; returns ``(trainer_state, data_state)``."""
     p = Path(path)
     state = read_trainer_state(p)
+    if str(p.resolve()) not in _VERIFIED:
+        problem = verify_checkpoint(p)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {str(p)!r} is damaged: {problem}; resume from an earlier checkpoint")
     if state.get("world_size") != dist.world_size:
         raise CheckpointError(
             f"checkpoint {str(p)!r} was written by {state.get('world_size')} processes but this run has "
@@ -267,6 +477,6 @@ def load_checkpoint(
 
 
 __all__ = [
-    "checkpoint_root", "frozen_fingerprint", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
-    "read_trainer_state", "save_checkpoint",
+    "CHECKPOINT_PHASES", "checkpoint_root", "fault_point", "frozen_fingerprint", "latest_checkpoint", "list_checkpoints",
+    "load_checkpoint", "read_trainer_state", "save_checkpoint", "verify_checkpoint",
 ]

@@ -16,7 +16,8 @@ A stage YAML::
     z_loss: 0.0
     precision: fp32                   # fp32 | bf16 (autocast)
     gradient_checkpointing: false
-    checkpoint: {every: 500, keep_last: 2}
+    checkpoint: {every: 500, keep_last: 2}   # keep_last >= 2 leaves a fallback if the newest is damaged
+    max_nonfinite_steps: 3            # steps with a NaN/inf loss are skipped; this many in a row stop the run
     log_every: 10
     seed: 0
     out: runs/name
@@ -143,6 +144,8 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     every: int | None = None  # steps between checkpoints; None: only the final model
+    # Complete checkpoints kept on disk. With 2 or more, a newest one found damaged at resume has a
+    # predecessor to fall back to; with 1 there is none and resuming stops with an error.
     keep_last: int = 2
 
     @classmethod
@@ -236,6 +239,9 @@ class StageConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # A step whose loss or gradient norm is NaN or infinite (summed over every process) is skipped:
+    # no optimiser update, gradients dropped, counted in summary.json. This many in a row stop the run.
+    max_nonfinite_steps: int = 3
     log_every: int = 10
     seed: int = 0
     out: str = "runs/train"
@@ -316,6 +322,7 @@ def parse_stage(data: Any, *, base_dir: str | Path = ".", source: str | None = N
         precision=_choice(d.get("precision", "fp32"), "precision", PRECISIONS, where),
         gradient_checkpointing=gc,
         checkpoint=CheckpointConfig.parse(d.get("checkpoint"), where),
+        max_nonfinite_steps=_int(d.get("max_nonfinite_steps", 3), "max_nonfinite_steps", where),  # type: ignore[arg-type]
         log_every=_int(d.get("log_every", 10), "log_every", where),  # type: ignore[arg-type]
         seed=_int(d.get("seed", 0), "seed", where, low=0),  # type: ignore[arg-type]
         out=out,

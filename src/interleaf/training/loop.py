@@ -290,6 +290,9 @@ def train_stage(
     last_loss, last_rate = float("nan"), 0.0
     t_start = time.perf_counter()
     try:
+        resumed_state = state if latest is not None else {}
+        nonfinite_at: list[int] = [int(n) for n in resumed_state.get("nonfinite_steps", [])]  # skipped steps
+        nonfinite_run = int(resumed_state.get("nonfinite_in_a_row", 0))
         while step < stage.max_steps:
             lr = stage.optim.lr * lr_factor(step, stage.max_steps, stage.optim)
             set_lr(optimizer, lr)
@@ -299,6 +302,7 @@ def train_stage(
             den = float(all_reduce_sum(torch.tensor([local_den], dtype=torch.float64), dist)[0])
             den = max(den, 1e-12)
             totals = torch.zeros(4, dtype=torch.float64)  # weighted CE, weighted Z^2, tokens, trained tokens
+            step_window: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
             for j, b in enumerate(batches):
                 with _no_sync(wrapped, j == len(batches) - 1), autocast:
                     out_ = wrapped(
@@ -314,14 +318,24 @@ def train_stage(
                     dtype=torch.float64,
                 )
                 for src, c, n in zip((x.get("source", "data") for x in raw[j]), ce_rows.detach().tolist(), counts.tolist()):
+                    step_window[src][0] += c
+                    step_window[src][1] += n
+            # The decision to update rests on the loss summed over every process, so all agree.
+            totals = all_reduce_sum(totals, dist)
+            step_loss = float((totals[0] + stage.z_loss * totals[1]) / den)
+            grad_norm = _grad_norm(params, stage.optim.clip_grad_norm) if math.isfinite(step_loss) else math.nan
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+                last_loss, nonfinite_run = step_loss, 0
+                for src, (c, n) in step_window.items():
                     window[src][0] += c
                     window[src][1] += n
-            grad_norm = _grad_norm(params, stage.optim.clip_grad_norm)
-            optimizer.step()
+            else:  # skip the update: no optimiser step, gradients dropped
+                nonfinite_at.append(step + 1)
+                nonfinite_run += 1
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            totals = all_reduce_sum(totals, dist)
-            last_loss = float((totals[0] + stage.z_loss * totals[1]) / den)
             z_mean = float(totals[1] / den)
             tokens_seen += int(totals[2])
             trained_seen += int(totals[3])
@@ -336,16 +350,25 @@ def train_stage(
                     "z_loss": z_mean, "tokens_seen": tokens_seen, "samples_seen": samples_seen,
                     "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                 }
+                if not finite:  # JSON has no NaN: the loss of a skipped step is null
+                    record.update(loss=None, grad_norm=None, z_loss=None, skipped=_nonfinite_what(step_loss, grad_norm))
                 if per_source:
                     record["loss_by_source"] = per_source
                 logger.log(record)
                 last_rate = rate
             logger.step({"loss": last_loss, "tok/s": round(last_rate)})
+            if not finite and dist.is_main:
+                logger.write(f"step {step}: {_nonfinite_what(step_loss, grad_norm)}; the step was skipped "
+                             f"({nonfinite_run} in a row, the limit is max_nonfinite_steps: {stage.max_nonfinite_steps})")
+            if nonfinite_run >= stage.max_nonfinite_steps:
+                raise _nonfinite_stop(stage, nonfinite_at[-nonfinite_run:], step_loss, grad_norm, out)
+            ckpt.fault_point("step", step)
             if stage.checkpoint.every and step % stage.checkpoint.every == 0:
                 trainer_state = {
                     "stage": stage.name, "tokens_seen": tokens_seen, "trained_tokens_seen": trained_seen,
                     "samples_seen": samples_seen, "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                     "loss": last_loss, "frozen_fingerprint": fingerprint, "config": stage.to_dict(),
+                    "nonfinite_steps": nonfinite_at, "nonfinite_in_a_row": nonfinite_run,
                 }
                 ckpt.save_checkpoint(
                     out, step, model=inner, optimizer=optimizer, trainer_state=trainer_state,
@@ -359,6 +382,7 @@ def train_stage(
             "final_loss": last_loss, "tokens_seen": tokens_seen, "trained_tokens_seen": trained_seen,
             "samples_seen": samples_seen, "trainable_parameters": n_trainable, "processes": dist.world_size,
             "bad_samples": bad.get("bad", {}), "samples_read_by_source": bad.get("seen", {}), "final_model": str(final),
+            "nonfinite_steps": len(nonfinite_at), "nonfinite_at": nonfinite_at[:100],
         }
         if dist.is_main:
             write_summary(out, summary)
@@ -385,7 +409,31 @@ def _summary_text(s: dict) -> str:
     bad = s.get("bad_samples") or {}
     if bad:
         lines.append("bad samples skipped: " + "; ".join(f"{src}: " + ", ".join(f"{r} {n}" for r, n in reasons.items()) for src, reasons in bad.items()))
+    if s.get("nonfinite_steps"):
+        at = s.get("nonfinite_at") or []
+        more = ", ..." if s["nonfinite_steps"] > len(at) else ""
+        lines.append(f"steps skipped for a non-finite loss or gradient: {s['nonfinite_steps']} (at step "
+                     + ", ".join(str(n) for n in at) + more + ")")
     return "\n".join(lines)
+
+
+def _nonfinite_what(loss: float, grad_norm: float) -> str:
+    return f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+
+
+def _nonfinite_stop(stage: StageConfig, steps: list[int], loss: float, grad_norm: float, out: Path) -> Exception:
+    """The error that ends a run after ``max_nonfinite_steps`` skipped steps in a row."""
+    from ..errors import TrainingError
+
+    latest = ckpt.list_checkpoints(out)
+    resume = (f"the latest checkpoint is {latest[-1]}" if latest else "there is no checkpoint yet")
+    return TrainingError(
+        f"stage {stage.name!r}: {len(steps)} steps in a row had a non-finite loss or gradient (steps "
+        f"{', '.join(str(n) for n in steps)}; the last: {_nonfinite_what(loss, grad_norm)}), the limit set by "
+        f"max_nonfinite_steps: {stage.max_nonfinite_steps}; these steps did not change the weights. Lower optim.lr, "
+        f"set optim.clip_grad_norm, use precision: fp32, or check the samples read at these steps; {resume}, "
+        f"which `interleaf train CONFIG --resume` continues from (raise max_nonfinite_steps to tolerate more)"
+    )
 
 
 # --------------------------------------------------------------------------- recipes
