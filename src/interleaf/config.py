@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,10 @@ def read_yaml_file(path: str | Path, field: str, hint: str) -> Any:
         return yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(field, f"{str(p)!r} is not valid YAML ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(field, f"{str(p)!r} is not UTF-8 text ({e})", "save the YAML file as UTF-8") from e
+    except RecursionError as e:
+        raise ConfigError(field, f"{str(p)!r} nests too deeply to read", "write a flatter YAML file") from e
 
 
 def _check_positive(section: str, obj: Any, *names: str) -> None:
@@ -42,6 +47,39 @@ def _check_positive(section: str, obj: Any, *names: str) -> None:
         value = getattr(obj, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{section}.{name}", f"must be a positive integer, got {value!r}")
+
+
+def _check_int(section: str, obj: Any, name: str, allow_none: bool = False) -> None:
+    value = getattr(obj, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{section}.{name}", f"must be an integer{' or null' if allow_none else ''}, got {value!r}")
+
+
+def _check_bool(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{section}.{name}", f"must be true or false, got {value!r}")
+
+
+def _check_number(section: str, obj: Any, name: str, low: float, open_low: bool = False) -> float:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{section}.{name}", f"must be a finite number, got {value!r}")
+    if value < low or (open_low and value == low):
+        raise ConfigError(f"{section}.{name}", f"must be {'>' if open_low else '>='} {low}, got {value!r}")
+    return float(value)
+
+
+def _three_numbers(section: str, name: str, value: Any) -> tuple[float, float, float]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value
+    )
+    if not ok:
+        raise ConfigError(f"{section}.{name}", f"needs three finite numbers (R, G, B), got {value!r}")
+    return tuple(float(x) for x in value)  # type: ignore[return-value]
 
 
 def _check_choice(section: str, obj: Any, name: str, choices: tuple) -> None:
@@ -93,10 +131,10 @@ class VisionConfig:
     def __post_init__(self):
         _check_choice("vision", self, "kind", ("builtin", "clip", "siglip"))
         _check_choice("vision", self, "resize", ("shortest_edge_crop", "squash"))
-        self.image_mean = tuple(float(x) for x in self.image_mean)
-        self.image_std = tuple(float(x) for x in self.image_std)
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ConfigError("vision.image_mean", "image_mean and image_std need three values (R, G, B)")
+        _check_bool("vision", self, "conv_stem", "drop_cls_token", "post_layernorm")
+        _check_int("vision", self, "feature_layer")
+        self.image_mean = _three_numbers("vision", "image_mean", self.image_mean)
+        self.image_std = _three_numbers("vision", "image_std", self.image_std)
         if any(s <= 0 for s in self.image_std):
             raise ConfigError("vision.image_std", f"must be positive, got {self.image_std}")
         if self.kind == "builtin":
@@ -117,10 +155,12 @@ class VisionConfig:
                     f"a '{self.kind}' tower needs its transformers vision config as a dict",
                     "pass vision=<local directory> to interleaf.build, or a CLIPVisionConfig().to_dict()",
                 )
-            self.image_size = int(self.hf_config.get("image_size", self.image_size))
-            self.patch_size = int(self.hf_config.get("patch_size", self.patch_size))
-            self.width = int(self.hf_config.get("hidden_size", self.width))
-            self.layers = int(self.hf_config.get("num_hidden_layers", self.layers))
+            for name, key in (("image_size", "image_size"), ("patch_size", "patch_size"), ("width", "hidden_size"),
+                              ("layers", "num_hidden_layers")):
+                value = self.hf_config.get(key, getattr(self, name))
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise ConfigError(f"vision.hf_config.{key}", f"must be a positive integer, got {value!r}")
+                setattr(self, name, value)
             if not -self.layers - 1 <= self.feature_layer <= self.layers:
                 raise ConfigError(
                     "vision.feature_layer",
@@ -148,6 +188,7 @@ class ResamplerConfig:
     def __post_init__(self):
         _check_positive("resampler", self, "depth", "num_latents", "heads", "head_dim", "ff_mult")
         _check_choice("resampler", self, "activation", ("gelu", "relu"))
+        _check_bool("resampler", self, "enabled", "qk_norm")
 
 
 @dataclass
@@ -178,8 +219,11 @@ class CrossAttentionConfig:
         _check_choice("cross_attention", self, "ffn", ("gated", "plain"))
         _check_choice("cross_attention", self, "gate_init", ("zeros", "ones", "normal"))
         _check_choice("cross_attention", self, "gate_shape", ("scalar", "vector"))
-        if self.gate_init_std < 0:
-            raise ConfigError("cross_attention.gate_init_std", f"must be >= 0, got {self.gate_init_std}")
+        self.gate_init_std = _check_number("cross_attention", self, "gate_init_std", 0.0)
+        self.norm_eps = _check_number("cross_attention", self, "norm_eps", 0.0, open_low=True)
+        _check_bool("cross_attention", self, "qk_norm", "ffn_without_image")
+        if not isinstance(self.activation, str) or not self.activation:
+            raise ConfigError("cross_attention.activation", f"must be an activation name (e.g. silu), got {self.activation!r}")
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
@@ -229,6 +273,10 @@ class TokensConfig:
         for name in ("image_token", "end_of_chunk_token", "fake_image_token", "end_of_utterance_token"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"tokens.{name}", "must be a non-empty string")
+        _check_bool("tokens", self, "add_end_of_utterance")
+        for name in ("extra_start", "image_token_id"):
+            _check_int("tokens", self, name, allow_none=True)
+        _check_int("tokens", self, "num_extra")
 
     def required_tokens(self) -> list[str]:
         """Special tokens this prompt format needs in the vocabulary."""
@@ -279,7 +327,7 @@ class InterleafConfig(PreTrainedConfig):
             raise ConfigError("fusion", f"must be one of {list(FUSIONS)}, got {fusion!r}")
         if freeze not in FREEZE_POLICIES:
             raise ConfigError("freeze", f"must be one of {list(FREEZE_POLICIES)}, got {freeze!r}")
-        if not isinstance(z_loss, (int, float)) or z_loss < 0:
+        if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
             raise ConfigError("z_loss", f"must be a number >= 0, got {z_loss!r}")
         self.fusion = fusion
         self.freeze = freeze

@@ -286,7 +286,14 @@ def load_llava(path: str | Path) -> list[LlavaRecord]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"LLaVA file {str(path)!r} does not exist; check the source's paths")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"LLaVA file {str(path)!r} is not UTF-8 text ({e}); save it as UTF-8 JSON or JSON lines"
+        ) from e
+    except OSError as e:
+        raise InputError(f"LLaVA file {str(path)!r} cannot be read ({e}); check its permissions") from e
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -365,7 +372,8 @@ def parse_conversation(
     messages: list[dict] = []
     placeholders = 0
     for t, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES or not isinstance(turn.get("value"), str):
+        role = turn.get("from") if isinstance(turn, dict) else None
+        if not isinstance(role, str) or role not in LLAVA_ROLES or not isinstance(turn.get("value"), str):
             raise BadSample(
                 "malformed_json", f"{where} turn {t}",
                 f"a turn is {{'from': one of {sorted(LLAVA_ROLES)}, 'value': str}}, got {str(turn)[:80]}",

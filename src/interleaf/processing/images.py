@@ -90,7 +90,12 @@ def to_rgb(img: Image.Image, *, where: str = "image") -> Image.Image:
     if mode == "RGB":
         return img
     if mode in _TRANSPARENT_MODES or "transparency" in img.info:
-        rgba = img.convert("RGBA")
+        try:
+            rgba = img.convert("RGBA")
+        except ValueError as e:  # a mode Pillow cannot convert (e.g. "La")
+            raise InputError(
+                f"{where}: cannot convert an image of mode {mode!r} to RGB ({e}); save it as PNG or JPEG first"
+            ) from e
         background = Image.new("RGBA", rgba.size, _WHITE)
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode in _SIXTEEN_BIT_MODES:
