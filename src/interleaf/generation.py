@@ -5,12 +5,13 @@ Shared by the command line, the chat REPL and the server so they build prompts t
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from .errors import InputError
 
@@ -70,33 +71,61 @@ def generate_text(
         text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         yield StopTrimmer(stop).feed(text, final=True)[0]
         return
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    trimmer = StopTrimmer(stop)
+    with contextlib.closing(stream_generate(model, processor.tokenizer, inputs, kwargs)) as pieces:
+        for piece in pieces:
+            text, done = trimmer.feed(piece)
+            if text:
+                yield text
+            if done:
+                return  # leaving the block cancels generation and waits for its thread
+    text, _ = trimmer.feed("", final=True)
+    if text:
+        yield text
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops every row of a ``generate`` call once ``event`` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_generate(model, tokenizer, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Iterator[str]:
+    """``model.generate(**inputs, **kwargs)`` in a thread this generator owns; yields the new text as it comes.
+
+    The thread lives exactly as long as the iteration: when the consumer stops early (``close()``,
+    ``break`` inside ``contextlib.closing``, an exception, garbage collection), generation is
+    cancelled at its next decoding step and the thread is joined before control returns. An
+    exception raised by ``generate`` is raised here, in the consumer's thread.
+    """
+    cancel = threading.Event()
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(kwargs)
+    stopping = StoppingCriteriaList([*(kwargs.pop("stopping_criteria", None) or []), _Cancelled(cancel)])
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            model.generate(**inputs, **kwargs, streamer=streamer)
-        except BaseException as e:  # surfaced in the caller's thread below
+            model.generate(**inputs, **kwargs, streamer=streamer, stopping_criteria=stopping)
+        except BaseException as e:  # noqa: BLE001 (raised again in the consumer's thread)
             errors.append(e)
             streamer.end()
 
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=run, name="interleaf-generate", daemon=True)
     thread.start()
-    trimmer = StopTrimmer(stop)
-    done = False
-    for piece in streamer:
-        if done:
-            continue  # drain: generation stops by itself at the stop string
-        text, done = trimmer.feed(piece)
-        if text:
-            yield text
-    if not done:
-        text, _ = trimmer.feed("", final=True)
-        if text:
-            yield text
-    thread.join()
-    if errors:
-        raise errors[0]
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+        if errors:
+            raise errors[0]
+    finally:
+        cancel.set()
+        thread.join()
 
 
 class StopTrimmer:

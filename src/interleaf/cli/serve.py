@@ -11,7 +11,7 @@ import typer
 def serve_cmd(
     model: str = typer.Option(..., "--model", "-m", help="A saved model directory or a preset name."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
-    port: int = typer.Option(8000, min=0, max=65535),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to bind; 0 lets the system choose (the bound port is printed)."),
     api_key: Optional[str] = typer.Option(
         None, envvar="INTERLEAF_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (env INTERLEAF_API_KEY)."
     ),
@@ -25,6 +25,10 @@ def serve_cmd(
     max_image_pixels: int = typer.Option(16_000_000, min=1, help="Most pixels (width x height) per image."),
     max_prompt_tokens: int = typer.Option(4096, min=1),
     max_completion_tokens: int = typer.Option(512, min=1, help="Most (and default) new tokens per answer."),
+    shutdown_timeout: float = typer.Option(
+        10.0, min=0.1, help="On SIGTERM/SIGINT: cancel running requests and exit within this many seconds."),
+    stall_timeout: float = typer.Option(
+        120.0, min=0.1, help="A worker that holds work but makes no progress this long is reported stuck (/health 503)."),
     seed: Optional[int] = typer.Option(None, help="Seed for a preset's random weights."),
     log_level: str = typer.Option("info"),
 ) -> None:
@@ -43,12 +47,16 @@ def serve_cmd(
         m, p, model_name=name, api_key=api_key or None, limits=limits,
         url_policy=URLPolicy.from_options(allow_urls, allowed_hosts),
         max_batch_size=max_batch_size, max_queue=max_queue,
+        stall_timeout_s=stall_timeout, shutdown_timeout_s=shutdown_timeout,
     )
     if not api_key and not _is_loopback(host):
         typer.secho(f"warning: serving on {host} without an API key; anyone who reaches it can use it "
                     "(set --api-key or INTERLEAF_API_KEY)", err=True, fg=typer.colors.YELLOW)
-    typer.echo(f"serving {name!r} on http://{host}:{port} (playground at /, API at /v1)", err=True)
-    serve(app, host=host, port=port, log_level=log_level)
+
+    def started(bound_host: str, bound_port: int) -> None:
+        typer.echo(f"serving {name!r} on http://{bound_host}:{bound_port} (playground at /, API at /v1)", err=True)
+
+    serve(app, host=host, port=port, log_level=log_level, on_started=started)
 
 
 def _is_loopback(host: str) -> bool:

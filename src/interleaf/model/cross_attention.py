@@ -92,6 +92,12 @@ class MediaCache:
     def latents_per_image(self) -> int:
         return self.latents.shape[2]
 
+    def select(self, rows: torch.Tensor) -> "MediaCache":
+        """The cache of the given rows only (``rows``: (R,) long indices), projected keys and values included."""
+        rows = rows.to(self.latents.device)
+        kv = {block: (k[rows.to(k.device)], v[rows.to(v.device)]) for block, (k, v) in self.kv.items()}
+        return MediaCache(latents=self.latents[rows], num_images=self.num_images[rows.to(self.num_images.device)], kv=kv)
+
     def row_index(self, running_rows: int) -> torch.Tensor | None:
         """Map a running batch (expanded by beams) to cache rows; None when it is the same."""
         if running_rows == self.rows:

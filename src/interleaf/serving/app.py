@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError, OfflineError
 from ..processing.images import load_image
-from .batcher import Batcher, Job, QueueFull, Sampling, ServerClosed
+from .batcher import Batcher, Job, QueueFull, Sampling, ServerClosed, WorkerUnavailable
 from .limits import ServeLimits, URLPolicy, fetch_image_url
 from .schemas import (
     ChatCompletionRequest,
@@ -189,25 +189,39 @@ def create_app(
     max_batch_size: int = 8,
     max_queue: int = 64,
     round_tokens: int = 8,
+    stall_timeout_s: float = 120.0,
+    shutdown_timeout_s: float = 10.0,
 ) -> FastAPI:
-    """The FastAPI app serving ``model`` as ``model_name``; its batcher starts now, stops at shutdown."""
+    """The FastAPI app serving ``model`` as ``model_name``.
+
+    Its batching worker runs for the app's lifespan: it starts when the server starts and is stopped
+    (queued and running requests cancelled, the worker awaited for at most ``shutdown_timeout_s``)
+    when the server shuts down. ``/health`` answers 503 while the worker is dead, or holds work but
+    made no progress for ``stall_timeout_s``; new requests then fail at once with 503.
+    """
     limits = limits or ServeLimits()
     policy = url_policy or URLPolicy()
+    if shutdown_timeout_s <= 0:
+        raise InputError(f"shutdown_timeout_s must be positive, got {shutdown_timeout_s!r}")
     lock = threading.Lock()
     processor.max_images = limits.max_images
     processor.max_pixels = limits.max_image_pixels
     batcher = Batcher(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
-                      round_tokens=round_tokens, tokenizer_lock=lock).start()
+                      round_tokens=round_tokens, stall_timeout_s=stall_timeout_s, tokenizer_lock=lock)
     service = ChatService(model, processor, model_name, limits, policy, lock)
     key = api_key.encode() if api_key else None
 
     async def lifespan(app: FastAPI):
-        yield
-        batcher.stop()
+        batcher.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(batcher.stop, shutdown_timeout_s)
 
     app = FastAPI(title="interleaf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
     app.state.service = service
+    app.state.shutdown_timeout_s = shutdown_timeout_s
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -237,8 +251,13 @@ def create_app(
                            code="invalid_api_key")
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": model_name, "queued": batcher.pending, "running": batcher.active_rows}
+    async def health():
+        ok, why = batcher.health()
+        body = {"status": "ok" if ok else "unavailable", "model": model_name, "queued": batcher.pending,
+                "running": batcher.active_rows, "rounds_failed": batcher.rounds_failed}
+        if not ok:
+            body["reason"] = why
+        return JSONResponse(body, 200 if ok else 503)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -285,6 +304,8 @@ def create_app(
             raise APIError(429, f"the server is busy: {e}", code="queue_full") from e
         except ServerClosed as e:
             raise APIError(503, str(e), code="shutting_down") from e
+        except WorkerUnavailable as e:
+            raise APIError(503, f"the server cannot run requests now: {e}", code="worker_unavailable") from e
         except ValueError as e:  # n larger than the batch
             raise APIError(400, str(e), "n") from e
         prompt_tokens = len(prepared.input_ids)
@@ -297,6 +318,7 @@ def create_app(
         texts = [""] * req.n
         reasons: list[str | None] = [None] * req.n
         completion_tokens = 0
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job, events))
         try:
             while any(r is None for r in reasons):
                 event = await events.get()
@@ -305,10 +327,13 @@ def create_app(
                 elif event[0] == "finish":
                     reasons[event[1]] = event[2]
                     completion_tokens += event[3]
+                elif event[0] == "gone":
+                    return Response(status_code=499)  # nobody reads it: the client closed the connection
                 else:
                     raise _job_error(event[1])
         finally:
-            job.cancel()
+            job.cancel()  # complete, failed, or the client went away: free its rows
+            watcher.cancel()
         choices = [
             {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i],
              "logprobs": None}
@@ -330,12 +355,25 @@ def create_app(
     return app
 
 
+async def _cancel_on_disconnect(request: Request, job: Job, events: asyncio.Queue) -> None:
+    """When the client disconnects, cancel ``job`` and wake its handler (the body has been read, so
+    the next ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            events.put_nowait(("gone",))
+            return
+
+
 def _job_error(error: BaseException) -> APIError:
     if isinstance(error, ServerClosed):
         return APIError(503, str(error), code="shutting_down")
+    if isinstance(error, WorkerUnavailable):
+        return APIError(503, str(error), code="worker_unavailable")
     if isinstance(error, (InputError, OfflineError)):
         return APIError(400, str(error))
-    return APIError(500, f"generation failed ({type(error).__name__}: {error})")
+    return APIError(500, f"generation failed ({type(error).__name__}: {error}); see the server log", code="generation_failed")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -389,12 +427,50 @@ async def _stream(job: Job, events: asyncio.Queue, n: int, model_name: str, prom
         job.cancel()  # the client went away, or the answer is complete: free its rows
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, which also cancels the app's batching work as soon as shutdown begins.
+
+    Without this, uvicorn would first wait for the open requests to finish, which a stopped or
+    stuck worker never does. ``on_started(host, port)`` is called with the bound port (``port=0``
+    lets the system choose one).
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "info",
+                 on_started=None):
+        self.app = app
+        self.timeout_s = float(getattr(app.state, "shutdown_timeout_s", 10.0))
+        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                        timeout_graceful_shutdown=self.timeout_s))
+        self.on_started = on_started
+        self.bound_port: int | None = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.servers and self.servers[0].sockets:
+            self.bound_port = self.servers[0].sockets[0].getsockname()[1]
+        if self.on_started is not None and self.started:
+            self.on_started(self.config.host, self.bound_port)
+
+    async def shutdown(self, sockets=None) -> None:
+        start = time.monotonic()
+        batcher = getattr(self.app.state, "batcher", None)
+        if batcher is not None:
+            batcher.shutdown(self.timeout_s)  # the worker stops at its next step; its requests get 503
+            if not await asyncio.to_thread(batcher.wait, self.timeout_s / 2):
+                answered = batcher.abandon()  # a worker stuck in a model call: answer its requests for it
+                log.warning("the batching worker is still running after %.1f s; answered its %d request(s) with 503",
+                            time.monotonic() - start, answered)
+        self.config.timeout_graceful_shutdown = max(0.1, self.timeout_s - (time.monotonic() - start))
+        await super().shutdown(sockets)
+
+
 class ServerThread:
     """Run an app with uvicorn in a background thread (tests, notebooks): ``with ServerThread(app) as s: s.url``."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         self.host = host
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+        self.app = app
+        self.server = Server(app, host=host, port=port, log_level=log_level)
         self.thread = threading.Thread(target=self.server.run, name="interleaf-server", daemon=True)
         self.port = port
 
@@ -409,12 +485,14 @@ class ServerThread:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start on {self.host}:{self.port}")
             time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.port = self.server.bound_port
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Shut down; True when the server thread ended within ``timeout`` (default: the app's shutdown timeout + 5 s)."""
         self.server.should_exit = True
-        self.thread.join(timeout)
+        self.thread.join(timeout if timeout is not None else self.server.timeout_s + 5)
+        return not self.thread.is_alive()
 
     def __enter__(self) -> "ServerThread":
         return self.start()
@@ -423,6 +501,6 @@ class ServerThread:
         self.stop()
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve ``app`` in the foreground until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", on_started=None) -> None:
+    """Serve ``app`` in the foreground until SIGINT/SIGTERM; shutdown takes at most the app's shutdown timeout."""
+    Server(app, host=host, port=port, log_level=log_level, on_started=on_started).run()

@@ -30,6 +30,22 @@ under concurrent load; in half precision on a GPU, as with any batched inference
 can change the last bits of a logit). The price of never merging cohorts is throughput: requests
 that arrive at different moments run as separate ``generate`` calls, interleaved round by round.
 Seeded sampling keeps its own random state per cohort, so a ``seed`` reproduces an answer.
+
+Failure is contained by design:
+
+- An exception while preparing or running a cohort (a model error, a bad tensor, a bug in the
+  bookkeeping) fails the requests of that cohort only: each gets an ``("error", exc)`` event (the
+  server answers HTTP 500), the traceback is logged, the cohort and its caches are dropped, and the
+  worker carries on with the others.
+- If the worker thread ends anyway, it fails every request it holds on its way out; from then on
+  :meth:`Batcher.health` reports it dead and :meth:`Batcher.submit` raises
+  :class:`WorkerUnavailable` at once instead of queueing work nobody will do. A worker that has
+  had work but made no progress (no decoding step) for ``stall_timeout_s`` is reported stuck the
+  same way, until it makes progress again.
+- :meth:`Batcher.shutdown` refuses new work and asks the worker to stop: a running ``generate``
+  ends at its next decoding step, and every queued or running request gets
+  :class:`ServerClosed`. :meth:`Batcher.stop` then waits for the worker until a deadline and
+  logs (and returns ``False``) when it could not.
 """
 
 from __future__ import annotations
@@ -56,6 +72,10 @@ class QueueFull(RuntimeError):
 
 class ServerClosed(RuntimeError):
     """The batcher is shutting down."""
+
+
+class WorkerUnavailable(RuntimeError):
+    """The worker thread is not running (never started, or died) or is stuck: new work would hang."""
 
 
 @dataclass(frozen=True)
@@ -132,13 +152,15 @@ class _RowStreamer(BaseStreamer):
 
 
 class _RowsDone(StoppingCriteria):
-    """Tells ``generate`` which rows of the cohort are finished (by our own rules)."""
+    """Tells ``generate`` which rows of the cohort are finished (by our own rules); all of them at shutdown."""
 
-    def __init__(self, rows: list[_Row]):
+    def __init__(self, rows: list[_Row], stopping: Callable[[], bool]):
         self.rows = rows
+        self.stopping = stopping
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
+        stop = self.stopping()
+        return torch.tensor([stop or r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 class _Cohort:
@@ -184,10 +206,12 @@ class _Cohort:
         self.attention_mask = self.attention_mask[index]
         self.cache.batch_select_indices(index)
         if self.media is not None:
-            m = self.media
-            m.latents = m.latents[index]
-            m.num_images = m.num_images[index.to(m.num_images.device)]
-            m.kv = [(k[index], v[index]) for k, v in m.kv]
+            self.media = self.media.select(index)
+
+    @property
+    def jobs(self) -> list[Job]:
+        """The jobs with a row still running (each once)."""
+        return list({id(r.job): r.job for r in self.rows if not r.done}.values())
 
 
 def _rng_devices(device: torch.device) -> list:
@@ -216,16 +240,20 @@ class Batcher:
         max_queue: int = 64,
         round_tokens: int = 8,
         batch_wait_s: float = 0.005,
+        stall_timeout_s: float = 120.0,
         tokenizer_lock: threading.Lock | None = None,
     ):
         if max_batch_size < 1 or max_queue < 1 or round_tokens < 1:
             raise ValueError("max_batch_size, max_queue and round_tokens must be at least 1")
+        if stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be positive")
         self.model = model
         self.processor = processor
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.round_tokens = round_tokens
         self.batch_wait_s = batch_wait_s
+        self.stall_timeout_s = stall_timeout_s
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         base = generation_kwargs(processor, max_new_tokens=1)
         self.pad_id: int = base["pad_token_id"]
@@ -234,33 +262,95 @@ class Batcher:
         self._cond = threading.Condition()
         self._active: list[_Cohort] = []
         self._stopping = False
+        self._deadline: float | None = None  # when shutdown must be over
         self._thread: threading.Thread | None = None
+        self._working = False  # the worker holds work (admitting or running cohorts)
+        self._beat = time.monotonic()  # the worker's last sign of progress
+        self.death: str | None = None  # why the worker ended unexpectedly
+        # Called with the cohort's jobs before each round (tests use it to make a round fail or stall).
+        self.round_hook: Callable[[list[Job]], None] | None = None
         self.batches_run = 0  # rounds run, for tests and metrics
+        self.rounds_failed = 0
         self.max_rows_seen = 0
         self.rows_cancelled = 0  # rows dropped because their client went away
 
     # -- public --
     def start(self) -> "Batcher":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="interleaf-batcher", daemon=True)
-            self._thread.start()
+        with self._cond:
+            if self._thread is None and not self._stopping:
+                self._beat = time.monotonic()
+                self._thread = threading.Thread(target=self._run, name="interleaf-batcher", daemon=True)
+                self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def health(self) -> tuple[bool, str]:
+        """(ok, why not): the worker is running and, if it holds work, made progress recently."""
+        if self._stopping:
+            return False, "the server is shutting down"
+        if self._thread is None:
+            return False, "the batching worker has not been started"
+        if not self._thread.is_alive():
+            return False, f"the batching worker stopped unexpectedly ({self.death or 'unknown cause'})"
+        idle = time.monotonic() - self._beat
+        if self._working and idle > self.stall_timeout_s:
+            return False, f"the batching worker made no progress for {idle:.0f} s (stall timeout {self.stall_timeout_s:g} s)"
+        return True, "ok"
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Refuse new work, cancel queued and running work; the worker must be gone ``timeout`` s from now."""
         with self._cond:
+            if self._deadline is None:
+                self._deadline = time.monotonic() + timeout
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+            worker_alive = self._thread is not None and self._thread.is_alive()
+            orphans = [] if worker_alive else list(self._pending)
+            if not worker_alive:
+                self._pending.clear()
+        for job in orphans:  # nobody else will answer them
+            job.emit(("error", ServerClosed("the server is shutting down")))
+
+    def wait(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` s for the worker thread to end; True when it is not running."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(max(0.0, timeout))
+        return thread is None or not thread.is_alive()
+
+    def abandon(self) -> int:
+        """Answer every request still held with :class:`ServerClosed`, for a worker that does not stop
+        in time (its model call goes on, but nobody waits for it); returns how many were answered."""
+        jobs = self.jobs
+        with self._cond:
+            self._pending.clear()
+        for job in jobs:
+            job.emit(("error", ServerClosed("the server is shutting down")))
+            job.cancel()
+        return len(jobs)
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Shut down and wait for the worker (until the shutdown deadline); False, logged, if it is still running."""
+        self.shutdown(timeout)
+        if self._thread is None:
+            return True
+        if not self.wait((self._deadline or 0.0) - time.monotonic()):
+            self.abandon()
+            log.error("the batching worker did not stop within the shutdown timeout (a model call is still running "
+                      "for %d row(s)); exiting without it", self.active_rows)
+            return False
+        return True
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; raises :class:`QueueFull` when ``max_queue`` jobs are already waiting."""
+        """Queue ``job``; raises :class:`QueueFull` when ``max_queue`` jobs are already waiting,
+        :class:`ServerClosed` during shutdown and :class:`WorkerUnavailable` when no healthy worker would run it."""
         if job.n > self.max_batch_size:
             raise ValueError(f"n={job.n} is more than the server's max batch size {self.max_batch_size}")
         with self._cond:
             if self._stopping:
                 raise ServerClosed("the server is shutting down")
+            ok, why = self.health()
+            if not ok:
+                raise WorkerUnavailable(why)
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry shortly")
             self._pending.append(job)
@@ -274,11 +364,39 @@ class Batcher:
     def active_rows(self) -> int:
         return sum(len(c.rows) for c in self._active)
 
+    @property
+    def jobs(self) -> list[Job]:
+        """Every job held: queued, or with rows in the running batches (a snapshot)."""
+        with self._cond:
+            queued = list(self._pending)
+        return queued + [job for cohort in list(self._active) for job in cohort.jobs]
+
     # -- the worker --
+    def _run(self) -> None:
+        """The worker thread: the loop, and on any way out, an answer for every request still held."""
+        error: BaseException = ServerClosed("the server is shutting down")
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 (a bug in the loop itself: report it to everyone waiting)
+            log.exception("the batching worker stopped unexpectedly")
+            self.death = f"{type(e).__name__}: {e}"
+            error = WorkerUnavailable(f"the batching worker stopped unexpectedly ({self.death})")
+        finally:
+            with self._cond:
+                jobs = list(self._pending)
+                self._pending.clear()
+            for cohort in self._active:
+                jobs += cohort.jobs
+            self._active = []
+            self._working = False
+            for job in jobs:
+                job.emit(("error", error))
+
     def _loop(self) -> None:
         while True:
             with self._cond:
                 if not self._active:
+                    self._working = False
                     while not self._pending and not self._stopping:
                         self._cond.wait()
                     deadline = time.monotonic() + self.batch_wait_s
@@ -288,19 +406,15 @@ class Batcher:
                             break
                         self._cond.wait(left)
                 if self._stopping:
-                    jobs = list(self._pending)
-                    self._pending.clear()
-                    break
+                    return
                 jobs = self._take()
+                self._working = True
+                self._beat = time.monotonic()
             self._admit(jobs)
             for cohort in list(self._active):
+                if self._stopping:
+                    return
                 self._round(cohort)
-        for job in jobs:
-            job.emit(("error", ServerClosed("the server is shutting down")))
-        for cohort in self._active:
-            for job in {id(r.job): r.job for r in cohort.rows}.values():
-                job.emit(("error", ServerClosed("the server is shutting down")))
-        self._active = []
 
     def _take(self) -> list[Job]:
         free = self.max_batch_size - self.active_rows
@@ -329,45 +443,56 @@ class Batcher:
             try:
                 self._active.append(_Cohort(rows, rows[0].job.sampling, self.model, self.pad_id))
             except Exception as e:  # noqa: BLE001 (reported to the requests, the worker goes on)
-                log.exception("preparing a batch failed")
+                log.exception("preparing a batch of %d row(s) failed", len(rows))
                 self._fail(rows, e)
+            self._beat = time.monotonic()
 
     def _fail(self, rows: list[_Row], error: BaseException) -> None:
         for job in {id(r.job): r.job for r in rows}.values():
             job.emit(("error", error))
 
     def _round(self, cohort: _Cohort) -> None:
+        """One round of ``cohort``; any exception fails its requests only and drops it with its caches."""
+        try:
+            self._run_round(cohort)
+        except Exception as e:  # noqa: BLE001 (one cohort's failure must not stop the others)
+            log.exception("a generation round of %d row(s) failed; failing their requests", len(cohort.rows))
+            self.rounds_failed += 1
+            self._fail([r for r in cohort.rows if not r.done], e)
+            for row in cohort.rows:
+                row.done = True
+            self._active.remove(cohort)
+
+    def _run_round(self, cohort: _Cohort) -> None:
+        if self.round_hook is not None:
+            self.round_hook(cohort.jobs)
         alive = [r for r in cohort.rows if not r.done]
         steps = min(self.round_tokens, max(r.job.max_new_tokens - len(r.tokens) for r in alive))
         s = cohort.sampling
         kwargs = generation_kwargs(self.processor, max_new_tokens=steps, temperature=s.temperature, top_p=s.top_p)
         streamer = _RowStreamer(lambda tokens: self._step(cohort.rows, tokens))
         self.max_rows_seen = max(self.max_rows_seen, len(cohort.rows))
-        try:
-            with torch.random.fork_rng(devices=_rng_devices(cohort.device), enabled=cohort.rng_state is not None):
-                if cohort.rng_state is not None:
-                    _restore_rng(cohort.rng_state, cohort.device)
-                out = self.model.generate(
-                    input_ids=cohort.input_ids,
-                    attention_mask=cohort.attention_mask,
-                    media_cache=cohort.media,
-                    past_key_values=cohort.cache,
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_RowsDone(cohort.rows)]),
-                    **kwargs,
-                )
-                if cohort.rng_state is not None:
-                    cohort.rng_state = _capture_rng(cohort.device)
-        except Exception as e:  # noqa: BLE001
-            log.exception("generation failed")
-            self._fail([r for r in cohort.rows if not r.done], e)
-            self._active.remove(cohort)
-            return
+        with torch.random.fork_rng(devices=_rng_devices(cohort.device), enabled=cohort.rng_state is not None):
+            if cohort.rng_state is not None:
+                _restore_rng(cohort.rng_state, cohort.device)
+            out = self.model.generate(
+                input_ids=cohort.input_ids,
+                attention_mask=cohort.attention_mask,
+                media_cache=cohort.media,
+                past_key_values=cohort.cache,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_RowsDone(cohort.rows, lambda: self._stopping)]),
+                **kwargs,
+            )
+            if cohort.rng_state is not None:
+                cohort.rng_state = _capture_rng(cohort.device)
         self.batches_run += 1
         new = out.shape[1] - cohort.input_ids.shape[1]
         ones = cohort.attention_mask.new_ones((out.shape[0], new))
         cohort.attention_mask = torch.cat([cohort.attention_mask, ones], dim=1)  # (R, T + new)
         cohort.input_ids = out
+        if self._stopping:
+            return  # the worker's way out answers the rows still running
         for row in cohort.rows:  # rows a round left without reaching a rule (cannot happen, but be safe)
             if not row.done and len(row.tokens) >= row.job.max_new_tokens:
                 self._finish(row, "length")
@@ -379,6 +504,7 @@ class Batcher:
 
     # -- per-token bookkeeping --
     def _step(self, rows: list[_Row], tokens: list[int]) -> None:
+        self._beat = time.monotonic()
         for row, token in zip(rows, tokens):
             if row.done:
                 continue

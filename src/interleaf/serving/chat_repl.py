@@ -9,17 +9,16 @@ Works the same with piped standard input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-import threading
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 import torch
-from transformers import TextIteratorStreamer
 
 from ..errors import InterleafError
-from ..generation import generation_kwargs
+from ..generation import generation_kwargs, stream_generate
 from ..processing.images import load_image
 
 HELP = "commands: /image PATH (attach to the next turn), /reset, /save FILE, /quit"
@@ -28,26 +27,9 @@ HELP = "commands: /image PATH (attach to the next turn), /reset, /save FILE, /qu
 def stream_reply(model, processor, messages: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0) -> Iterator[str]:
     """Yield the assistant's next message for ``messages``, piece by piece."""
-    inputs = processor([messages])
+    inputs = processor([messages]).to(model.device)
     kwargs = generation_kwargs(processor, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            model.generate(**inputs.to(model.device), **kwargs, streamer=streamer)
-        except BaseException as e:  # surfaced in the caller's thread below
-            errors.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    for piece in streamer:
-        if piece:
-            yield piece
-    thread.join()
-    if errors:
-        raise errors[0]
+    return stream_generate(model, processor.tokenizer, inputs, kwargs)
 
 
 def run_chat(
@@ -122,12 +104,17 @@ def run_chat(
                 + [{"type": "text", "text": line}]}
         pieces: list[str] = []
         try:
-            for piece in stream_reply(model, processor, history + [user], max_new_tokens=max_new_tokens,
-                                      temperature=temperature, top_p=top_p):
-                pieces.append(piece)
-                say(piece, end="")
+            with contextlib.closing(stream_reply(model, processor, history + [user], max_new_tokens=max_new_tokens,
+                                                 temperature=temperature, top_p=top_p)) as reply:
+                for piece in reply:
+                    pieces.append(piece)
+                    say(piece, end="")
         except InterleafError as e:
             say(f"\nerror: {e}")
+            pending.clear()
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer (its generation is cancelled), not the chat
+            say("\n(answer interrupted; it is not kept in the conversation)")
             pending.clear()
             continue
         say()
