@@ -15,7 +15,10 @@ import pytest
 import torch
 
 THREADS = 1
-IGNORED_ENV = frozenset({"PYTEST_CURRENT_TEST"})  # pytest's own, rewritten at each phase of a test
+# Variables the tools themselves write, once per process: pytest's, rewritten at each phase of a
+# test; torch's inductor cache directory, recorded the first time torch looks it up; and the two
+# OpenMP settings scikit-learn sets when it is first imported.
+IGNORED_ENV = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"})
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -107,6 +107,8 @@ def test_weights_set_the_share_of_each_source(corpus, proc):
     stream = MixtureStream(load_mixture({"sources": sources, "samples_per_epoch": 400}, base_dir=corpus), proc, epochs=1)
     counts = Counter(s["source"] for s in stream)
     assert sum(counts.values()) == 400
+    # weights 3:1 -> 0.75. The draw is a pure function of the mixture's seed (0 here): measured 0.740,
+    # and 0.710-0.773 over seeds 0-4; asserts 0.75 +- 0.07, about 3 standard deviations of 400 draws.
     assert 0.68 < counts["vqa"] / 400 < 0.82
     # without samples_per_epoch, an epoch is the sources' total size
     stream = MixtureStream(load_mixture({"sources": sources}, base_dir=corpus), proc)

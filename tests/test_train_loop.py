@@ -55,6 +55,8 @@ def test_loss_goes_down_and_outputs_are_written(corpus, tmp_path):
     [result] = train(_stage(corpus, out, "four.json", freeze="all_trainable", max_steps=10, batch_size=4), progress=False)
     losses = _losses(out)
     assert len(losses) == 10
+    # the last three steps' mean loss against the first three's: measured 0.63 at this recipe's seed (0)
+    # and 0.61-0.63 over seeds 0-4; asserts below 0.8
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 10 and summary["final_loss"] == pytest.approx(losses[-1])
@@ -89,6 +91,8 @@ def test_grad_accumulation_equals_a_bigger_batch(corpus, tmp_path):
     wa, wb = _weights(a.final), _weights(b.final)
     # Adam divides by sqrt(v): rounding-level gradient differences on near-zero coordinates can move
     # a weight by a small share of lr (3e-3), so the bound is 1% of lr per weight and 1e-7 on average.
+    # Measured at seed 0: max 1.5e-5, mean 2.0e-9 (seeds 0-4: max 6e-7 to 1.5e-5, mean 3e-10 to 2e-9);
+    # losses agree to 1e-7 relative.
     diffs = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
     assert diffs.max() < 3e-5 and diffs.mean() < 1e-7
 

@@ -118,6 +118,8 @@ def test_builtin_learns_shapes_quickly():
         loss.backward()
         opt.step()
     train_after, held_after = probe()
+    # Seeded (torch and numpy seed 0): measured train 0.953, held-out 0.848, before training 0.754.
+    # Over seeds 0-4: train 0.953-1.000, held-out 0.848-0.969, gain 0.20-0.28. Asserts 0.9, 0.75, 0.1.
     assert train_after > 0.9, (train_before, train_after, held_after)
     assert held_after > 0.75, (train_before, train_after, held_after)
     assert train_after > train_before + 0.1  # it learned; the random features do not separate the shapes
