@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+
+# Property-based fuzzing at depth: INTERLEAF_FUZZ_EXAMPLES (default 2000) random examples per property.
+fuzz: $(STAMP)
+	INTERLEAF_FUZZ_EXAMPLES=$${INTERLEAF_FUZZ_EXAMPLES:-2000} HYPOTHESIS_PROFILE=fuzz HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+		$(BIN)/python -m pytest tests/test_fuzz_*.py -p no:cacheprovider --hypothesis-show-statistics
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/interleaf demo

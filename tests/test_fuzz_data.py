@@ -16,7 +16,7 @@ import tarfile
 import numpy as np
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -75,7 +75,9 @@ def _consume(mixture: dict, base, processor) -> None:
         samples = stream.take(200)
     except Exception as e:  # noqa: BLE001 (the property is about which exceptions escape)
         assert_named_error(e)
+        event(type(e).__name__)
         return
+    event("accepted")
     for s in samples:
         assert len(s["input_ids"]) == len(s["labels"]) and all(x.shape[0] == 3 for x in s["images"])
 

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -122,6 +122,7 @@ def test_chat_route_answers_200_or_a_4xx_in_openai_shape(client, sandbox, body, 
     content = raw if raw is not None else json.dumps(body).encode()
     response = client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
     stream = isinstance(body, dict) and body.get("stream") is True and raw is None
+    event(f"status {response.status_code}")  # the share of each is in --hypothesis-show-statistics
     check_answer(response, stream)
 
 

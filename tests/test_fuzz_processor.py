@@ -12,7 +12,7 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -129,7 +129,9 @@ def test_processor_returns_a_batch_or_a_named_error(processor, sandbox, prompt, 
         out = processor(prompt, **kwargs)
     except Exception as e:  # noqa: BLE001 (the property is about which exceptions escape)
         assert_named_error(e)
+        event(type(e).__name__)
         return
+    event("accepted")
     b, t = out["input_ids"].shape
     assert out["attention_mask"].shape == (b, t) and out["image_attention_mask"].shape[:2] == (b, t)
     if "pixel_values" in out:

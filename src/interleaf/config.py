@@ -25,11 +25,22 @@ FUSIONS = ("cross_attention",)  # "token_insertion" (xGen-MM, LLaVA) plugs in he
 PROMPT_FORMATS = ("openflamingo", "idefics")
 
 
+def user_path(path: str | Path, field: str) -> Path:
+    """``path`` with ``~`` expanded; a NUL byte or an unknown ``~user`` is a :class:`ConfigError` naming ``field``."""
+    text = str(path)
+    if "\x00" in text:
+        raise ConfigError(field, f"{text!r} holds a NUL character, which no path may hold; check the path")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as e:  # "~someone" for an unknown user, or no home directory
+        raise ConfigError(field, f"cannot expand '~' in {text!r} ({e})", "write the full path") from e
+
+
 def read_yaml_file(path: str | Path, field: str, hint: str) -> Any:
     """Parse a YAML file; a missing file or broken YAML is a :class:`ConfigError` naming ``field``."""
     import yaml
 
-    p = Path(path).expanduser()
+    p = user_path(path, field)
     if not p.is_file():
         raise ConfigError(field, f"file {str(p)!r} does not exist", hint)
     try:
@@ -295,9 +306,11 @@ def _text_config_from_dict(data: dict) -> PreTrainedConfig:
         raise ConfigError("text_config.model_type", "is missing: the LM config needs its transformers model_type")
     data = dict(data)
     model_type = data.pop("model_type")
+    if not isinstance(model_type, str):
+        raise ConfigError("text_config.model_type", f"must be a transformers model type (e.g. 'llama'), got {model_type!r}")
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # ValueError, TypeError, and huggingface_hub's strict-dataclass validation errors
         raise ConfigError("text_config", f"transformers cannot build a {model_type!r} config: {e}") from e
 
 

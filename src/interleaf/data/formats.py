@@ -362,10 +362,14 @@ def parse_conversation(
         img_where = f"{where} image {i}"
         if name.startswith(("http://", "https://")):
             raise BadSample("remote_image", img_where, f"{name!r} is a URL; download it and give a local path")
-        mapped = Path(map_image_path(name, image_path_map or {})).expanduser()
-        if images_root is not None and not mapped.is_absolute():
-            mapped = Path(images_root) / mapped
-        if not mapped.is_file():
+        try:
+            mapped = Path(map_image_path(name, image_path_map or {})).expanduser()
+            if images_root is not None and not mapped.is_absolute():
+                mapped = Path(images_root) / mapped
+            usable = mapped.is_file()
+        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, an unknown ~user
+            raise BadSample("missing_file", img_where, f"image path {name[:80]!r} is not usable ({e})") from e
+        if not usable:
             raise BadSample("missing_file", img_where, f"image file {str(mapped)!r} does not exist")
         images.append(ImageSource(mapped, img_where))
 

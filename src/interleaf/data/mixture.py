@@ -84,7 +84,7 @@ from pathlib import Path
 from typing import Any
 
 
-from ..config import read_yaml_file
+from ..config import read_yaml_file, user_path
 from ..errors import ConfigError
 from .formats import FORMATS
 
@@ -198,7 +198,7 @@ def _parse_source(data: Any, i: int, base: Path) -> SourceConfig:
     paths = [paths] if isinstance(paths, str) else paths
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise ConfigError(f"{where}.paths", f"must be a path or a list of paths (strings), got {paths!r}")
-    paths = [str(base / Path(_expand(p, f"{where}.paths")).expanduser()) for p in paths]
+    paths = [str(base / user_path(_expand(p, f"{where}.paths"), f"{where}.paths")) for p in paths]
     images_root = data.get("images_root")
     path_map = data.get("image_path_map") or {}
     if fmt != "llava":
@@ -208,7 +208,7 @@ def _parse_source(data: Any, i: int, base: Path) -> SourceConfig:
     if images_root is not None:
         if not isinstance(images_root, str):
             raise ConfigError(f"{where}.images_root", f"must be a folder path, got {images_root!r}")
-        images_root = str(base / Path(_expand(images_root, f"{where}.images_root")).expanduser())
+        images_root = str(base / user_path(_expand(images_root, f"{where}.images_root"), f"{where}.images_root"))
     if not isinstance(path_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in path_map.items()):
         raise ConfigError(f"{where}.image_path_map", f"must map path prefixes to replacements (strings), got {path_map!r}")
     samples, weight = data.get("samples"), data.get("weight")
@@ -248,7 +248,7 @@ def load_mixture(
     if isinstance(source, MixtureConfig):
         return source
     if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
+        path = user_path(source, "mixture")
         data = read_yaml_file(path, "mixture", "pass the path of a mixture YAML")
         base = Path(base_dir) if base_dir is not None else path.parent
     else:

@@ -101,7 +101,7 @@ def classify_item(item: Any, where: str, images_root: str | Path | None = None) 
     if isinstance(item, (Image.Image, bytes, bytearray, memoryview)):
         return ImageRef(item, where)
     if isinstance(item, Path):
-        return ImageRef(_resolve(item, images_root), where)
+        return ImageRef(_resolve(item, images_root, where), where)
     if isinstance(item, dict):
         kind = item.get("type")
         if kind == "text" or (kind is None and set(item) == {"text"}):
@@ -120,14 +120,17 @@ def classify_item(item: Any, where: str, images_root: str | Path | None = None) 
                 if key in item:
                     source = item[key]
                     if isinstance(source, (str, Path)) and not (isinstance(source, str) and _is_url_string(source)):
-                        source = _resolve(Path(source), images_root)
+                        source = _resolve(Path(source), images_root, where)
                     return ImageRef(source, where)
         raise InputError(f"{where}: unsupported dict with keys {sorted(item)}; a prompt item is {ACCEPTED_ITEMS}")
     raise InputError(f"{where}: unsupported object of type {type(item).__name__}; a prompt item is {ACCEPTED_ITEMS}")
 
 
-def _resolve(path: Path, images_root: str | Path | None) -> Path:
-    path = path.expanduser()
+def _resolve(path: Path, images_root: str | Path | None, where: str = "image") -> Path:
+    try:
+        path = path.expanduser()
+    except RuntimeError as e:  # "~someone" for an unknown user
+        raise InputError(f"{where}: cannot expand '~' in the image path {str(path)[:80]!r} ({e}); write the full path") from e
     if images_root is not None and not path.is_absolute():
         return Path(images_root) / path
     return path

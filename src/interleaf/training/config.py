@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from ..config import FREEZE_POLICIES, read_yaml_file
+from ..config import FREEZE_POLICIES, read_yaml_file, user_path
 from ..errors import ConfigError
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -188,7 +188,7 @@ class ModelSpec:
     @classmethod
     def parse(cls, data: Any, where: _Where) -> "ModelSpec":
         if isinstance(data, str):  # shorthand: a preset name or a directory
-            data = {"path": data} if ("/" in data or Path(data).expanduser().is_dir()) else {"preset": data}
+            data = {"path": data} if ("/" in data or user_path(data, "model").is_dir()) else {"preset": data}
         if not isinstance(data, dict) or not data:
             raise where.error(
                 "model", f"must be a mapping, got {data!r}",
@@ -296,7 +296,7 @@ def parse_stage(data: Any, *, base_dir: str | Path = ".", source: str | None = N
     base = Path(base_dir).expanduser().resolve()
     mixture = d.get("data")
     if isinstance(mixture, str):
-        mixture = str(base / Path(mixture).expanduser())
+        mixture = str(base / user_path(mixture, f"{prefix}data"))
     elif mixture is not None and not isinstance(mixture, dict):
         raise where.error("data", f"must be a mixture YAML path or an inline mixture (a mapping), got {mixture!r}")
     freeze = d.get("freeze")
@@ -422,7 +422,7 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) ->
 
 
 def read_yaml(path: str | Path) -> dict:
-    p = Path(path).expanduser()
+    p = user_path(path, "config")
     data = read_yaml_file(p, "config", "pass the path of a training YAML, e.g. configs/pretrain.yaml")
     if not isinstance(data, dict):
         raise ConfigError("config", f"{str(p)!r} must hold a mapping (a stage, or stages: [...]), got {type(data).__name__}")
@@ -444,7 +444,7 @@ def load_recipe(
     if isinstance(config, (str, Path)):
         source = str(config)
         data = read_yaml(config)
-        base = Path(base_dir) if base_dir is not None else Path(config).expanduser().parent
+        base = Path(base_dir) if base_dir is not None else user_path(config, "config").parent
     elif isinstance(config, dict):
         data, base = config, Path(base_dir) if base_dir is not None else Path.cwd()
     else:
@@ -459,6 +459,8 @@ def load_recipe(
     defaults = {k: v for k, v in data.items() if k != "stages"}
     _unknown(defaults, _STAGE_FIELDS, where)
     root_out = defaults.pop("out", None)
+    if root_out is not None and (not isinstance(root_out, str) or not root_out):
+        raise where.error("out", f"must be a folder path, got {root_out!r}")
     defaults.pop("name", None)
     stages: list[StageConfig] = []
     for i, raw in enumerate(raw_stages):
