@@ -163,10 +163,37 @@ def test_compare_prints_side_by_side(tmp_path):
     assert bad.exit_code != 0
 
 
-def test_evaluate_synthetic_reports_exact_match_per_qtype_and_cider(corpus):
+def test_evaluate_synthetic_reports_exact_match_per_qtype_and_cider(corpus, tmp_path):
+    import shutil
+
+    from interleaf.evaluation.metrics.vqa import exact_match, vqa_normalize
+
     model, processor = tiny()
-    out = evaluate_synthetic(model, processor, corpus, limit=10)
-    assert 0.0 <= out["vqa"]["exact_match"] <= 1.0 and out["vqa"]["n"] == 10
+    first = evaluate_synthetic(model, processor, corpus, limit=10, out_dir=tmp_path / "first")
+    rows = read_jsonl(tmp_path / "first" / "samples" / "synth-vqa" / "0shot-trial0.jsonl")
+    assert first["vqa"]["n"] == len(rows) == 10
+    entries = json.loads((corpus / "llava" / "vqa_heldout.json").read_text())
+    answer = {e["id"]: e["conversations"][1]["value"] for e in entries}
+    by_hand = {r["id"]: exact_match(r["pred"], answer[r["source_id"]]) for r in rows}
+    assert first["vqa"]["exact_match"] == pytest.approx(sum(by_hand.values()) / 10)
+    # A copy of the corpus whose answers to three wrongly answered questions are what the model said:
+    # those now score 1, the other seven as before, whatever the random model says.
+    right = [r for r in rows if vqa_normalize(r["pred"]) and by_hand[r["id"]] == 0.0][:3]
+    assert len(right) == 3
+    shutil.copytree(corpus, tmp_path / "corpus")
+    path = tmp_path / "corpus" / "llava" / "vqa_heldout.json"
+    said = {r["source_id"]: r["pred"] for r in right}
+    for e in entries:
+        if e["id"] in said:
+            e["conversations"][1]["value"] = said[e["id"]]
+    path.write_text(json.dumps(entries))
+    out = evaluate_synthetic(model, processor, tmp_path / "corpus", limit=10)
+    hits = {r["id"]: 1.0 if r["source_id"] in said else by_hand[r["id"]] for r in rows}
+    assert out["vqa"]["n"] == 10 and out["vqa"]["exact_match"] == pytest.approx(sum(hits.values()) / 10)
+    qtype = {e["id"]: e["qtype"] for e in entries}
+    for group in {qtype[r["source_id"]] for r in rows}:
+        mine = [hits[r["id"]] for r in rows if qtype[r["source_id"]] == group]
+        assert out["vqa"]["per_qtype"][group] == pytest.approx(sum(mine) / len(mine)), group
     assert set(out["vqa"]["per_qtype"]) <= {"colour", "shape", "count", "position", "yesno"}
     assert out["caption"]["CIDEr"] >= 0.0 and out["caption"]["n"] == 6
 
@@ -208,8 +235,12 @@ def test_benchmark_tasks_end_to_end(tmp_path):
     assert mmb["n"] == 6 and mmb["metrics"]["n_questions"] == 3  # two rotations of each question
     assert mmb["metrics"]["circular_accuracy"] <= mmb["metrics"]["vanilla_accuracy"]
     hm = res["hateful_memes"]["shots"]["0"]["trials"][0]
-    assert 0.0 <= hm["metrics"]["roc_auc"] <= 1.0
     samples = read_jsonl(tmp_path / "out" / "samples" / "hateful_memes" / "0shot-trial0.jsonl")
+    # ROC-AUC by hand: the share of (hateful, not hateful) pairs ranked the right way round, ties half
+    pos = [r["positive_prob"] for r in samples if r["label"] == 1]
+    neg = [r["positive_prob"] for r in samples if r["label"] == 0]
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg]
+    assert len(pairs) == 4 and hm["metrics"]["roc_auc"] == pytest.approx(sum(pairs) / 4)
     assert all(0.0 < r["positive_prob"] < 1.0 and len(r["logprobs"]) == 2 for r in samples)
     mme = res["mme"]["shots"]["0"]["trials"][0]
     assert "color" in mme["metrics"]["subtasks"] and mme["score"] == mme["metrics"]["perception"]
