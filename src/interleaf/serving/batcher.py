@@ -411,10 +411,17 @@ class Batcher:
                 self._working = True
                 self._beat = time.monotonic()
             self._admit(jobs)
-            for cohort in list(self._active):
-                if self._stopping:
-                    return
-                self._round(cohort)
+            if not self._run_rounds():
+                return
+
+    def _run_rounds(self) -> bool:
+        """One round of every running cohort; False when shutdown began. (A method of its own, so
+        that no local variable keeps a finished cohort's caches alive while the worker waits.)"""
+        for cohort in list(self._active):
+            if self._stopping:
+                return False
+            self._round(cohort)
+        return True
 
     def _take(self) -> list[Job]:
         free = self.max_batch_size - self.active_rows
