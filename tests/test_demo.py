@@ -3,18 +3,46 @@
 from __future__ import annotations
 
 import json
+import os
 
-from interleaf.demo import run_demo
+import pytest
+
+from interleaf.demo import CORPUS_ENV, run_demo
 
 
-def test_demo_runs_every_stage_and_writes_its_report(tmp_path):
+def _exact_match_by_hand(eval_dir, corpus) -> tuple[float, dict[str, float]]:
+    """The demo's written predictions scored against the corpus's answers: overall and per question type."""
+    from interleaf.evaluation.metrics.vqa import exact_match
+
+    truth = {e["id"]: e for e in json.loads((corpus / "llava" / "vqa_heldout.json").read_text())}
+    rows = [json.loads(line) for path in sorted((eval_dir / "samples" / "synth-vqa").glob("*.jsonl"))
+            for line in path.read_text().splitlines()]
+    assert sorted(r["source_id"] for r in rows) == sorted(truth)  # every held-out question, once
+    hits: dict[str, list[float]] = {}
+    for r in rows:
+        entry = truth[r["source_id"]]
+        hits.setdefault(entry["qtype"], []).append(exact_match(r["pred"], entry["conversations"][1]["value"]))
+    overall = [h for values in hits.values() for h in values]
+    return sum(overall) / len(overall), {q: sum(v) / len(v) for q, v in hits.items()}
+
+
+def test_demo_runs_every_stage_and_writes_its_report(tmp_path, monkeypatch):
+    monkeypatch.delenv(CORPUS_ENV, raising=False)
     steps = [f"stages.{i}.max_steps=3" for i in range(4)]
     metrics = run_demo(tmp_path / "demo", train_scenes=200, heldout_scenes=20, overrides=steps, progress=False)
     out = tmp_path / "demo"
+    assert CORPUS_ENV not in os.environ  # set for the training run only
     assert metrics["stages"] == ["lm", "pt", "mtt", "ift"]
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["heldout_vqa_per_question_type"]) == {"colour", "shape", "count", "position", "yesno"}
-    assert 0.0 <= saved["heldout_vqa_exact_match"] <= 1.0 and "caption_cider" in saved
+    overall, per_type = _exact_match_by_hand(out / "eval", out / "corpus")
+    assert saved["heldout_vqa_exact_match"] == pytest.approx(overall)
+    assert saved["heldout_vqa_per_question_type"] == pytest.approx(per_type)
+    blank_overall, blank_per_type = _exact_match_by_hand(out / "eval_blank", out / "corpus_blank")
+    assert saved["blank_images_vqa_exact_match"] == pytest.approx(blank_overall)
+    assert saved["blank_images_per_question_type"] == pytest.approx(blank_per_type)
+    assert saved["n_questions"] == len(json.loads((out / "corpus" / "llava" / "vqa_heldout.json").read_text()))
+    assert "caption_cider" in saved
     assert (out / "final" / "config.json").exists()
     for stage in ("lm", "pt", "mtt", "ift"):
         assert (out / stage / "metrics.jsonl").stat().st_size > 0
@@ -22,7 +50,7 @@ def test_demo_runs_every_stage_and_writes_its_report(tmp_path):
     assert "<svg" in report and report.count("<figure") >= 10 and "data:image/png;base64," in report
 
 
-def test_demo_command_runs_a_recipe_of_your_own(tmp_path):
+def test_demo_command_runs_a_recipe_of_your_own(tmp_path, monkeypatch):
     """`interleaf demo --recipe`: the same corpus, tokenizer and evaluation around another recipe."""
     import shutil
 
@@ -40,6 +68,7 @@ def test_demo_command_runs_a_recipe_of_your_own(tmp_path):
         stage["max_steps"] = 2
     (recipe_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "demo"
+    monkeypatch.setenv(CORPUS_ENV, str(tmp_path / "the caller's corpus"))
     args = ["demo", "--out", str(out), "--recipe", str(recipe_dir / "recipe.yaml"),
             "--train-scenes", "100", "--heldout-scenes", "20"]
     result = CliRunner().invoke(app, args)
@@ -47,6 +76,7 @@ def test_demo_command_runs_a_recipe_of_your_own(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stages"] == ["lm", "pt"]
     assert not (out / "mtt").exists() and (out / "final" / "config.json").exists()
+    assert os.environ[CORPUS_ENV] == str(tmp_path / "the caller's corpus")  # the run used its own, then restored this
 
 
 def test_text_corpus_is_captions_and_reading_comprehension_of_training_scenes(tmp_path):
@@ -74,8 +104,6 @@ def test_text_corpus_is_captions_and_reading_comprehension_of_training_scenes(tm
 
 
 def test_demo_with_a_missing_recipe_fails_before_writing_anything(tmp_path):
-    import pytest
-
     from interleaf.errors import InputError
 
     with pytest.raises(InputError, match=r"recipe .*nope\.yaml does not exist; pass the path of a recipe YAML"):

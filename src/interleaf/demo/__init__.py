@@ -170,19 +170,28 @@ def run_demo(
     tokenizer.save_pretrained(out / "tokenizer")
     timings["corpus"] = time.perf_counter() - start
 
-    os.environ[CORPUS_ENV] = str(corpus.resolve())
     recipe_data = read_yaml_file(recipe_path, "recipe", "pass a recipe YAML")
     for stage in (recipe_data.get("stages") if isinstance(recipe_data, dict) else None) or []:  # a rerun starts each stage afresh instead of resuming it
         name = stage.get("name") if isinstance(stage, dict) else None
         if name and (out / name).exists():
             shutil.rmtree(out / name)
     t = time.perf_counter()
-    results = train(
-        recipe_path,
-        [f"stages.0.model.tokenizer={(out / 'tokenizer').resolve()}", *(overrides or [])],
-        out=out,
-        progress=progress,
-    )
+    # The recipe's data configs name their files ${INTERLEAF_DEMO_CORPUS}/...: the variable is set
+    # for the training run only, and the caller's value (or its absence) is restored afterwards.
+    previous = os.environ.get(CORPUS_ENV)
+    os.environ[CORPUS_ENV] = str(corpus.resolve())
+    try:
+        results = train(
+            recipe_path,
+            [f"stages.0.model.tokenizer={(out / 'tokenizer').resolve()}", *(overrides or [])],
+            out=out,
+            progress=progress,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(CORPUS_ENV, None)
+        else:
+            os.environ[CORPUS_ENV] = previous
     stage_names = [r.name for r in results]
     timings["training"] = time.perf_counter() - t
     final = results[-1].final
