@@ -314,3 +314,23 @@ def test_sigterm_stops_the_server_whatever_its_worker_is_doing(tmp_path, mode):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_the_worker_runs_for_the_apps_lifespan_only(tiny):
+    from fastapi.testclient import TestClient
+
+    from interleaf.serving import create_app
+
+    model, processor = tiny
+    app = create_app(model, processor, model_name=MODEL_NAME)
+    batcher = app.state.batcher
+    assert batcher._thread is None  # creating the app starts nothing
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    outside = TestClient(app)  # no lifespan: no worker, and requests say so instead of hanging
+    assert outside.get("/health").status_code == 503
+    assert_error_shape(outside.post("/v1/chat/completions", json=body), 503, "worker_unavailable")
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        worker = batcher._thread
+    assert not worker.is_alive()  # stopped and joined at shutdown
