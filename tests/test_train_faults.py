@@ -20,6 +20,7 @@ import os
 import random
 import select
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -89,25 +90,36 @@ import torch
 import interleaf.api, interleaf.data.stream, interleaf.training.loop
 from interleaf.training import train
 
+sys.path.insert(0, sys.argv[1])
+from test_train_faults import _nan_at
+
 for line in sys.stdin:
     job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.environ["INTERLEAF_FAULT"] = job["fault"]
-        torch.set_num_threads(job["threads"])
-        code = 0
-        try:
-            train(job["stage"], resume=job["resume"], progress=False)
-        except BaseException as e:
-            print(f"{type(e).__name__}: {e}", flush=True)
-            code = 1
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-                      "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}), flush=True)
+    pids = []
+    for rank, env in enumerate(job["processes"]):
+        pid = os.fork()
+        if pid == 0:
+            log = os.open(f"{job['log']}.{rank}", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.environ.update(env, INTERLEAF_FAULT=job["fault"])
+            torch.set_num_threads(job["threads"])
+            nan_at = {int(r): steps for r, steps in job["nan_at"].items()}
+            code = 0
+            try:
+                train(job["stage"], resume=job["resume"], progress=False,
+                      stream_factory=_nan_at(nan_at) if nan_at else None)
+            except BaseException as e:
+                print(f"{type(e).__name__}: {e}", flush=True)
+                code = 1
+            os._exit(code)
+        pids.append(pid)
+    ended = []
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        ended.append({"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                      "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None})
+    print(json.dumps(ended), flush=True)
 """
 
 
@@ -115,21 +127,32 @@ class Zygote:
     def __init__(self):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop(ckpt.FAULT_ENV, None)
-        self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+        # its own process group: close() ends it and every child it forked (a hung one included)
+        self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE, str(Path(__file__).parent)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
-    def run(self, stage: dict, fault: str, *, resume: bool, log: Path) -> dict:
-        """Train ``stage`` in a fresh child with ``INTERLEAF_FAULT=fault``; how it ended."""
-        job = {"stage": stage, "fault": fault, "resume": resume, "threads": torch.get_num_threads(), "log": str(log)}
+    def run(self, stage: dict, fault: str = "", *, resume: bool = False, log: Path, processes: list[dict] | None = None,
+            nan_at: dict[int, list[int]] | None = None) -> list[dict]:
+        """Train ``stage`` in fresh children (one per entry of ``processes``: its environment) with
+        ``INTERLEAF_FAULT=fault``; how each ended. Child r writes ``{log}.{r}``."""
+        job = {"stage": stage, "fault": fault, "resume": resume, "threads": torch.get_num_threads(), "log": str(log),
+               "processes": processes or [{}], "nan_at": {str(r): s for r, s in (nan_at or {}).items()}}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], 300)  # a hang guard only: the child kills itself
-        assert ready, f"no answer in 300 s; {log.read_text()[-2000:] if log.exists() else ''}"
+        ready, _, _ = select.select([self.proc.stdout], [], [], 120)  # a hang guard only: nothing waits on time
+        if not ready:
+            self.close()
+            pytest.fail(f"the training children did not end within 120 s (a hang); their logs: {_tail(log)}")
         return json.loads(self.proc.stdout.readline())
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=60)
+
+
+def _tail(log: Path) -> str:
+    return "".join(p.read_text()[-2000:] for p in sorted(log.parent.glob(log.name + ".*")))
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +190,8 @@ def _kill_and_resume(zygote: Zygote, stage: dict, moments: list[tuple[int, str]]
     out = Path(stage["out"])
     for i, (step, point) in enumerate(moments):
         log = logs / f"run{i}.log"
-        ended = zygote.run(stage, f"kill:{point}={step}", resume=i > 0, log=log)
-        assert ended["signal"] == signal.SIGKILL, (step, point, ended, log.read_text()[-2000:])
+        [ended] = zygote.run(stage, f"kill:{point}={step}", resume=i > 0, log=log)
+        assert ended["signal"] == signal.SIGKILL, (step, point, ended, _tail(log))
         assert not (out / "final").exists()
         assert _ckpt_step(ckpt.latest_checkpoint(out)) == _expected_latest(step, point, every), (step, point)
         half_written = out / "checkpoints" / f".tmp-step-{step:08d}"
@@ -293,9 +316,12 @@ class _NaNImages:
         self.stream.load_state_dict(state)
 
 
-def _nan_at(*steps: int):
+def _nan_at(steps: dict[int, list[int]] | list[int]):
+    """A stream factory: NaN images at ``steps`` (a list: on every process; a dict: per rank)."""
+
     def factory(stage, processor, rank, world_size):
-        return _NaNImages(default_stream(stage, processor, rank, world_size), set(steps), stage.batch_size // world_size)
+        mine = steps.get(rank, []) if isinstance(steps, dict) else steps
+        return _NaNImages(default_stream(stage, processor, rank, world_size), set(mine), stage.batch_size // world_size)
 
     return factory
 
@@ -304,7 +330,7 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     stage = _stage(corpus, out, max_steps=7, checkpoint={"every": 1, "keep_last": 10}, max_nonfinite_steps=3)
     capsys.readouterr()
-    [result] = train(stage, progress=False, stream_factory=_nan_at(2, 4, 5))
+    [result] = train(stage, progress=False, stream_factory=_nan_at([2, 4, 5]))
     # which steps moved the trainable weights: compare each step's checkpoint with the one before
     import interleaf
 
@@ -337,7 +363,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run_and_resume_keeps_the_cou
     out = tmp_path / "run"
     stage = _stage(corpus, out, max_steps=6, max_nonfinite_steps=3)
     with pytest.raises(TrainingError) as e:
-        train(stage, progress=False, stream_factory=_nan_at(3, 4, 5))
+        train(stage, progress=False, stream_factory=_nan_at([3, 4, 5]))
     message = str(e.value)
     for part in ("3 steps in a row", "steps 3, 4, 5", "the loss is nan", "max_nonfinite_steps: 3",
                  "did not change the weights", "optim.lr", f"latest checkpoint is {out / 'checkpoints' / 'step-00000004'}",
@@ -357,3 +383,30 @@ def test_max_nonfinite_steps_is_validated(corpus, tmp_path):
     with pytest.raises(ConfigError, match="max_nonfinite_steps.*integer >= 1"):
         load_recipe(_stage(corpus, tmp_path / "run", max_nonfinite_steps=0))
     assert load_recipe(_stage(corpus, tmp_path / "run")).stages[0].max_nonfinite_steps == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_skip_together_when_one_sees_a_nonfinite_loss(corpus, zygote, tmp_path, strategy):
+    # 2 processes over gloo; process 1 alone gets NaN images at step 2, process 0 alone at step 4. Both
+    # must skip both steps: the gradients are averaged, so the NaN reaches every process, and under FSDP
+    # the gradient norm is a collective, so a process deciding alone would desynchronise the others.
+    out = tmp_path / "run"
+    stage = _stage(corpus, out, max_steps=5, batch_size=4, checkpoint={"every": 1, "keep_last": 10},
+                   distributed={"strategy": strategy})
+    port = _free_port()
+    processes = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} for r in (0, 1)]
+    ended = zygote.run(stage, log=tmp_path / "run.log", processes=processes, nan_at={1: [2], 0: [4]})
+    assert ended == [{"signal": None, "exit": 0}] * 2, _tail(tmp_path / "run.log")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["nonfinite_at"] == [2, 4]
+    steps = [load_file(str(out / "checkpoints" / f"step-{n:08d}" / "trainable.safetensors")) for n in range(1, 6)]
+    assert all(torch.isfinite(t).all() for w in steps for t in w.values())
+    moved = [n + 2 for n in range(4) if any(not torch.equal(steps[n][k], steps[n + 1][k]) for k in steps[n])]
+    assert moved == [3, 5]
