@@ -109,3 +109,14 @@ def test_demo_with_a_missing_recipe_fails_before_writing_anything(tmp_path):
     with pytest.raises(InputError, match=r"recipe .*nope\.yaml does not exist; pass the path of a recipe YAML"):
         run_demo(tmp_path / "demo", recipe=tmp_path / "nope.yaml", progress=False)
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_failing_training_run_restores_the_corpus_variable(tmp_path, monkeypatch):
+    from interleaf.errors import ConfigError
+
+    monkeypatch.setenv(CORPUS_ENV, "the caller's value")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages:\n  - name: lm\n    model: {preset: tiny-random}\n    not_an_option: 1\n")
+    with pytest.raises(ConfigError, match="not_an_option"):
+        run_demo(tmp_path / "demo", recipe=recipe, train_scenes=10, heldout_scenes=4, progress=False)
+    assert os.environ[CORPUS_ENV] == "the caller's value"
