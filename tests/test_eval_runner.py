@@ -122,7 +122,7 @@ def test_one_and_two_processes_agree(corpus, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(interleaf.__file__).parents[1])}
     common = ["--model", "tiny-random", "--task", "synth-vqa", "--task", "synth-fewshot", "--option", "episodes=6",
               "--data", str(corpus), "--limit", "5", "--shots", "1", "--batch-size", "2"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "interleaf", "eval", *common, "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

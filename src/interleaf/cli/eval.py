@@ -1,7 +1,7 @@
 """``interleaf eval``: evaluate a model on benchmark tasks, or compare two results files.
 
     interleaf eval --model DIR_OR_PRESET --task synth-vqa --data CORPUS --shots 0,4 --trials 3 --out runs/a
-    torchrun --nproc_per_node 2 -m interleaf eval --model DIR --task vqav2 --data /data/vqav2 --out runs/b
+    torchrun --standalone --nproc_per_node 2 -m interleaf eval --model DIR --task vqav2 --data /data/vqav2 --out runs/b
     interleaf eval --compare runs/a/results.json runs/b/results.json
 """
 
@@ -65,15 +65,18 @@ def eval_cmd(
             raise InputError(f"--option {item!r}: write KEY=VALUE")
         k, v = item.split("=", 1)
         options[k.strip()] = v.strip()
+    from ..distributed import distributed
     from ..evaluation.runner import evaluate
     from .models import load_model
 
-    m, p = load_model(model, seed=seed)
-    evaluate(
-        m, p, list(task), shots=_parse_shots(shots), trials=trials, seed=seed, batch_size=batch_size, rices=rices,
-        zero_shot_trick=zero_shot_trick, chat=chat, limit=limit, data_dir=data, images_dir=images, out_dir=out,
-        task_options=options, num_beams=num_beams, print_table=True, extra_config={"model": model},
-    )
+    parsed_shots = _parse_shots(shots)
+    with distributed() as state:  # under torchrun: the processes' group, destroyed after success
+        m, p = load_model(model, seed=seed)
+        evaluate(
+            m, p, list(task), shots=parsed_shots, trials=trials, seed=seed, batch_size=batch_size, rices=rices,
+            zero_shot_trick=zero_shot_trick, chat=chat, limit=limit, data_dir=data, images_dir=images, out_dir=out,
+            task_options=options, num_beams=num_beams, print_table=True, extra_config={"model": model}, dist=state,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -34,20 +33,22 @@ def train_cmd(
 
     Writes OUT/final (a save_pretrained directory), OUT/checkpoints/step-N, OUT/metrics.jsonl and OUT/summary.json.
 
-    Several processes: torchrun --nproc_per_node 2 -m interleaf train CONFIG distributed.strategy=fsdp
+    Several processes: torchrun --standalone --nproc_per_node 2 -m interleaf train CONFIG distributed.strategy=fsdp
     """
     from transformers.utils import logging as hf_logging
 
+    from ..distributed import distributed
     from ..training import train
 
     hf_logging.disable_progress_bar()
-    results = train(
-        config, list(overrides or []), resume=resume, model=model, data=data, images=images, out=out, progress=progress
-    )
-    if os.environ.get("RANK", "0") != "0":
-        return
-    for r in results:
-        typer.echo(f"{r.name}: {r.final}")
+    with distributed() as state:  # under torchrun: one group for every stage, destroyed after success
+        results = train(
+            config, list(overrides or []), resume=resume, model=model, data=data, images=images, out=out,
+            progress=progress, dist=state,
+        )
+    if state.is_main:
+        for r in results:
+            typer.echo(f"{r.name}: {r.final}")
 
 
 def register(app: typer.Typer) -> None:

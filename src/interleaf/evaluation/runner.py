@@ -8,19 +8,21 @@
         ──► generate_batch / score ──► records appended + flushed to cache/<task>/<key>/...rank<r>.jsonl
         ──► gather on rank 0 ──► check every index exactly once ──► metrics ──► samples/*.jsonl, results.json
 
-With ``WORLD_SIZE > 1`` (``torchrun``) ``torch.distributed`` is initialised from the environment
-(gloo on CPU, nccl on GPUs). No sample is padded in or scored twice. The run key hashes everything
+With ``WORLD_SIZE > 1`` (``torchrun``) the processes share one ``torch.distributed`` group, owned by
+:func:`interleaf.distributed.distributed`: ``evaluate`` uses the group already initialised (or the
+``dist`` state it is given) and, called under ``torchrun`` with no group yet, opens the context for
+the duration of the call. The per-task runner never creates a group. No sample is padded in or scored twice. The run key hashes everything
 that changes a model output (model fingerprint, task spec, shots, trial seed, demo selection,
 prompt options), so a changed setting never reuses stale samples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import json
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..distributed import DistState, distributed, gather_objects
 from ..errors import InputError
 from .fewshot import (
     ZERO_SHOT_TRICK_DEMOS,
@@ -72,28 +75,6 @@ class EvalOptions:
 
 
 # --------------------------------------------------------------------------- distributed
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); initialises torch.distributed from the environment when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
@@ -222,8 +203,9 @@ class _TaskRun:
             return render_chat(self.template, demos, ex)
         return render_prompt(self.template, demos, ex, text_only_demos=text_only)
 
-    def run(self, shots: int, trial: int, rank: int, world: int) -> tuple[dict, list[dict]] | None:
+    def run(self, shots: int, trial: int, state: DistState) -> tuple[dict, list[dict]] | None:
         task, opts = self.task, self.opts
+        rank, world = state.rank, state.world_size
         trial_seed = opts.seed + trial
         key = self.key(shots, trial_seed)
         cache_dir = self.out_dir / "cache" / _safe(task.name) / key if self.out_dir else None
@@ -261,7 +243,7 @@ class _TaskRun:
                 writer.close()
         mine_ids = {e.id for e in mine}
         local = [r for r in done.values() if r["id"] in mine_ids] + new
-        gathered = _gather(local, world)
+        gathered = gather_objects(local, state)
         if rank != 0:
             return None
         records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
@@ -339,10 +321,16 @@ def evaluate(
     num_beams: int | None = None, max_new_tokens: int | None = None, progress: bool = True,
     print_table: bool = False, extra_config: dict | None = None,
     on_trial: Callable[[str, int, int, list[dict]], None] | None = None,
+    dist: DistState | None = None,
 ) -> dict:
     """Evaluate ``model`` on ``tasks`` at each shot count over ``trials`` seeds; returns the results
     dict (also written to ``out_dir/results.json`` by rank 0, with per-sample JSONL under
-    ``out_dir/samples``). Every process returns the same dict."""
+    ``out_dir/samples``). Every process returns the same dict.
+
+    Several processes: ``dist`` (or a group already initialised) is used as it is; under ``torchrun``
+    with no group yet, the call opens :func:`interleaf.distributed.distributed` for its duration
+    (destroyed after success; a failure in this process ends it with a non-zero status).
+    """
     opts = EvalOptions(
         shots=[shots] if isinstance(shots, int) else list(shots), trials=trials, seed=seed, batch_size=batch_size,
         rices=rices, zero_shot_trick=zero_shot_trick, chat=chat, limit=limit,
@@ -352,14 +340,27 @@ def evaluate(
     )
     task_list = [tasks] if isinstance(tasks, (str, TaskSpec)) else list(tasks)
     specs = [t if isinstance(t, TaskSpec) else get_task(t) for t in task_list]
-    rank, world = dist_info()
+    with contextlib.nullcontext(dist) if dist is not None else distributed() as state:
+        return _evaluate(model, processor, specs, opts, state, out_dir=out_dir, rices_encoder=rices_encoder,
+                         rices_encoder_id=rices_encoder_id, model_id=model_id, progress=progress,
+                         print_table=print_table, extra_config=extra_config, on_trial=on_trial)
+
+
+def _evaluate(
+    model: Any, processor: Any, specs: list[TaskSpec], opts: EvalOptions, state: DistState, *,
+    out_dir: str | Path | None, rices_encoder: Encoder | None, rices_encoder_id: str | None, model_id: str | None,
+    progress: bool, print_table: bool, extra_config: dict | None,
+    on_trial: Callable[[str, int, int, list[dict]], None] | None,
+) -> dict:
+    """``evaluate`` inside the process group ``state`` (every collective of the run happens here)."""
+    rank, world = state.rank, state.world_size
     out = Path(out_dir) if out_dir is not None else None
     model_id = model_id or model_fingerprint(model)
     encoder, encoder_id = rices_encoder, rices_encoder_id
-    if rices and encoder is None:
+    if opts.rices and encoder is None:
         vt = VisionTowerEncoder(model)
         encoder, encoder_id = vt, vt.identity
-    elif rices and encoder_id is None:
+    elif opts.rices and encoder_id is None:
         raise InputError("rices_encoder needs rices_encoder_id (a name that changes when the encoder does)")
     model.eval()
     results: dict[str, Any] = {}
@@ -371,7 +372,7 @@ def evaluate(
         for k in opts.shots:
             trial_results = []
             for t in range(opts.trials):
-                got = run.run(k, t, rank, world)
+                got = run.run(k, t, state)
                 if got is not None:
                     trial_results.append(got[0])
                     if on_trial is not None:
@@ -385,12 +386,12 @@ def evaluate(
         "results": results,
         "config": {**dataclasses.asdict(opts), "tasks": [dataclasses.asdict(s) for s in specs], "world_size": world,
                    "model_id": model_id, "prompt_format": processor.tokens.prompt_format,
-                   "rices_encoder": encoder_id if rices else None, **(extra_config or {})},
+                   "rices_encoder": encoder_id if opts.rices else None, **(extra_config or {})},
         "versions": package_versions(),
         "data_files": data_files,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    summary = _gather(summary if rank == 0 else None, world)[0]
+    summary = gather_objects(summary if rank == 0 else None, state)[0]
     if rank == 0:
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
-"""Process groups and parallel wrappers: DDP or FSDP2 under ``torchrun``, applied outside the model.
+"""Parallel wrappers for training: DDP or FSDP2, applied outside the model.
 
-``torchrun --nproc_per_node N -m interleaf train CONFIG`` starts N processes; each reads
-``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` from the environment. The backend is NCCL on GPUs and
-gloo on CPU. With one process nothing is wrapped.
+The process group itself (``torchrun`` environment, gloo on CPU / NCCL on GPUs, teardown, failure
+handling) belongs to :mod:`interleaf.distributed`; its state and collectives are re-exported here
+for the training modules. With one process nothing is wrapped.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) shards each gated cross-attention block, each
 decoder layer, the vision tower and the resampler as units, then the root (embeddings, head, final
@@ -11,71 +11,9 @@ norm).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
 from torch import nn
 
-
-@dataclass
-class DistState:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def setup() -> DistState:
-    """Join the ``torchrun`` process group when there is one; pick this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistState(rank=rank, world_size=world, local_rank=local, device=device)
-
-
-def teardown(state: DistState) -> None:
-    if state.enabled and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def barrier(state: DistState) -> None:
-    if state.enabled:
-        dist.barrier()
-
-
-def all_reduce_sum(tensor: torch.Tensor, state: DistState) -> torch.Tensor:
-    """Sum over processes (in place on a copy); the identity with one process."""
-    if not state.enabled:
-        return tensor
-    out = tensor.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
-def gather_objects(obj, state: DistState) -> list:
-    if not state.enabled:
-        return [obj]
-    out: list = [None] * state.world_size
-    dist.all_gather_object(out, obj)
-    return out
+from ..distributed import DistState, all_reduce_sum, barrier, current_state, gather_objects
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
@@ -121,4 +59,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-__all__ = ["DistState", "all_reduce_sum", "barrier", "fsdp_units", "gather_objects", "setup", "teardown", "unwrap", "wrap_model"]
+__all__ = [
+    "DistState", "all_reduce_sum", "barrier", "current_state", "fsdp_units", "gather_objects", "unwrap", "wrap_model",
+]

@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import distributed
 from ..errors import CheckpointError, ConfigError
 from . import checkpoint as ckpt
 from .config import Recipe, StageConfig, llava_mixture, load_recipe
-from .distributed import DistState, all_reduce_sum, barrier, gather_objects, setup, teardown, unwrap, wrap_model
+from .distributed import DistState, all_reduce_sum, barrier, current_state, gather_objects, unwrap, wrap_model
 from .logging import MetricsLogger, Throughput, write_summary
 from .optim import build_optimizer, lr_factor, set_lr
 
@@ -228,11 +229,12 @@ def train_stage(
 
     ``resume=True`` continues from the latest checkpoint in ``OUT/checkpoints`` (or starts afresh
     when there is none). ``stream_factory(stage, processor, rank, world_size)`` replaces the
-    stage's mixture stream (tests, custom data).
+    stage's mixture stream (tests, custom data). ``dist`` is the process group's state (default: the
+    group already initialised, see :mod:`interleaf.distributed`); no group is created here.
     """
     import yaml
 
-    dist = dist or setup()
+    dist = dist or current_state()
     out = Path(stage.out)
     latest = ckpt.latest_checkpoint(out) if resume else None
     if not resume and (ckpt.list_checkpoints(out) or (out / "final").exists()):
@@ -473,6 +475,7 @@ def train(
     out: str | Path | None = None,
     progress: bool = True,
     stream_factory: StreamFactory | None = None,
+    dist: DistState | None = None,
 ) -> list[StageResult]:
     """Run a stage or a recipe of stages (YAML path or dict), in order; returns one result per stage.
 
@@ -480,12 +483,15 @@ def train(
     from a saved directory; ``data`` (+ ``images``) trains on a LLaVA-format JSON; ``out`` moves
     the output (a recipe's stages go to ``out/NAME``); ``resume`` continues from the latest
     checkpoints and skips stages that already finished.
+
+    Several processes: ``dist`` (or a group already initialised) is used as it is; under ``torchrun``
+    with no group yet, the call opens :func:`interleaf.distributed.distributed` for its duration
+    (destroyed after success; a failure in this process ends it with a non-zero status).
     """
     recipe = _apply_flags(load_recipe(config, overrides), model=model, data=data, images=images, out=out)
-    dist = setup()
     results: list[StageResult] = []
     finals: dict[str, Path] = {}
-    try:
+    with contextlib.nullcontext(dist) if dist is not None else distributed() as dist:
         for stage in recipe.stages:
             done = Path(stage.out) / "final"
             if resume and done.is_dir() and (Path(stage.out) / "summary.json").is_file():
@@ -497,8 +503,6 @@ def train(
             result = train_stage(stage, resume=resume, finals=finals, stream_factory=stream_factory, progress=progress, dist=dist)
             finals[stage.name] = result.final
             results.append(result)
-    finally:
-        teardown(dist)
     return results
 
 
