@@ -128,28 +128,46 @@ def test_models_health_and_playground(served):
 
 
 def test_a_long_answer_does_not_hold_up_a_new_request(served):
+    """A short request that arrives while a 300-token answer runs is answered long before that answer ends.
+
+    Deterministic: the long answer's second round waits until the short request is queued; the
+    short request then runs its one round right after the long answer's third, of 75."""
     model, processor, server, client = served
+    batcher = server.app.state.batcher
+    long_rounds, short_rounds = [], []
+
+    def hook(jobs) -> None:
+        if any(j.max_new_tokens == 3 for j in jobs):
+            short_rounds.append(len(long_rounds))  # how many rounds the long answer had run by then
+        if any(j.max_new_tokens == 300 for j in jobs):
+            long_rounds.append(len(long_rounds))
+            if len(long_rounds) == 2:
+                wait_for(lambda: any(j.max_new_tokens == 3 for j in batcher.jobs), "the short request is queued")
+
+    batcher.round_hook = hook
     long_messages = [{"role": "user", "content": "Write a very long essay about rivers."}]
-    marks: dict[str, float] = {}
-    started = threading.Event()
-
-    def long_request() -> None:
-        for c in ask(client, long_messages, max_tokens=300, stream=True):
-            if c.choices and c.choices[0].delta.content:
-                started.set()
-            if c.choices and c.choices[0].finish_reason:
-                marks["long_reason"] = c.choices[0].finish_reason
-        marks["long_done"] = time.monotonic()
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
-    assert started.wait(30)
-    short = ask(client, [{"role": "user", "content": "Hi"}], max_tokens=3)
-    marks["short_done"] = time.monotonic()
-    thread.join(60)
+    reasons = []
+    try:
+        thread = threading.Thread(target=lambda: reasons.extend(
+            c.choices[0].finish_reason for c in ask(client, long_messages, max_tokens=300, stream=True)
+            if c.choices and c.choices[0].finish_reason))
+        thread.start()
+        wait_for(lambda: len(long_rounds) >= 1, "the long answer is running")
+        short = ask(client, [{"role": "user", "content": "Hi"}], max_tokens=3)
+        thread.join(120)
+    finally:
+        batcher.round_hook = None
     assert short.choices[0].message.content is not None
-    assert marks["long_reason"] == "length", "the long request must run its full length for this test to mean anything"
-    assert marks["short_done"] < marks["long_done"]
+    assert reasons == ["length"], "the long request must run its full length for this test to mean anything"
+    assert len(long_rounds) == 300 // 4  # round_tokens=4
+    assert short_rounds == [3]  # one round (3 tokens), interleaved with the long answer's rounds
+
+
+def wait_for(predicate, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout  # a hang guard, not a speed requirement
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -248,14 +266,11 @@ def test_a_client_that_goes_away_mid_stream_frees_its_rows(served):
     _, _, server, _ = served
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "A very long answer, please."}],
             "max_tokens": 400, "temperature": 0, "stream": True}
-    batcher = server.server.config.app.state.batcher
+    batcher = server.app.state.batcher
     cancelled = batcher.rows_cancelled
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: {"))
-    deadline = time.monotonic() + 20
-    while httpx.get(server.url + "/health").json()["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert httpx.get(server.url + "/health").json()["running"] == 0
+    wait_for(lambda: httpx.get(server.url + "/health").json()["running"] == 0, "the row is dropped")
     assert batcher.rows_cancelled == cancelled + 1  # dropped, not generated to the end
