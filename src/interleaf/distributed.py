@@ -36,8 +36,8 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator
-from typing import NoReturn
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -111,8 +111,8 @@ def current_state() -> DistState:
 
 def _init() -> DistState:
     missing = [v for v in _LAUNCH_VARS if not os.environ.get(v)]
-    world = env_world_size()
     if missing:
+        world = env_world_size()
         raise DistributedError(
             f"WORLD_SIZE={world} asks for {world} processes but {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not set; launch with "
