@@ -377,6 +377,15 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run_and_resume_keeps_the_cou
     assert result.summary["nonfinite_steps"] == 2 and result.summary["nonfinite_at"] == [3, 4]
 
 
+def test_a_run_whose_every_step_is_skipped_ends_with_no_final_loss(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    [result] = train(_stage(corpus, out, max_steps=2, checkpoint={"every": None}), progress=False,
+                     stream_factory=_nan_at([1, 2]))
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert summary["final_loss"] is None and summary["nonfinite_at"] == [1, 2]
+    assert "final loss none (every step was skipped)" in capsys.readouterr().err
+
+
 def test_max_nonfinite_steps_is_validated(corpus, tmp_path):
     from interleaf.errors import ConfigError
 

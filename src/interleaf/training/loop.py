@@ -381,7 +381,8 @@ def train_stage(
         bad = _merge_bad(gather_objects(_bad_counts(stream), dist))
         summary = {
             "stage": stage.name, "steps": step, "time_s": round(elapsed_before + time.perf_counter() - t_start, 3),
-            "final_loss": last_loss, "tokens_seen": tokens_seen, "trained_tokens_seen": trained_seen,
+            "final_loss": last_loss if math.isfinite(last_loss) else None,  # None: every step was skipped
+            "tokens_seen": tokens_seen, "trained_tokens_seen": trained_seen,
             "samples_seen": samples_seen, "trainable_parameters": n_trainable, "processes": dist.world_size,
             "bad_samples": bad.get("bad", {}), "samples_read_by_source": bad.get("seen", {}), "final_model": str(final),
             "nonfinite_steps": len(nonfinite_at), "nonfinite_at": nonfinite_at[:100],
@@ -405,7 +406,8 @@ def _reduce_window(window: dict[str, list[float]], dist: DistState) -> dict[str,
 
 def _summary_text(s: dict) -> str:
     lines = [
-        f"stage {s['stage']!r} done: {s['steps']} steps in {s['time_s']:.1f} s, final loss {s['final_loss']:.4f}, "
+        f"stage {s['stage']!r} done: {s['steps']} steps in {s['time_s']:.1f} s, final loss "
+        f"{'none (every step was skipped)' if s['final_loss'] is None else format(s['final_loss'], '.4f')}, "
         f"{s['tokens_seen']:,} tokens seen; model in {s['final_model']}",
     ]
     bad = s.get("bad_samples") or {}
