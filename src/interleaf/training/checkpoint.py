@@ -6,15 +6,14 @@ A checkpoint is a folder ``OUT/checkpoints/step-00000500/``::
     optimizer.pt            AdamW's state (full tensors, by parameter name); read with weights_only=True
     rng_rank{r}.json        Python, NumPy and torch RNG states of process r
     data_rank{r}.json       process r's data-stream position and bad-sample counts
-    trainer_state.json      step, counters, the stage config, the frozen-weights fingerprint (written last)
+    trainer_state.json      step, counters, the stage config, the frozen-weights fingerprint
+    manifest.json           the size and sha256 of every other file (written last)
 
 Only trainable parameters are stored: the frozen ones are rebuilt identically at resume from the
 stage's start (a preset built with the stage's seed, or the same saved directory), which keeps a
 checkpoint of a frozen 7B LM to the size of its adapters. A fingerprint (count and float64 sums)
 of the frozen weights is stored and checked, so a changed base model is an error, not a silent
 drift.
-
-    manifest.json           the size and sha256 of every other file (written last)
 
 Writes are atomic: everything goes into ``.tmp-step-N`` in the same folder, which is renamed to
 ``step-N`` only once complete (``os.replace``). A process killed mid-write leaves a ``.tmp-*``
