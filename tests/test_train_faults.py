@@ -34,6 +34,7 @@ from interleaf.errors import CheckpointError, ConfigError, TrainingError
 from interleaf.training import checkpoint as ckpt
 from interleaf.training import train
 from interleaf.training.config import load_recipe
+from interleaf.training.distributed import DistState
 from interleaf.training.loop import default_stream, train_stage
 
 STEPS, EVERY, KEEP = 10, 2, 2
@@ -252,6 +253,10 @@ def test_full_disk_keeps_the_previous_checkpoint_and_a_damaged_one_is_passed_ove
     size = weights.stat().st_size
     with open(weights, "r+b") as f:
         f.truncate(size // 2)
+    model = torch.nn.Linear(2, 2)  # checked before anything is loaded; verified above, changed since: checked again
+    with pytest.raises(CheckpointError, match="step-00000004' is damaged: trainable.safetensors has"):
+        ckpt.load_checkpoint(root / "step-00000004", model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                             dist=DistState(), fingerprint=None)
     capsys.readouterr()
     train(stage, resume=True, progress=False)
     err = capsys.readouterr().err

@@ -144,7 +144,13 @@ def _write_manifest(folder: Path, step: int) -> None:
     _write_json(folder / MANIFEST, {"format": 1, "step": step, "files": files})
 
 
-_VERIFIED: set[str] = set()  # checkpoints this process has checked in full (not hashed twice per resume)
+# Checkpoints this process has checked in full, with the size and mtime of each file then: a resume
+# hashes them once, and any later change to a file makes them checked again.
+_VERIFIED: dict[str, tuple] = {}
+
+
+def _signature(p: Path) -> tuple:
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file()))
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
@@ -177,7 +183,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
             return f"{name} cannot be read ({e})"
         if digest != entry.get("sha256"):
             return f"{name} does not match its sha256 in the manifest (its content is corrupted)"
-    _VERIFIED.add(str(p.resolve()))
+    _VERIFIED[str(p.resolve())] = _signature(p)
     return None
 
 
@@ -445,7 +451,7 @@ def load_checkpoint(
     """Restore weights, optimizer and this process's RNG; returns ``(trainer_state, data_state)``."""
     p = Path(path)
     state = read_trainer_state(p)
-    if str(p.resolve()) not in _VERIFIED:
+    if _VERIFIED.get(str(p.resolve())) != _signature(p):
         problem = verify_checkpoint(p)
         if problem is not None:
             raise CheckpointError(f"checkpoint {str(p)!r} is damaged: {problem}; resume from an earlier checkpoint")
