@@ -100,9 +100,18 @@ records = st.fixed_dictionaries({}, optional={
 })
 
 
+valid_records = st.fixed_dictionaries({
+    "id": st.text(max_size=5),
+    "conversations": st.lists(st.fixed_dictionaries({
+        "from": st.sampled_from(["human", "gpt"]),
+        "value": st.sampled_from(["<image>\nWhat is it?", "a cat.", "Describe it.", "<image>"]) | st.text(max_size=20)}),
+        min_size=1, max_size=4),
+}, optional={"image": st.sampled_from(["good.png", "cut.png", "missing.png"])})
+
+
 @timeout(40, 1.0)
 @settings(max_examples=examples(40))
-@given(entries=st.lists(records | json_values, max_size=6), layout=st.sampled_from(["list", "lines", "broken"]),
+@given(entries=st.lists(valid_records | records | json_values, max_size=6), layout=st.sampled_from(["list", "lines", "broken"]),
        extra=st.binary(max_size=20))
 def test_llava_json_reads_or_fails_with_a_named_error(processor, sandbox, entries, layout, extra):
     (sandbox / "good.png").write_bytes(GOOD["PNG"])

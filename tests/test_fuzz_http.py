@@ -115,14 +115,29 @@ requests = st.fixed_dictionaries(
 )
 
 
+valid_parts = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=30)}),
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": image_urls()})}),
+)
+near_valid = st.fixed_dictionaries(
+    {"model": st.just(MODEL), "max_tokens": st.integers(1, 3), "messages": st.lists(st.fixed_dictionaries({
+        "role": st.sampled_from(["user", "assistant", "system", "developer"]),
+        "content": st.text(max_size=40) | st.lists(valid_parts, min_size=1, max_size=3)}), min_size=1, max_size=3)},
+    optional={"stream": st.booleans(), "n": st.integers(1, 2), "temperature": st.floats(0, 2),
+              "top_p": st.floats(0, 1), "seed": st.integers(),
+              "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2)},
+)
+
+
 @timeout(60, 2.0)
 @settings(max_examples=examples(60))
-@given(body=requests | json_values, raw=st.none() | st.binary(max_size=40))
+@given(body=near_valid | requests | json_values, raw=st.none() | st.binary(max_size=40))
 def test_chat_route_answers_200_or_a_4xx_in_openai_shape(client, sandbox, body, raw):
     content = raw if raw is not None else json.dumps(body).encode()
     response = client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
     stream = isinstance(body, dict) and body.get("stream") is True and raw is None
-    event(f"status {response.status_code}")  # the share of each is in --hypothesis-show-statistics
+    code = response.json()["error"]["code"] if 400 <= response.status_code < 500 else ""
+    event(f"status {response.status_code} {code or ''}".strip())  # the shares: --hypothesis-show-statistics
     check_answer(response, stream)
 
 
@@ -141,3 +156,20 @@ def test_truncated_images_are_a_400_naming_the_part(client, fmt):
     whole = {"model": MODEL, "max_tokens": 2, "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _url(data)}}]}]}
     assert client.post("/v1/chat/completions", json=whole).status_code == 200
+
+
+@pytest.mark.parametrize("sampling, status", [
+    ({"temperature": 5e-324}, 200),  # greedy: dividing the logits by it would overflow
+    ({"temperature": 1e-300, "top_p": 5e-324}, 200),
+    ({"temperature": 2.0, "seed": 2**64 - 1}, 200),
+    ({"temperature": 1.0, "seed": -(2**63)}, 200),
+    ({"temperature": 2.0, "seed": 2**64}, 400),  # beyond what torch.manual_seed takes
+    ({"temperature": 1.0, "seed": -(2**70)}, 400),
+])
+def test_extreme_sampling_values_answer_200_or_400_never_500(client, sampling, status):
+    body = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}], **sampling}
+    response = client.post("/v1/chat/completions", json=body)
+    check_answer(response, stream=False)
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert response.json()["error"]["param"] == "seed"

@@ -104,7 +104,17 @@ messages = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "assistant", "system"]) | st.text(max_size=8) | wrong,
      "content": texts | st.lists(parts, max_size=4) | wrong},
 )
+plain_items = st.one_of(st.text(min_size=1, max_size=40), pil_images, encoded_images())
+plain_messages = st.fixed_dictionaries({
+    "role": st.sampled_from(["user", "assistant", "system"]),
+    "content": st.text(max_size=30) | st.lists(
+        st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)})
+        | st.fixed_dictionaries({"type": st.just("image"), "image": pil_images | encoded_images()}), max_size=3),
+})
 prompts = st.one_of(
+    st.lists(plain_items, min_size=1, max_size=4),  # near-valid: mostly accepted
+    st.lists(st.lists(plain_items, min_size=1, max_size=3), min_size=1, max_size=3),
+    st.lists(plain_messages, min_size=1, max_size=3),
     st.lists(items, max_size=6),  # one prompt
     st.lists(st.lists(items, max_size=5), min_size=0, max_size=3),  # a batch
     st.lists(messages, min_size=1, max_size=4),  # one conversation

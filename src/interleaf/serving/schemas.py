@@ -1,7 +1,7 @@
 """The OpenAI Chat Completions request and response shapes the server speaks.
 
 Requests are validated with pydantic; unknown OpenAI fields (``user``, ``logprobs``, ...) are
-accepted and ignored. Every error leaves the server as OpenAI's error object
+accepted and ignored. A temperature below :data:`MIN_SAMPLING_TEMPERATURE` decodes greedily. Every error leaves the server as OpenAI's error object
 ``{"error": {"message", "type", "param", "code"}}`` (:func:`error_body`).
 """
 
@@ -11,7 +11,11 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Below this, a temperature is greedy decoding: dividing the logits by it overflows to inf (and
+# sampling fails on NaN probabilities) long before it differs from greedy in practice.
+MIN_SAMPLING_TEMPERATURE = 1e-4
 
 
 class StreamOptions(BaseModel):
@@ -35,9 +39,14 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, value: float) -> float:
+        return 0.0 if value < MIN_SAMPLING_TEMPERATURE else value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
