@@ -87,18 +87,19 @@ def test_concurrent_image_requests_of_different_lengths_get_their_own_answers(ti
     server = start_server(model, processor, max_batch_size=16, round_tokens=4)
     gate = Gate()
     try:
-        server.app.state.batcher.round_hook = gate
-        opener = threading.Thread(target=post, args=(server.url, {
-            "model": MODEL_NAME, "messages": [{"role": "user", "content": "hold"}], "max_tokens": 2}))
-        opener.start()
-        assert gate.entered.wait(HANG_GUARD_S)
         batcher = server.app.state.batcher
-        with ThreadPoolExecutor(len(bodies)) as pool:
+        batcher.round_hook = gate
+        hold = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hold"}], "max_tokens": 2,
+                "temperature": 0.5}  # sampled: a cohort of its own, ahead of the eight
+        with ThreadPoolExecutor(len(bodies) + 1) as pool:
+            opener = pool.submit(post, server.url, hold)
+            wait_until(lambda: gate.entered.is_set() or opener.done(), "the first request holds the worker")
+            assert gate.entered.is_set(), opener.result().text
             futures = [pool.submit(post, server.url, b) for b in bodies]
             wait_until(lambda: batcher.pending == len(bodies), "all eight requests are queued")
             gate.open.set()  # all eight are admitted together, as one cohort of 12 rows
             answers = [f.result() for f in futures]
-        opener.join(HANG_GUARD_S)
+            assert opener.result().status_code == 200
         for body, r, want in zip(bodies, answers, expected):
             assert r.status_code == 200, r.text
             choices = r.json()["choices"]
@@ -107,6 +108,7 @@ def test_concurrent_image_requests_of_different_lengths_get_their_own_answers(ti
         wait_until(lambda: batcher.active_rows == 0, "the finished rows leave the batch")
         assert batcher.health() == (True, "ok")
     finally:
+        gate.open.set()
         server.stop()
 
 
@@ -143,6 +145,7 @@ def test_a_round_that_raises_fails_only_its_cohort(tiny):
         assert batcher.rounds_failed == 2 and batcher.active_rows == 0
         assert httpx.get(server.url + "/health").status_code == 200
     finally:
+        gate.open.set()
         server.stop()
 
 
