@@ -9,12 +9,18 @@ written into the repository). ``make fuzz`` sets ``INTERLEAF_FUZZ_EXAMPLES`` (de
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from interleaf.errors import InterleafError
+
+# Hypothesis keeps caches (Unicode tables, constants found in the source) in its home folder,
+# .hypothesis/ in the working directory by default: keep them out of the repository.
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "interleaf-hypothesis"))
 
 _FUZZ_EXAMPLES = os.environ.get("INTERLEAF_FUZZ_EXAMPLES")
 _COMMON = dict(

@@ -172,3 +172,28 @@ def test_collated_batches_from_a_dataloader_feed_the_model(corpus):
     with torch.no_grad():
         out = model(**batch)
     assert torch.isfinite(out.loss) and weights.shape == (4,)
+
+
+def test_truncated_images_are_counted_and_the_stream_goes_on(tmp_path, proc):
+    import numpy as np
+
+    arr = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)  # (H, W, 3)
+    with tarfile.open(tmp_path / "t.tar", "w") as tar:
+        for i in range(12):
+            fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")][i % 3]
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format=fmt)
+            data = buf.getvalue()
+            data = data[: [20, len(data) // 2][i % 2]] if i < 6 else data  # s000..s005: cut in the header or the pixels
+            for name, payload in ((f"s{i:03d}.{ext}", data), (f"s{i:03d}.txt", f"sample {i}.".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    sources = [{"name": "web", "format": "pairs", "paths": "t.tar", "samples": 6}]
+    mixture = {"sources": sources, "max_bad_fraction": 0.6, "shuffle_buffer": 1}  # file order: the bad ones first
+    stream = MixtureStream(load_mixture(mixture, base_dir=tmp_path), proc, epochs=1)
+    samples = list(stream)
+    assert [s["key"] for s in samples] == [f"s{i:03d}" for i in range(6, 12)]
+    assert stream.bad.counts[("web", "unreadable_image")] == 6 and sum(stream.bad.counts.values()) == 6
+    examples = stream.bad.examples[("web", "unreadable_image")]
+    assert all("t.tar:s0" in e and "truncated or corrupt" in e for e in examples), examples
