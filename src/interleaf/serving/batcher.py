@@ -358,7 +358,8 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        with self._cond:  # consistent with the worker's bookkeeping of what it takes from the queue
+            return len(self._pending)
 
     @property
     def active_rows(self) -> int:
