@@ -363,7 +363,10 @@ class InterleafConfig(PreTrainedConfig):
         self.tokens = dataclasses.asdict(self.tokens_config_)
         super().__init__(**kwargs)
         if text_config is not None:
-            self.cross_attention_config_.layer_indices(text_config.num_hidden_layers)  # validates explicit indices
+            layers = getattr(text_config, "num_hidden_layers", None)
+            if isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0:
+                raise ConfigError("text_config.num_hidden_layers", f"must be a positive integer, got {layers!r}")
+            self.cross_attention_config_.layer_indices(layers)  # validates explicit indices
             # Generation defaults come from the LM (pad / bos / eos).
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 if getattr(self, name, None) is None and getattr(text_config, name, None) is not None:

@@ -162,8 +162,9 @@ def _open_path(path: Path, where: str, max_pixels: int) -> Image.Image:
 
 def _open_stream(stream, where: str, max_pixels: int, what: str) -> Image.Image:
     with warnings.catch_warnings():
-        # Our own limit replaces Pillow's decompression-bomb warning; a truncated TIFF's warning
-        # becomes the error below.
+        # Our own limit replaces Pillow's decompression-bomb warning. Its warnings about a damaged
+        # file (a TIFF tag past the end, corrupt EXIF) are noise here: decoding below either
+        # succeeds or raises the error that names the input.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.simplefilter("ignore", UserWarning)
         try:

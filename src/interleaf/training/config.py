@@ -361,6 +361,10 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             node = node[_list_index(node, part, ".".join(parts[: i + 1]))]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(
+                    ".".join(parts[: i + 1]), f"is {node!r}, not a section, so override {key!r} cannot set inside it"
+                )
             continue
         if node.get(part) is None:
             node[part] = {}
