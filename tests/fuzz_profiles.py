@@ -50,6 +50,11 @@ def assert_named_error(error: BaseException) -> None:
     if not isinstance(error, InterleafError):
         raise AssertionError(f"{type(error).__name__} escaped instead of an interleaf error: {error!r}") from error
     assert str(error).strip(), f"{type(error).__name__} with an empty message"
+    cause = error
+    while cause is not None:  # an input that makes us run out of memory is a bug, even when wrapped
+        if isinstance(cause, MemoryError):
+            raise AssertionError(f"the input exhausted memory: {error}") from error
+        cause = cause.__cause__
 
 
 def _listing(root: Path, skip: Path | None = None) -> set[str]:

@@ -272,3 +272,23 @@ def test_header_only_truncation_of_every_format_is_an_input_error_not_oserror():
         for cut in range(1, 64):
             with pytest.raises(InputError):
                 load_image(data[:cut], where="w")
+
+
+def test_extreme_aspect_ratio_is_cropped_before_it_is_resized():
+    # 1 x 3,000,000 pixels: scaling the shortest edge to 224 first would build 224 x 672,000,000
+    # pixels (600 GB); only the kept centre is resized.
+    tall = Image.new("RGB", (1, 3_000_000), (10, 200, 30))
+    x = ImageTransform(224, (0, 0, 0), (1, 1, 1))(tall)
+    assert x.shape == (3, 224, 224)
+    torch.testing.assert_close(x[:, 112, 112], torch.tensor([10, 200, 30]) / 255.0)
+
+
+def test_centre_only_resize_matches_the_whole_resize(monkeypatch):
+    yy, xx = np.mgrid[0:333, 0:39]
+    smooth = np.stack([xx * 255 // 38, yy * 255 // 332, (xx + yy) % 256], axis=-1).astype(np.uint8)  # (H, W, 3)
+    img = Image.fromarray(smooth)
+    whole = np.asarray(ImageTransform._shortest_edge_crop(img, 32))
+    monkeypatch.setattr(ImageTransform, "MAX_RESIZED_PIXELS", 0)  # force the centre-only path
+    centre = np.asarray(ImageTransform._shortest_edge_crop(img, 32))
+    assert whole.shape == centre.shape == (32, 32, 3)
+    np.testing.assert_array_equal(centre, whole)

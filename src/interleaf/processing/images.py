@@ -314,14 +314,27 @@ class ImageTransform:
         pixels = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, S, S)
         return (pixels - self._mean) / self._std
 
+    # Above this many pixels the resized image is not built whole: only the kept centre is resized.
+    MAX_RESIZED_PIXELS = 16_000_000
+
     @staticmethod
     def _shortest_edge_crop(img: Image.Image, s: int) -> Image.Image:
+        """Scale the shortest edge to ``s`` (bicubic) and take the centre ``s x s``.
+
+        An image of extreme aspect ratio would first become huge (1 x 50,000,000 pixels -> 32 x
+        1,600,000,000, 20 GB): past :attr:`MAX_RESIZED_PIXELS` only the centre region is resized
+        (Pillow's ``box``), the same resampling up to the rounding of overshoots on sharp edges.
+        """
         w, h = img.size
         scale = s / min(w, h)
         nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))  # the crop, in resized pixels
+        if nw * nh > ImageTransform.MAX_RESIZED_PIXELS:
+            sx, sy = nw / w, nh / h
+            box = (left / sx, top / sy, (left + s) / sx, (top + s) / sy)  # the same crop, in source pixels
+            return img.resize((s, s), Image.Resampling.BICUBIC, box=box)
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
         return img.crop((left, top, left + s, top + s))
 
     def to_dict(self) -> dict:
