@@ -62,8 +62,8 @@ overrides = st.lists(
 )
 
 
-@timeout(150, 0.1)
-@settings(max_examples=examples(150))
+@timeout(300, 0.1)
+@settings(max_examples=examples(300))
 @given(config=recipe | values, extra=overrides, from_file=st.booleans())
 def test_training_configs_load_or_fail_with_a_config_error(sandbox, config, extra, from_file):
     try:
@@ -112,8 +112,8 @@ model_configs = st.fixed_dictionaries({}, optional={
 })
 
 
-@timeout(150, 0.1)
-@settings(max_examples=examples(150))
+@timeout(300, 0.1)
+@settings(max_examples=examples(300))
 @given(kwargs=model_configs)
 def test_model_configs_build_or_fail_with_a_config_error(sandbox, kwargs):
     try:

@@ -109,8 +109,8 @@ valid_records = st.fixed_dictionaries({
 }, optional={"image": st.sampled_from(["good.png", "cut.png", "missing.png"])})
 
 
-@timeout(40, 1.0)
-@settings(max_examples=examples(40))
+@timeout(80, 1.0)
+@settings(max_examples=examples(80))
 @given(entries=st.lists(valid_records | records | json_values, max_size=6), layout=st.sampled_from(["list", "lines", "broken"]),
        extra=st.binary(max_size=20))
 def test_llava_json_reads_or_fails_with_a_named_error(processor, sandbox, entries, layout, extra):
@@ -178,8 +178,8 @@ def shards(draw) -> tuple[str, bytes]:
     return fmt, bytes(raw)
 
 
-@timeout(40, 1.0)
-@settings(max_examples=examples(40))
+@timeout(80, 1.0)
+@settings(max_examples=examples(80))
 @given(shard=shards(), n_shards=st.integers(1, 2))
 def test_webdataset_shards_read_or_fail_with_a_named_error(processor, sandbox, shard, n_shards):
     fmt, raw = shard
@@ -215,8 +215,8 @@ mixtures = st.fixed_dictionaries({}, optional={
 })
 
 
-@timeout(60, 0.5)
-@settings(max_examples=examples(60))
+@timeout(100, 0.5)
+@settings(max_examples=examples(100))
 @given(mixture=mixtures | json_values, as_text=st.sampled_from(["yaml", "yaml", "garbage", "binary"]),
        garbage=st.text(max_size=40), binary=st.binary(max_size=40))
 def test_mixture_yaml_loads_or_fails_with_a_named_error(processor, sandbox, mixture, as_text, garbage, binary):

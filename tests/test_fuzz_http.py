@@ -129,8 +129,8 @@ near_valid = st.fixed_dictionaries(
 )
 
 
-@timeout(60, 2.0)
-@settings(max_examples=examples(60))
+@timeout(100, 2.0)
+@settings(max_examples=examples(100))
 @given(body=near_valid | requests | json_values, raw=st.none() | st.binary(max_size=40))
 def test_chat_route_answers_200_or_a_4xx_in_openai_shape(client, sandbox, body, raw):
     content = raw if raw is not None else json.dumps(body).encode()

@@ -131,8 +131,8 @@ options = st.fixed_dictionaries({}, optional={
 })
 
 
-@timeout(60, 1.0)
-@settings(max_examples=examples(60))
+@timeout(100, 1.0)
+@settings(max_examples=examples(100))
 @given(prompt=prompts, kwargs=options)
 def test_processor_returns_a_batch_or_a_named_error(processor, sandbox, prompt, kwargs):
     try:
@@ -148,8 +148,8 @@ def test_processor_returns_a_batch_or_a_named_error(processor, sandbox, prompt, 
         assert out["pixel_values"].shape[:2] == (b, out["image_attention_mask"].shape[2])
 
 
-@timeout(40, 0.5)
-@settings(max_examples=examples(40))
+@timeout(80, 0.5)
+@settings(max_examples=examples(80))
 @given(data=encoded_images(), as_=st.sampled_from(["bytes", "path", "data_url", "lazy_pil"]))
 # Found by fuzzing: a TIFF whose height a flipped byte made 720,897 pixels (1 pixel wide). Scaling
 # its shortest edge first made a 32 x 23,068,704 intermediate (3 GB; a taller one OOM-killed the run).
