@@ -131,7 +131,7 @@ def test_a_long_answer_does_not_hold_up_a_new_request(served):
     """A short request that arrives while a 300-token answer runs is answered long before that answer ends.
 
     Deterministic: the long answer's second round waits until the short request is queued; the
-    short request then runs its one round right after the long answer's third, of 75."""
+    short request then runs its one round right after the long answer's second or third, of 75."""
     model, processor, server, client = served
     batcher = server.app.state.batcher
     long_rounds, short_rounds = [], []
@@ -160,7 +160,9 @@ def test_a_long_answer_does_not_hold_up_a_new_request(served):
     assert short.choices[0].message.content is not None
     assert reasons == ["length"], "the long request must run its full length for this test to mean anything"
     assert len(long_rounds) == 300 // 4  # round_tokens=4
-    assert short_rounds == [3]  # one round (3 tokens), interleaved with the long answer's rounds
+    # one round (3 tokens), right after the long answer's second or third (whether the short request was
+    # queued before or during the second), not after its 75th
+    assert len(short_rounds) == 1 and short_rounds[0] in (2, 3), short_rounds
 
 
 def wait_for(predicate, what: str, timeout: float = 120) -> None:
