@@ -104,9 +104,10 @@ def test_text_corpus_is_captions_and_reading_comprehension_of_training_scenes(tm
 
 
 def test_demo_with_a_missing_recipe_fails_before_writing_anything(tmp_path):
-    from interleaf.errors import InputError
+    from interleaf.errors import ConfigError
 
-    with pytest.raises(InputError, match=r"recipe .*nope\.yaml does not exist; pass the path of a recipe YAML"):
+    with pytest.raises(ConfigError, match=r"field 'recipe': '.*nope\.yaml' is not an existing file and not the name "
+                       r"of a packaged recipe; packaged recipes: demo, .*\(pass one of these names.*or the path of your own"):
         run_demo(tmp_path / "demo", recipe=tmp_path / "nope.yaml", progress=False)
     assert not (tmp_path / "demo").exists()
 

@@ -1,4 +1,4 @@
-"""The seeds' training recipes (configs/seeds/) hold the seeds' hyperparameters.
+"""The seeds' training recipes (interleaf/recipes/seeds/) hold the seeds' hyperparameters.
 
 tests/test_train_configs.py checks that every YAML validates; this file pins the values each
 recipe takes from its seed document (IDEFICS model card, InfiMM model card, xGen-MM code, OpenFlamingo
@@ -11,16 +11,16 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
 
 import pytest
 
 from interleaf.config import CrossAttentionConfig, ResamplerConfig
 from interleaf.data.formats import map_image_path
+from interleaf.recipes import ROOT
 from interleaf.training import load_recipe
 from interleaf.training.config import Recipe, StageConfig
 
-SEEDS = Path(__file__).resolve().parents[1] / "configs" / "seeds"
+SEEDS = ROOT / "seeds"
 QA_PROMPT = "Answer the question using a single word or phrase."
 
 

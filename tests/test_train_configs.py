@@ -1,4 +1,4 @@
-"""Every YAML shipped under configs/ (recursively) loads and validates: recipes added later are covered."""
+"""Every YAML shipped in interleaf/recipes/ (recursively) loads and validates: recipes added later are covered."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from interleaf.data.mixture import load_mixture
+from interleaf.recipes import ROOT as CONFIGS
 from interleaf.training import load_recipe
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FILES = sorted(CONFIGS.rglob("*.yaml")) + sorted(CONFIGS.rglob("*.yml"))
 
 

@@ -217,7 +217,7 @@ def test_user_llava_json_command_end_to_end(corpus, tmp_path):
     saved = tmp_path / "base"
     model, processor = interleaf.build("tiny-random", seed=1)
     interleaf.save(model, processor, saved)
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "sft_llava.yaml"
+    recipe = "sft_llava"  # the packaged recipe, by name
     out = tmp_path / "sft"
     args = ["train", str(recipe), "--model", str(saved), "--data", str(corpus / "llava" / "vqa_train.json"),
             "--images", str(corpus / "images"), "--out", str(out), "--no-progress",

@@ -13,9 +13,11 @@ def demo_cmd(
     train_scenes: int = typer.Option(8000, min=100, help="Training scenes in the synthetic corpus."),
     heldout_scenes: int = typer.Option(400, min=20, help="Held-out scenes (never seen in training)."),
     override: list[str] = typer.Option([], "--set", help="Dotted recipe override, e.g. stages.1.max_steps=100."),
-    recipe: Path = typer.Option(None, help="A recipe to run instead of configs/demo/recipe.yaml."),
+    recipe: str = typer.Option(
+        None, help="A recipe to run instead of the packaged demo recipe: a YAML path or a packaged recipe's name."
+    ),
 ) -> None:
-    """Synthesise a corpus, train lm -> pt -> mtt -> ift (configs/demo/recipe.yaml), evaluate on the
+    """Synthesise a corpus, train lm -> pt -> mtt -> ift (the packaged recipe `demo`), evaluate on the
     held-out split, and write OUT/metrics.json, OUT/report.html and the model OUT/final."""
     from ..demo import run_demo
 

@@ -9,7 +9,9 @@ import typer
 
 
 def train_cmd(
-    config: Path = typer.Argument(..., help="A stage or recipe YAML, e.g. configs/pretrain.yaml."),
+    config: str = typer.Argument(
+        ..., help="A stage or recipe YAML, or a packaged recipe's name (`interleaf recipes` lists them), e.g. sft_llava."
+    ),
     overrides: Optional[list[str]] = typer.Argument(
         None, help="Dotted overrides read as YAML values: optim.lr=3e-4 max_steps=200 checkpoint.every=50. "
         "In a recipe, stages.NAME.key=value sets one stage; other keys set every stage.",
@@ -29,7 +31,7 @@ def train_cmd(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train: the model, data, freezing, optimiser and schedule come from CONFIG.
+    """Train: the model, data, freezing, optimiser and schedule come from CONFIG (a YAML path or a recipe name).
 
     Writes OUT/final (a save_pretrained directory), OUT/checkpoints/step-N, OUT/metrics.jsonl and OUT/summary.json.
 

@@ -4,7 +4,7 @@
 
     synthetic corpus (rendered scenes, real on-disk formats)   interleaf.data.synth
       └─► tokenizer trained on the corpus text
-      └─► configs/demo/recipe.yaml, four stages through the ordinary trainer:
+      └─► the packaged recipe ``demo`` (interleaf/recipes/demo/recipe.yaml), four stages through the ordinary trainer:
             lm   the tiny LM learns the corpus language from text alone
             pt   pretraining on pairs + documents; LM frozen (vision, resampler, cross-attention train)
             mtt  multi-task: captions + VQA with InfiMM's task prompts; LM frozen
@@ -27,18 +27,16 @@ from typing import Any
 
 from PIL import Image
 
-from ..errors import InputError
 
-RECIPE = Path(__file__).resolve().parents[3] / "configs" / "demo" / "recipe.yaml"
+RECIPE = "demo"  # the packaged recipe's name (interleaf.recipes)
 CORPUS_ENV = "INTERLEAF_DEMO_CORPUS"
 
 
-def _recipe_path() -> Path:
-    """configs/demo/recipe.yaml in a source checkout, else the copy shipped in the package."""
-    if RECIPE.is_file():
-        return RECIPE
-    packaged = Path(__file__).resolve().parent / "recipe.yaml"
-    return packaged
+def _recipe_path(recipe: str | Path | None = None) -> Path:
+    """The file of ``recipe`` (a path or a packaged recipe's name), by default the packaged demo recipe."""
+    from ..recipes import resolve
+
+    return resolve(RECIPE if recipe is None else recipe, "recipe")
 
 
 # Question types whose text-only reading-comprehension versions the lm stage learns from.
@@ -144,8 +142,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole demo; returns the metrics written to ``out/metrics.json``.
 
-    ``recipe`` replaces configs/demo/recipe.yaml (a recipe with the same stage layout: its first
-    stage's ``model.tokenizer`` is set to the corpus tokenizer).
+    ``recipe`` (a YAML path or a packaged recipe's name) replaces the packaged recipe ``demo`` (a
+    recipe with the same stage layout: its first stage's ``model.tokenizer`` is set to the corpus
+    tokenizer).
     """
     from ..api import load
     from ..config import read_yaml_file
@@ -155,10 +154,7 @@ def run_demo(
     from ..training import train
     from .report import write_report
 
-    recipe_path = Path(recipe) if recipe is not None else _recipe_path()
-    if not recipe_path.is_file():  # before minutes of corpus writing, not after
-        raise InputError(f"demo: recipe {recipe_path} does not exist; pass the path of a recipe YAML "
-                         "such as configs/demo/recipe.yaml")
+    recipe_path = _recipe_path(recipe)  # a missing one fails here, before minutes of corpus writing
     out = Path(out)
     start = time.perf_counter()
     timings: dict[str, float] = {}

@@ -1,7 +1,7 @@
 """Training: stage and recipe configs, the loop, optimiser and schedules, checkpoints, DDP / FSDP2.
 
     from interleaf.training import train
-    results = train("configs/sft_llava.yaml", ["max_steps=100"], model="runs/demo/final",
+    results = train("sft_llava", ["max_steps=100"], model="runs/demo/final",
                     data="my.json", images="my_images/")
 """
 

@@ -427,7 +427,7 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) ->
 
 def read_yaml(path: str | Path) -> dict:
     p = user_path(path, "config")
-    data = read_yaml_file(p, "config", "pass the path of a training YAML, e.g. configs/pretrain.yaml")
+    data = read_yaml_file(p, "config", "pass the path of a training YAML, or a packaged recipe's name such as pretrain")
     if not isinstance(data, dict):
         raise ConfigError("config", f"{str(p)!r} must hold a mapping (a stage, or stages: [...]), got {type(data).__name__}")
     return data
@@ -439,16 +439,23 @@ def load_recipe(
     *,
     base_dir: str | Path | None = None,
 ) -> Recipe:
-    """Read a stage or recipe (YAML path or dict), apply dotted overrides, validate every stage."""
+    """Read a stage or recipe (YAML path, packaged recipe name or dict), apply dotted overrides, validate every stage.
+
+    A string or path that is not an existing file is looked up among the packaged recipes
+    (:func:`interleaf.recipes.resolve`: ``"sft_llava"``, ``"seeds/idefics"``).
+    """
     if isinstance(config, Recipe):
         return config
     if isinstance(config, StageConfig):
         return Recipe([config])
     source = None
     if isinstance(config, (str, Path)):
+        from ..recipes import resolve
+
+        config = resolve(config)
         source = str(config)
         data = read_yaml(config)
-        base = Path(base_dir) if base_dir is not None else user_path(config, "config").parent
+        base = Path(base_dir) if base_dir is not None else config.parent
     elif isinstance(config, dict):
         data, base = config, Path(base_dir) if base_dir is not None else Path.cwd()
     else:
