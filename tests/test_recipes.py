@@ -93,3 +93,17 @@ def test_train_command_with_an_unknown_name_exits_with_the_list(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "'sft_lava' is not an existing file and not the name of a packaged recipe" in err and "sft_llava" in err
+
+
+def test_a_relative_data_folder_from_the_environment_is_read_from_the_working_directory(tmp_path, monkeypatch):
+    """A packaged recipe's folder is inside the installed package: `PRETRAIN_DATA_DIR=shards` means ./shards."""
+    (tmp_path / "shards" / "pairs").mkdir(parents=True)
+    (tmp_path / "shards" / "pairs" / "train-000000.tar").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PRETRAIN_DATA_DIR", "shards")
+    (stage,) = load_recipe("pretrain").stages
+    pairs, documents = stage.mixture(check_files=False).sources
+    assert pairs.files() == [str(tmp_path / "shards" / "pairs" / "train-000000.tar")]
+    assert documents.paths == [str(tmp_path / "shards" / "interleaved" / "train-*.tar")]
+    # a path written in the YAML itself stays relative to the YAML's folder
+    assert stage.data == str(ROOT / "data" / "pretrain_mixture.yaml")

@@ -18,6 +18,7 @@ Mixture YAML schema
       - name: laion                     # unique; used in logs and the bad-sample table
         format: pairs                   # pairs | interleaved | llava
         paths: [pairs/train-*.tar]      # files or globs, relative to this YAML's folder; $VARS expand
+                                        # (a path that starts with $VAR is relative to the working directory)
         weight: 1.0                     # sampling weight ...
         loss_weight: 0.2                # ... a loss multiplier (OpenFlamingo trains pairs x 0.2)
         task_prompt: null               # untrained text after the image (InfiMM multi-task)
@@ -169,6 +170,13 @@ class MixtureConfig:
         raise KeyError(name)
 
 
+def _from_env(path: str, base: Path) -> Path:
+    """The folder a relative path is read from: the YAML's folder, or the working directory for a
+    path that starts with ``$VAR`` (the user's value given at run time, e.g. ``OBELICS_DIR=data/obelics``;
+    a packaged recipe's folder is inside the installed package)."""
+    return Path.cwd() if path.lstrip().startswith("$") else base
+
+
 def _expand(path: str, field: str) -> str:
     """``$VAR`` / ``${VAR}`` in a path come from the environment; an unset one is an error."""
     expanded = os.path.expandvars(path)
@@ -198,7 +206,7 @@ def _parse_source(data: Any, i: int, base: Path) -> SourceConfig:
     paths = [paths] if isinstance(paths, str) else paths
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise ConfigError(f"{where}.paths", f"must be a path or a list of paths (strings), got {paths!r}")
-    paths = [str(base / user_path(_expand(p, f"{where}.paths"), f"{where}.paths")) for p in paths]
+    paths = [str(_from_env(p, base) / user_path(_expand(p, f"{where}.paths"), f"{where}.paths")) for p in paths]
     images_root = data.get("images_root")
     path_map = data.get("image_path_map") or {}
     if fmt != "llava":
@@ -208,7 +216,7 @@ def _parse_source(data: Any, i: int, base: Path) -> SourceConfig:
     if images_root is not None:
         if not isinstance(images_root, str):
             raise ConfigError(f"{where}.images_root", f"must be a folder path, got {images_root!r}")
-        images_root = str(base / user_path(_expand(images_root, f"{where}.images_root"), f"{where}.images_root"))
+        images_root = str(_from_env(images_root, base) / user_path(_expand(images_root, f"{where}.images_root"), f"{where}.images_root"))
     if not isinstance(path_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in path_map.items()):
         raise ConfigError(f"{where}.image_path_map", f"must map path prefixes to replacements (strings), got {path_map!r}")
     samples, weight = data.get("samples"), data.get("weight")
