@@ -84,3 +84,14 @@ def test_every_seed_preset_is_listed():
     listed = interleaf.presets()
     assert set(SEEDS) <= set(listed)
     assert "EVA-CLIP" in listed["infimm-zephyr-7b"]
+
+
+def test_an_unbuildable_tower_is_a_declared_state_and_build_refuses_it_naming_the_preset_and_the_fix():
+    from interleaf.presets import get_preset
+
+    assert [n for n in SEEDS if get_preset(n).unavailable] == [n for n in SEEDS if n.startswith("infimm")]
+    with pytest.raises(ConfigError) as caught:
+        interleaf.build("infimm-llama2-13b", device="meta")
+    assert caught.value.field == "vision"
+    assert "preset 'infimm-llama2-13b'" in str(caught.value)
+    assert "interleaf.build(vision=<local CLIP or SigLIP directory>" in str(caught.value)

@@ -92,6 +92,8 @@ def build(
     sections: dict[str, Any] = {}
     if preset is not None:
         p = get_preset(preset)
+        if p.unavailable:
+            raise ConfigError(p.unavailable_part, f"preset {p.name!r} cannot be built: {p.unavailable}")
         sections = dict(
             vision=dict(p.vision), resampler=dict(p.resampler), cross_attention=dict(p.cross_attention),
             tokens=dict(p.tokens), freeze=p.freeze,

@@ -17,16 +17,15 @@ Dimensions (REFERENCE.md and the released configs):
   embedding is resized to the tokenizer plus ``<|endofchunk|>``, ``<image>``, ``<PAD>`` (50280).
 - InfiMM: EVA-CLIP at 336 px with Zephyr-7B (Mistral), LLaMA2-13B or Vicuna-13B, cross-attention
   every 2nd layer, perceiver 6 x 64 latents, 16 heads x 96. transformers has no EVA-CLIP, so
-  building these presets raises an error that says so.
+  these presets declare the tower unavailable (``Preset.unavailable``) and
+  building them raises an error that says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import ConfigError
-from .presets import Preset, register
+from .registry import Preset, register
 
 # -- vision towers (transformers CLIPVisionConfig fields) --
 
@@ -116,49 +115,25 @@ def _openflamingo(name: str, text: dict, every: int, lm: str, note: str) -> Pres
     )
 
 
-class UnavailableVision(Mapping):
-    """A preset's vision section that transformers cannot build: any use raises a clear error."""
-
-    def __init__(self, tower: str, why: str):
-        self.tower, self.why = tower, why
-
-    def _fail(self):
-        raise ConfigError(
-            "vision",
-            f"this preset's vision tower is {self.tower}, {self.why}",
-            "build it with your own tower: interleaf.build(vision=<local CLIP or SigLIP directory>, lm=..., "
-            "cross_attention=..., resampler=...)",
-        )
-
-    def __getitem__(self, key: str) -> Any:
-        self._fail()
-
-    def __iter__(self) -> Iterator[str]:
-        self._fail()
-        return iter(())
-
-    def __len__(self) -> int:
-        self._fail()
-        return 0
-
-    def __repr__(self) -> str:
-        return f"UnavailableVision({self.tower!r})"
+EVA_CLIP_UNAVAILABLE = (
+    "this preset's vision tower is EVA-CLIP (EVA02-CLIP-L/14 at 336 px), which transformers does not implement "
+    "(and interleaf never loads timm or open_clip); build it with your own tower: interleaf.build(vision=<local "
+    "CLIP or SigLIP directory>, lm=..., cross_attention=..., resampler=...)"
+)
 
 
 def _infimm(name: str, text: dict, lm: str) -> Preset:
     return Preset(
         name=name,
         description=f"InfiMM architecture: EVA-CLIP (336 px) + {lm}, cross-attention every 2 layers (needs EVA-CLIP)",
-        vision=UnavailableVision(  # type: ignore[arg-type]
-            "EVA-CLIP (EVA02-CLIP-L/14 at 336 px)",
-            "which transformers does not implement (and interleaf never loads timm or open_clip)",
-        ),
+        vision={},
         resampler=dict(depth=6, num_latents=64, heads=16, head_dim=96, ff_mult=4, activation="gelu"),
         cross_attention=dict(every_n_layers=2, **OPENFLAMINGO_XATTN),
         text_config=text,
         tokens=dict(prompt_format="openflamingo"),
         tokenizer="none",
         note="InfiMM's code defaults disagree with its model card on the perceiver; the card's values are used.",
+        unavailable=EVA_CLIP_UNAVAILABLE,
     )
 
 

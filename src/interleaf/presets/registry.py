@@ -1,8 +1,8 @@
-"""Named architectures.
+"""The preset registry: the :class:`Preset` record, ``register``, ``get_preset`` and ``presets``.
 
 A preset is a recipe for :func:`interleaf.build`: the sections of an :class:`InterleafConfig`
-(vision, resampler, cross-attention, tokens, LM config) and how to get a tokenizer. ``tiny-random``
-builds in milliseconds with random weights, for tests and quick trials.
+(vision, resampler, cross-attention, tokens, LM config) and how to get a tokenizer. This module
+imports nothing of the presets themselves; :mod:`.tiny` and :mod:`.seeds` register theirs.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,10 @@ class Preset:
     tokenizer: str = "tiny"  # "tiny": interleaf's built-in byte-level tokenizer
     freeze: str = "flamingo"
     note: str = ""
+    # Why a part of this architecture cannot be built here, and what to do instead ("" = it builds).
+    # ``interleaf.build`` refuses such a preset with this text rather than building half of it.
+    unavailable: str = ""
+    unavailable_part: str = "vision"  # the config field the unavailable part belongs to
 
 
 _PRESETS: dict[str, Preset] = {}
@@ -44,28 +48,3 @@ def get_preset(name: str) -> Preset:
 def presets() -> dict[str, str]:
     """Names of the registered presets with a one-line description."""
     return {name: p.description for name, p in sorted(_PRESETS.items())}
-
-
-register(
-    Preset(
-        name="tiny-random",
-        description="random weights, built-in ViT (32 px) + 2-layer LLaMA (64 wide); builds in milliseconds",
-        vision=dict(kind="builtin", image_size=32, patch_size=8, width=32, layers=1, heads=2),
-        resampler=dict(depth=1, num_latents=8, heads=2, head_dim=16),
-        cross_attention=dict(every_n_layers=1),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=None,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-        ),
-    )
-)
-
-
-from . import seed_presets  # noqa: E402,F401
