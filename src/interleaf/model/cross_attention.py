@@ -21,11 +21,11 @@ import contextvars
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
 from ..config import CrossAttentionConfig
+from .attention import attend
 
 
 class RMSNorm(nn.Module):
@@ -199,7 +199,7 @@ class GatedCrossAttentionBlock(nn.Module):
         latent_image = torch.arange(k.shape[2], device=x.device) // ctx.cache.latents_per_image  # (N*L,)
         index = ctx.image_index  # (B, T)
         mask = (index[:, :, None] == latent_image[None, None, :]) | (index[:, :, None] < 0)  # (B, T, N*L)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None])  # (B, H, T, Dh)
+        out = attend(q, k.to(q.dtype), v.to(q.dtype), mask[:, None])  # (B, H, T, Dh)
         out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))  # (B, T, D)
         sees = ctx.sees_image.to(out.dtype)  # (B, T, 1)
         x = x + torch.tanh(self.attn_gate).to(x.dtype) * (out * sees)

@@ -11,11 +11,11 @@ ours so IDEFICS checkpoints convert.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from interleaf.config import ResamplerConfig
 from interleaf.errors import InputError
+from interleaf.model.attention import attend
 
 __all__ = ["PerceiverAttention", "PerceiverFeedForward", "PerceiverResampler", "idefics_perceiver_key_map"]
 
@@ -50,7 +50,7 @@ class PerceiverAttention(nn.Module):
         v = self._heads(self.v_proj(context))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B', H, L, Dh)
+        out = attend(q, k, v)  # (B', H, L, Dh)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B', L, D)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from interleaf.config import VisionConfig
 from interleaf.errors import CheckpointError, ConfigError, InputError
+from interleaf.model.attention import attend
 
 __all__ = [
     "BuiltinViT",
@@ -97,7 +98,7 @@ class ViTBlock(nn.Module):
         b, t, d = x.shape
         qkv = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads)  # (B, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
-        attn = F.scaled_dot_product_attention(q, k, v)
+        attn = attend(q, k, v)
         x = x + self.proj(attn.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
@@ -106,7 +107,7 @@ class BuiltinViT(nn.Module):
     """A small ViT for training from scratch: ``(B', 3, H, W)`` -> ``(B', V, width)``.
 
     Patch embedding (one patchify convolution, or :class:`ConvStem` when ``conv_stem``), learned
-    position embeddings, pre-LN blocks using ``scaled_dot_product_attention``, a final
+    position embeddings, pre-LN blocks using :func:`~interleaf.model.attention.attend`, a final
     LayerNorm. There is no class token: every output token is a patch.
     """
 
