@@ -26,6 +26,7 @@ def _exact_match_by_hand(eval_dir, corpus) -> tuple[float, dict[str, float]]:
     return sum(overall) / len(overall), {q: sum(v) / len(v) for q, v in hits.items()}
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_its_report(tmp_path, monkeypatch):
     monkeypatch.delenv(CORPUS_ENV, raising=False)
     steps = [f"stages.{i}.max_steps=3" for i in range(4)]
@@ -50,6 +51,7 @@ def test_demo_runs_every_stage_and_writes_its_report(tmp_path, monkeypatch):
     assert "<svg" in report and report.count("<figure") >= 10 and "data:image/png;base64," in report
 
 
+@pytest.mark.slow
 def test_demo_command_runs_a_recipe_of_your_own(tmp_path, monkeypatch):
     """`interleaf demo --recipe`: the same corpus, tokenizer and evaluation around another recipe."""
     import shutil

@@ -75,6 +75,7 @@ print("unreachable: both ranks passed the failing run", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_whole_torchrun_run(tmp_path):
     """Rank 1 raises while rank 0 enters the step's all-reduce; without the failure path rank 0 would wait
     there for the 30-minute collective timeout (the subprocess timeout below only guards against that hang)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 import interleaf
@@ -70,6 +71,7 @@ def training_batch(processor, episodes):
     return ids, batch["attention_mask"], batch["pixel_values"], labels
 
 
+@pytest.mark.slow
 def test_fewshot_binding_above_chance_with_4_shots_and_at_chance_with_0():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic: one thread, fixed seeds

@@ -119,6 +119,7 @@ def test_shards_cover_every_index_once():
             assert sorted(i for p in parts for i in p) == list(range(n))
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_agree(corpus, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(interleaf.__file__).parents[1])}
     common = ["--model", "tiny-random", "--task", "synth-vqa", "--task", "synth-fewshot", "--option", "episodes=6",

@@ -16,6 +16,8 @@ from interleaf.config import InterleafConfig
 from interleaf.errors import ConfigError
 from interleaf.training.config import load_recipe
 
+pytestmark = pytest.mark.slow
+
 scalars = (st.none() | st.booleans() | st.integers(-3, 2**65) | st.floats() | st.text(max_size=10)
            | st.sampled_from(["1e-4", "-1", "0", "nan", "inf", "tiny-random", "runs/x", "$NOPE_UNSET", "~/x", "a/b",
                               "~nobody_here/x", "a\x00b"]))

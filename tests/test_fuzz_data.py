@@ -26,6 +26,8 @@ from interleaf.data import MixtureStream, load_mixture
 from interleaf.data.formats import REASONS
 from interleaf.data.stream import iter_source
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def processor():

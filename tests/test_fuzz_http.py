@@ -23,6 +23,8 @@ from fuzz_profiles import examples, sandbox, timeout  # noqa: F401 (sandbox: a f
 from interleaf.serving import create_app
 from interleaf.serving.limits import ServeLimits
 
+pytestmark = pytest.mark.slow
+
 MODEL = "tiny"
 FORMATS = ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"]
 

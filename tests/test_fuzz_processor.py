@@ -19,6 +19,8 @@ from PIL import Image
 import interleaf
 from fuzz_profiles import assert_named_error, examples, sandbox, timeout  # noqa: F401 (sandbox: a fixture)
 
+pytestmark = pytest.mark.slow
+
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "La", "CMYK", "I", "I;16", "I;16B", "F", "YCbCr", "HSV",
          "LAB"]
 FORMATS = ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA"]

@@ -48,6 +48,7 @@ def serve_process(saved):
     proc.stdout.close()
 
 
+@pytest.mark.slow
 def test_chat_repl_through_stdin(saved, serve_process):
     script = "\n".join([
         "/image no/such/file.png",
@@ -82,6 +83,7 @@ def test_chat_repl_through_stdin(saved, serve_process):
     assert first in out and second in out
 
 
+@pytest.mark.slow
 def test_serve_command_with_api_key_from_the_environment(serve_process):
     proc = serve_process
     seen = []

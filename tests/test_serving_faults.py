@@ -272,6 +272,7 @@ print("EXITED CLEANLY", flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["stuck", "dead"])
 def test_sigterm_stops_the_server_whatever_its_worker_is_doing(tmp_path, mode):
     """A worker stuck inside a model call, or dead: SIGTERM still ends the process within its

@@ -13,6 +13,8 @@ import pytest
 
 from test_serving_common import MODEL_NAME, data_url, png, reference, start_server, tiny_model
 
+pytestmark = pytest.mark.slow
+
 MAX_TOKENS = 6
 
 

@@ -26,6 +26,8 @@ from interleaf.serving.batcher import _Cohort
 from test_serving_common import MODEL_NAME, data_url, png, reference, start_server, tiny_model
 from test_serving_load import rss_bytes
 
+pytestmark = pytest.mark.slow
+
 CLIENTS = 32
 REQUESTS = 160
 HANG_S = 120  # a request still unanswered after this long counts as hung

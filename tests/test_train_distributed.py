@@ -19,6 +19,7 @@ from interleaf.training import train
 REL = 1e-4  # summation order differs between 1 and 2 processes; everything else is identical
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp_match_a_single_process(tmp_path):
     corpus = tmp_path / "corpus"
     write_corpus(corpus, n_train_scenes=40, n_heldout_scenes=10)

@@ -204,6 +204,7 @@ def _kill_and_resume(zygote: Zygote, stage: dict, moments: list[tuple[int, str]]
     return result
 
 
+@pytest.mark.slow
 def test_kill_9_at_five_seeded_moments_then_resume_matches_an_uninterrupted_run(corpus, reference, zygote, tmp_path):
     moments = _moments(seed=20261130)
     assert len({s for s, _ in moments}) == 5 and sum(p != "step" for _, p in moments) == 3
@@ -218,6 +219,7 @@ def test_kill_9_at_five_seeded_moments_then_resume_matches_an_uninterrupted_run(
     assert [_ckpt_step(p) for p in ckpt.list_checkpoints(out)] == [STEPS - EVERY, STEPS]  # keep_last: 2
 
 
+@pytest.mark.slow
 def test_kill_9_in_every_phase_of_a_checkpoint_write_then_resume(corpus, reference, zygote, tmp_path):
     # a checkpoint every step, killed in phase i of the write at step i + 1; checkpoints do not change
     # the training itself, so the uninterrupted run with checkpoints every 2 steps is the reference
@@ -405,6 +407,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_skip_together_when_one_sees_a_nonfinite_loss(corpus, zygote, tmp_path, strategy):
     # 2 processes over gloo; process 1 alone gets NaN images at step 2, process 0 alone at step 4. Both

@@ -37,6 +37,7 @@ def _cli(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "interleaf", "train", str(config), "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     write_corpus(corpus, n_train_scenes=40, n_heldout_scenes=10)

@@ -92,6 +92,7 @@ def _shapes(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tenso
     return x, torch.tensor(labels)
 
 
+@pytest.mark.slow
 def test_builtin_learns_shapes_quickly():
     from sklearn.linear_model import LogisticRegression
 
