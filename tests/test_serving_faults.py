@@ -338,3 +338,14 @@ def test_the_worker_runs_for_the_apps_lifespan_only(tiny):
         assert client.post("/v1/chat/completions", json=body).status_code == 200
         worker = batcher._thread
     assert not worker.is_alive()  # stopped and joined at shutdown
+
+
+@pytest.mark.parametrize("option", ["shutdown_timeout_s", "stall_timeout_s"])
+@pytest.mark.parametrize("value", [0, -1.5, "10", None])
+def test_timeouts_are_validated_with_a_message(tiny, option, value):
+    from interleaf.errors import InputError
+    from interleaf.serving import create_app
+
+    model, processor = tiny
+    with pytest.raises(InputError, match=f"{option} must be a positive number of seconds, got {value!r}"):
+        create_app(model, processor, **{option: value})

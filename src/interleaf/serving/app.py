@@ -201,8 +201,9 @@ def create_app(
     """
     limits = limits or ServeLimits()
     policy = url_policy or URLPolicy()
-    if shutdown_timeout_s <= 0:
-        raise InputError(f"shutdown_timeout_s must be positive, got {shutdown_timeout_s!r}")
+    for name, value in (("shutdown_timeout_s", shutdown_timeout_s), ("stall_timeout_s", stall_timeout_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise InputError(f"{name} must be a positive number of seconds, got {value!r}")
     lock = threading.Lock()
     processor.max_images = limits.max_images
     processor.max_pixels = limits.max_image_pixels
