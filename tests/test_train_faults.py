@@ -427,3 +427,14 @@ def test_two_processes_skip_together_when_one_sees_a_nonfinite_loss(corpus, zygo
     assert all(torch.isfinite(t).all() for w in steps for t in w.values())
     moved = [n + 2 for n in range(4) if any(not torch.equal(steps[n][k], steps[n + 1][k]) for k in steps[n])]
     assert moved == [3, 5]
+
+
+@pytest.mark.parametrize("spec", ["kill", "explode:step=3", "kill:checkpoint.nowhere=3", "enospc:step=three"])
+def test_a_malformed_fault_hook_names_the_variable_and_the_format(monkeypatch, spec):
+    from interleaf.errors import ConfigError
+    from interleaf.training.checkpoint import fault_point
+
+    monkeypatch.setenv("INTERLEAF_FAULT", spec)
+    with pytest.raises(ConfigError, match="INTERLEAF_FAULT") as info:
+        fault_point("step", 3)
+    assert repr(spec) in str(info.value) and "ACTION:POINT=STEP" in str(info.value)
