@@ -79,56 +79,47 @@ from __future__ import annotations
 import glob
 import os
 import re
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-
-from ..config import read_yaml_file, user_path
 from ..errors import ConfigError
+from ..files import read_yaml, user_path
+from ..schema import join, read, setting
 from .formats import FORMATS
-
-_SOURCE_FIELDS = (
-    "name", "format", "paths", "images_root", "image_path_map", "samples", "weight", "loss_weight",
-    "task_prompt", "max_images",
-)
-_MIXTURE_FIELDS = ("sources", "max_length", "shuffle_buffer", "seed", "max_bad_fraction", "samples_per_epoch")
-
-
-def _positive_int(value: Any, where: str, allow_none: bool = False, allow_zero: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(where, f"must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def _number(value: Any, where: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(where, f"must be a number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
-        raise ConfigError(where, f"must be {bounds}, got {value!r}")
-    return float(value)
 
 
 @dataclass
 class SourceConfig:
     """One data source of a mixture (see the module docstring for each field)."""
 
-    name: str
-    format: str  # pairs | interleaved | llava
-    paths: list[str]  # absolute file paths or globs
+    name: str = setting(nonempty=True)
+    format: Literal[FORMATS] = setting()
+    paths: str | list[str] = setting(nonempty=True)  # one path or a list; absolute paths or globs once loaded
     images_root: str | None = None  # llava: folder the image paths are relative to
     image_path_map: dict[str, str] = field(default_factory=dict)  # llava: path prefix -> replacement
-    samples: int | None = None  # an absolute count per epoch ...
-    weight: float | None = None  # ... or a sampling weight
-    loss_weight: float = 1.0  # multiplies this source's loss
+    samples: int | None = setting(None, ge=1)  # an absolute count per epoch ...
+    weight: float | None = setting(None, gt=0)  # ... or a sampling weight
+    loss_weight: float = setting(1.0, ge=0)  # multiplies this source's loss
     task_prompt: str | None = None  # untrained instruction (InfiMM multi-task)
-    max_images: int = 6  # more images: a bad sample ("too_many_images")
-    where: str = "sources[0]"  # the field path, for error messages
+    max_images: int = setting(6, ge=1)  # more images: a bad sample ("too_many_images")
+    where: str = setting("sources[0]", internal=True)  # the field path, for error messages
+
+    def _check(self, path: str) -> None:
+        if isinstance(self.paths, str):
+            self.paths = [self.paths]
+        for i, p in enumerate(self.paths):
+            if not p:
+                raise ConfigError(join(join(path, "paths"), i), "must not be empty", "give a file path or a glob")
+        if self.format != "llava":
+            for key in ("images_root", "image_path_map"):
+                if getattr(self, key):
+                    raise ConfigError(join(path, key), f"applies to llava sources only; {self.format} shards hold their images")
+        if self.samples is not None and self.weight is not None:
+            raise ConfigError(join(path, "samples"), "give either samples (a count per epoch) or weight, not both")
+        if self.task_prompt and self.format == "interleaved":
+            raise ConfigError(join(path, "task_prompt"), "applies to pairs and llava sources, not interleaved documents")
+        self.task_prompt = self.task_prompt or None
 
     def files(self) -> list[str]:
         """The files of this source, globs expanded (sorted); a pattern that matches nothing is an error."""
@@ -151,13 +142,33 @@ class SourceConfig:
 class MixtureConfig:
     """A validated mixture: its sources and the global streaming settings."""
 
-    sources: list[SourceConfig]
-    max_length: int | None = None  # None: the processor's max_length (the LM's context)
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    max_bad_fraction: float = 0.1
-    samples_per_epoch: int | None = None  # weighted mixtures: the epoch length
-    base_dir: str = "."
+    sources: list[SourceConfig] = setting(nonempty=True)
+    max_length: int | None = setting(None, ge=1)  # None: the processor's max_length (the LM's context)
+    shuffle_buffer: int = setting(1000, ge=1)
+    seed: int = setting(0, ge=0)
+    max_bad_fraction: float = setting(0.1, ge=0, le=1)
+    samples_per_epoch: int | None = setting(None, ge=1)  # weighted mixtures: the epoch length
+    base_dir: str = setting(".", internal=True)
+
+    def _check(self, path: str) -> None:
+        names = [s.name for s in self.sources]
+        for i, s in enumerate(self.sources):
+            if names.index(s.name) != i:
+                raise ConfigError(join(join(path, "sources"), i) + ".name",
+                                  f"{s.name!r} is used by sources[{names.index(s.name)}] too; names must be unique")
+        with_counts = [s.samples is not None for s in self.sources]
+        if any(with_counts) and not all(with_counts):
+            i = with_counts.index(False)
+            raise ConfigError(
+                join(join(path, "sources"), i) + ".samples", "is missing while other sources give samples",
+                "give every source a count per epoch (samples), or give weights only",
+            )
+        if not any(with_counts):
+            for s in self.sources:
+                s.weight = 1.0 if s.weight is None else s.weight
+        elif self.samples_per_epoch is not None:
+            raise ConfigError(join(path, "samples_per_epoch"),
+                              "applies to weighted mixtures; with counts the epoch is their sum")
 
     @property
     def uses_counts(self) -> bool:
@@ -186,63 +197,9 @@ def _expand(path: str, field: str) -> str:
     return expanded
 
 
-def _parse_source(data: Any, i: int, base: Path) -> SourceConfig:
-    where = f"sources[{i}]"
-    if not isinstance(data, dict):
-        raise ConfigError(where, f"must be a mapping with name, format and paths, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(_SOURCE_FIELDS))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", "unknown field", f"known fields: {', '.join(_SOURCE_FIELDS)}")
-    for required in ("name", "format", "paths"):
-        if data.get(required) in (None, "", []):
-            raise ConfigError(f"{where}.{required}", "is required")
-    name = data["name"]
-    if not isinstance(name, str):
-        raise ConfigError(f"{where}.name", f"must be a string, got {name!r}")
-    fmt = data["format"]
-    if fmt not in FORMATS:
-        raise ConfigError(f"{where}.format", f"must be one of {list(FORMATS)}, got {fmt!r}")
-    paths = data["paths"]
-    paths = [paths] if isinstance(paths, str) else paths
-    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-        raise ConfigError(f"{where}.paths", f"must be a path or a list of paths (strings), got {paths!r}")
-    paths = [str(_from_env(p, base) / user_path(_expand(p, f"{where}.paths"), f"{where}.paths")) for p in paths]
-    images_root = data.get("images_root")
-    path_map = data.get("image_path_map") or {}
-    if fmt != "llava":
-        for key in ("images_root", "image_path_map"):
-            if data.get(key):
-                raise ConfigError(f"{where}.{key}", f"applies to llava sources only; {fmt} shards hold their images")
-    if images_root is not None:
-        if not isinstance(images_root, str):
-            raise ConfigError(f"{where}.images_root", f"must be a folder path, got {images_root!r}")
-        images_root = str(_from_env(images_root, base) / user_path(_expand(images_root, f"{where}.images_root"), f"{where}.images_root"))
-    if not isinstance(path_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in path_map.items()):
-        raise ConfigError(f"{where}.image_path_map", f"must map path prefixes to replacements (strings), got {path_map!r}")
-    samples, weight = data.get("samples"), data.get("weight")
-    if samples is not None and weight is not None:
-        raise ConfigError(f"{where}.samples", "give either samples (a count per epoch) or weight, not both")
-    samples = _positive_int(samples, f"{where}.samples", allow_none=True)
-    if weight is not None:
-        weight = _number(weight, f"{where}.weight", 0.0, low_open=True)
-    task_prompt = data.get("task_prompt")
-    if task_prompt is not None and not isinstance(task_prompt, str):
-        raise ConfigError(f"{where}.task_prompt", f"must be a string, got {task_prompt!r}")
-    if task_prompt and fmt == "interleaved":
-        raise ConfigError(f"{where}.task_prompt", "applies to pairs and llava sources, not interleaved documents")
-    return SourceConfig(
-        name=name,
-        format=fmt,
-        paths=paths,
-        images_root=images_root,
-        image_path_map=dict(path_map),
-        samples=samples,
-        weight=weight,
-        loss_weight=_number(data.get("loss_weight", 1.0), f"{where}.loss_weight", 0.0),
-        task_prompt=task_prompt or None,
-        max_images=_positive_int(data.get("max_images", 6), f"{where}.max_images"),
-        where=where,
-    )
+def _resolve(path: str, base: Path, field: str) -> str:
+    """A path of the YAML made absolute: ``$VARS`` expanded, relative to ``base`` (see :func:`_from_env`)."""
+    return str(_from_env(path, base) / user_path(_expand(path, field), field))
 
 
 def load_mixture(
@@ -257,47 +214,20 @@ def load_mixture(
         return source
     if isinstance(source, (str, Path)):
         path = user_path(source, "mixture")
-        data = read_yaml_file(path, "mixture", "pass the path of a mixture YAML")
+        data = read_yaml(path, "mixture", "pass the path of a mixture YAML")
         base = Path(base_dir) if base_dir is not None else path.parent
     else:
         data, base = source, Path(base_dir) if base_dir is not None else Path.cwd()
     base = base.resolve()
-    if not isinstance(data, dict):
-        raise ConfigError("mixture", f"must be a mapping with a 'sources' list, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(_MIXTURE_FIELDS))
-    if unknown:
-        raise ConfigError(unknown[0], "unknown mixture field", f"known fields: {', '.join(_MIXTURE_FIELDS)}")
-    raw_sources = data.get("sources")
-    if not isinstance(raw_sources, list) or not raw_sources:
-        raise ConfigError("sources", "must be a non-empty list of sources (name, format, paths, ...)")
-    sources = [_parse_source(s, i, base) for i, s in enumerate(raw_sources)]
-    names = [s.name for s in sources]
-    for i, s in enumerate(sources):
-        if names.index(s.name) != i:
-            raise ConfigError(f"sources[{i}].name", f"{s.name!r} is used by sources[{names.index(s.name)}] too; names must be unique")
-    with_counts = [s.samples is not None for s in sources]
-    if any(with_counts) and not all(with_counts):
-        i = with_counts.index(False)
-        raise ConfigError(
-            f"sources[{i}].samples", "is missing while other sources give samples",
-            "give every source a count per epoch (samples), or give weights only",
-        )
-    if not any(with_counts):
-        for s in sources:
-            s.weight = 1.0 if s.weight is None else s.weight
-    mixture = MixtureConfig(
-        sources=sources,
-        max_length=_positive_int(data.get("max_length"), "max_length", allow_none=True),
-        shuffle_buffer=_positive_int(data.get("shuffle_buffer", 1000), "shuffle_buffer"),
-        seed=_positive_int(data.get("seed", 0), "seed", allow_zero=True),
-        max_bad_fraction=_number(data.get("max_bad_fraction", 0.1), "max_bad_fraction", 0.0, 1.0),
-        samples_per_epoch=_positive_int(data.get("samples_per_epoch"), "samples_per_epoch", allow_none=True),
-        base_dir=str(base),
-    )
-    if mixture.samples_per_epoch is not None and any(with_counts):
-        raise ConfigError("samples_per_epoch", "applies to weighted mixtures; with counts the epoch is their sum")
+    mixture = read(MixtureConfig, data, name="mixture")
+    mixture.base_dir = str(base)
+    for i, s in enumerate(mixture.sources):
+        s.where = f"sources[{i}]"
+        s.paths = [_resolve(p, base, f"{s.where}.paths") for p in s.paths]
+        if s.images_root is not None:
+            s.images_root = _resolve(s.images_root, base, f"{s.where}.images_root")
     if check_files:
-        for s in sources:
+        for s in mixture.sources:
             s.files()
     return mixture
 

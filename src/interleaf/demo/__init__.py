@@ -147,7 +147,7 @@ def run_demo(
     tokenizer).
     """
     from ..api import load
-    from ..config import read_yaml_file
+    from ..files import read_yaml
     from ..data.synth import corpus_text, write_corpus
     from ..evaluation.runner import evaluate_synthetic
     from ..processing import build_tiny_tokenizer
@@ -166,7 +166,7 @@ def run_demo(
     tokenizer.save_pretrained(out / "tokenizer")
     timings["corpus"] = time.perf_counter() - start
 
-    recipe_data = read_yaml_file(recipe_path, "recipe", "pass a recipe YAML")
+    recipe_data = read_yaml(recipe_path, "recipe", "pass a recipe YAML")
     for stage in (recipe_data.get("stages") if isinstance(recipe_data, dict) else None) or []:  # a rerun starts each stage afresh instead of resuming it
         name = stage.get("name") if isinstance(stage, dict) else None
         if name and (out / name).exists():

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import user_path
+from ..files import read_yaml, user_path
 from ..errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent
@@ -100,12 +100,10 @@ def _description(text: str, limit: int = 100) -> str:
 
 def describe() -> list[RecipeInfo]:
     """Every packaged recipe with its one-line description and its stages' names."""
-    import yaml
-
     infos = []
     for name, path in available().items():
         text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text) or {}
+        data = read_yaml(path, f"recipe {name}") or {}
         stages = data.get("stages") if isinstance(data, dict) else None
         if isinstance(stages, list):
             names = tuple(str(s.get("name", i)) if isinstance(s, dict) else str(i) for i, s in enumerate(stages))

@@ -29,75 +29,38 @@ starts a stage from an earlier stage's final model.
 
 Relative paths: ``data`` (a mixture file, or the paths inside an inline mixture) is relative to
 the config file's folder; ``out`` and ``model`` directories are relative to the working folder.
-Every error is a :class:`~interleaf.errors.ConfigError` naming the dotted field and the file.
+Every section is a dataclass read by :mod:`interleaf.schema` (types, ranges and choices come from
+the type hints; a float field takes a string that spells a number, such as YAML's ``1e-4``), and
+every error is a :class:`~interleaf.errors.ConfigError` naming the dotted field and the file.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from ..config import FREEZE_POLICIES, read_yaml_file, user_path
+from ..config import FREEZE_POLICIES
 from ..errors import ConfigError
+from ..files import read_yaml as read_yaml_file
+from ..files import user_path
+from ..schema import coerce, fields_of, join, read, reject_unknown, setting, show, with_context
 
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp")
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # what YAML 1.1 reads as a string
 _BUILD_OPTIONS = ("vision", "lm", "tokenizer", "resampler", "cross_attention", "tokens")
 
 
-class _Where:
-    """Prefixes field names with the stage and suffixes errors with the file."""
-
-    def __init__(self, prefix: str = "", file: str | None = None):
-        self.prefix, self.file = prefix, file
-
-    def error(self, name: str, problem: str, fix: str | None = None) -> ConfigError:
-        where = f" (in {self.file})" if self.file else ""
-        err = ConfigError(f"{self.prefix}{name}", problem + where, fix)
-        return err
-
-
-def _unknown(data: dict, known: tuple[str, ...] | set[str], where: _Where, section: str = "") -> None:
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise where.error(f"{section}{unknown[0]}", "unknown field", f"known fields: {', '.join(sorted(known))}")
-
-
-def _int(value: Any, name: str, where: _Where, low: int = 1, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise where.error(name, f"must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _float(value: Any, name: str, where: _Where, low: float = 0.0, high: float = math.inf, open_low: bool = False) -> float:
-    if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise where.error(name, f"must be a number, got {value!r}")
-    if value < low or value > high or (open_low and value == low):
-        bound = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if high != math.inf else "")
-        raise where.error(name, f"must be {bound}, got {value!r}")
-    return float(value)
-
-
-def _choice(value: Any, name: str, choices: tuple, where: _Where) -> Any:
-    if value not in choices:
-        raise where.error(name, f"must be one of {list(choices)}, got {value!r}")
-    return value
+def _in_file(source: str | None) -> str:
+    return f" (in {source})" if source else ""
 
 
 # --------------------------------------------------------------------------- sections
@@ -107,72 +70,33 @@ def _choice(value: Any, name: str, choices: tuple, where: _Where) -> Any:
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = 1e-4
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    schedule: str = "cosine"  # constant | linear | cosine, after a linear warmup
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # the schedule's floor, as a share of lr
-    clip_grad_norm: float | None = 1.0  # None: no clipping
-
-    @classmethod
-    def parse(cls, data: Any, where: _Where) -> "OptimConfig":
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise where.error("optim", f"must be a mapping, got {type(data).__name__}")
-        _unknown(data, {f.name for f in dataclasses.fields(cls)}, where, "optim.")
-        d = {**dataclasses.asdict(cls()), **data}
-        betas = d["betas"]
-        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
-            raise where.error("optim.betas", f"must be two numbers [beta1, beta2], got {betas!r}")
-        betas = tuple(_float(b, f"optim.betas[{i}]", where, 0.0, 1.0) for i, b in enumerate(betas))
-        clip = d["clip_grad_norm"]
-        return cls(
-            lr=_float(d["lr"], "optim.lr", where, 0.0, open_low=True),
-            weight_decay=_float(d["weight_decay"], "optim.weight_decay", where),
-            betas=betas,  # type: ignore[arg-type]
-            eps=_float(d["eps"], "optim.eps", where, 0.0, open_low=True),
-            schedule=_choice(d["schedule"], "optim.schedule", SCHEDULES, where),
-            warmup_steps=_int(d["warmup_steps"], "optim.warmup_steps", where, low=0),  # type: ignore[arg-type]
-            min_lr_ratio=_float(d["min_lr_ratio"], "optim.min_lr_ratio", where, 0.0, 1.0),
-            clip_grad_norm=None if clip is None else _float(clip, "optim.clip_grad_norm", where, 0.0, open_low=True),
-        )
+    lr: float = setting(1e-4, gt=0)
+    weight_decay: float = setting(0.1, ge=0)
+    betas: tuple[float, float] = setting((0.9, 0.999), ge=0, le=1)
+    eps: float = setting(1e-8, gt=0)
+    schedule: Literal[SCHEDULES] = "cosine"  # after a linear warmup
+    warmup_steps: int = setting(0, ge=0)
+    min_lr_ratio: float = setting(0.0, ge=0, le=1)  # the schedule's floor, as a share of lr
+    clip_grad_norm: float | None = setting(1.0, gt=0)  # None: no clipping
 
 
 @dataclass
 class CheckpointConfig:
-    every: int | None = None  # steps between checkpoints; None: only the final model
+    every: int | None = setting(None, ge=1)  # steps between checkpoints; None: only the final model
     # Complete checkpoints kept on disk. With 2 or more, a newest one found damaged at resume has a
     # predecessor to fall back to; with 1 there is none and resuming stops with an error.
-    keep_last: int = 2
-
-    @classmethod
-    def parse(cls, data: Any, where: _Where) -> "CheckpointConfig":
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise where.error("checkpoint", f"must be a mapping like {{every: 500, keep_last: 2}}, got {data!r}")
-        _unknown(data, ("every", "keep_last"), where, "checkpoint.")
-        return cls(
-            every=_int(data.get("every"), "checkpoint.every", where, allow_none=True),
-            keep_last=_int(data.get("keep_last", 2), "checkpoint.keep_last", where),  # type: ignore[arg-type]
-        )
+    keep_last: int = setting(2, ge=1)
 
 
 @dataclass
 class DistributedConfig:
-    strategy: str = "ddp"  # ddp | fsdp; applies when torchrun starts more than one process
+    strategy: Literal[STRATEGIES] = "ddp"  # applies when torchrun starts more than one process
 
-    @classmethod
-    def parse(cls, data: Any, where: _Where) -> "DistributedConfig":
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise where.error("distributed", f"must be a mapping like {{strategy: ddp}}, got {data!r}")
-        _unknown(data, ("strategy",), where, "distributed.")
-        return cls(strategy=_choice(data.get("strategy", "ddp"), "distributed.strategy", STRATEGIES, where))
+
+def model_source(text: str, field: str = "model") -> str:
+    """Whether a model named by one string is a ``"path"`` (a directory, or any text with a ``/``,
+    as a run's output may not exist yet) or a ``"preset"`` name."""
+    return "path" if ("/" in text or user_path(text, field).is_dir()) else "preset"
 
 
 @dataclass
@@ -186,36 +110,36 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)  # interleaf.build keyword arguments
 
     @classmethod
-    def parse(cls, data: Any, where: _Where) -> "ModelSpec":
+    def from_config(cls, data: Any, path: str) -> "ModelSpec":
+        """Read ``model:``: a mapping of one origin (build options inline), or a preset name / directory."""
         if isinstance(data, str):  # shorthand: a preset name or a directory
-            data = {"path": data} if ("/" in data or user_path(data, "model").is_dir()) else {"preset": data}
-        if not isinstance(data, dict) or not data:
-            raise where.error(
-                "model", f"must be a mapping, got {data!r}",
+            data = {model_source(data, path): data}
+        if not isinstance(data, Mapping) or not data:
+            raise ConfigError(
+                path, f"expected a mapping, got {show(data)}",
                 "e.g. {preset: tiny-random}, {path: runs/x/final}, {from_stage: pretrain} or {vision: DIR, lm: DIR}",
             )
-        _unknown(data, ("preset", "path", "from_stage", *_BUILD_OPTIONS), where, "model.")
+        reject_unknown(data, ("preset", "path", "from_stage", *_BUILD_OPTIONS), path)
         options = {k: v for k, v in data.items() if k in _BUILD_OPTIONS}
         origins = [k for k in ("path", "from_stage") if data.get(k) is not None]
         if data.get("preset") is not None or options:
             origins.append("preset" if data.get("preset") is not None else "build options")
         if len(origins) != 1:
-            raise where.error(
-                "model", f"give exactly one origin of the model, got {origins or 'none'}",
+            raise ConfigError(
+                path, f"give exactly one origin of the model, got {origins or 'none'}",
                 "preset (with optional build options), build options (vision, lm, ...), path, or from_stage",
             )
-        for key in ("preset", "path", "from_stage"):
-            if data.get(key) is not None and not isinstance(data[key], str):
-                raise where.error(f"model.{key}", f"must be a string, got {data[key]!r}")
-        if data.get("path") is not None and options:
-            raise where.error("model.path", "a saved model is loaded as it is; build options apply to preset/vision/lm only")
+        origin = {k: coerce(data.get(k), str | None, join(path, k)) for k in ("preset", "path", "from_stage")}
+        if origin["path"] is not None and options:
+            raise ConfigError(join(path, "path"), "a saved model is loaded as it is; build options apply to preset/vision/lm only")
         from ..data.mixture import _expand
 
         # $VARS in local paths come from the environment, as in mixtures
-        options = {k: _expand(v, f"model.{k}") if isinstance(v, str) and k in ("vision", "lm", "tokenizer") else v
+        options = {k: _expand(v, join(path, k)) if isinstance(v, str) and k in ("vision", "lm", "tokenizer") else v
                    for k, v in options.items()}
-        path = _expand(data["path"], "model.path") if data.get("path") is not None else None
-        return cls(preset=data.get("preset"), path=path, from_stage=data.get("from_stage"), options=options)
+        if origin["path"] is not None:
+            origin["path"] = _expand(origin["path"], join(path, "path"))
+        return cls(**origin, options=options)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("preset", "path", "from_stage") if getattr(self, k) is not None}
@@ -226,28 +150,37 @@ class ModelSpec:
 class StageConfig:
     """One training stage (see the module docstring)."""
 
-    name: str = "train"
+    name: str = setting("train", nonempty=True)
     model: ModelSpec = field(default_factory=lambda: ModelSpec(preset="tiny-random"))
     data: str | dict | None = None  # a mixture YAML path (absolute after loading) or an inline mixture
-    freeze: str | None = None
+    freeze: Literal[FREEZE_POLICIES] | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int = 1000
-    max_length: int | None = None
-    z_loss: float = 0.0
-    precision: str = "fp32"
+    batch_size: int = setting(8, ge=1)
+    grad_accum: int = setting(1, ge=1)
+    max_steps: int = setting(1000, ge=1)
+    max_length: int | None = setting(None, ge=2)
+    z_loss: float = setting(0.0, ge=0)
+    precision: Literal[PRECISIONS] = "fp32"
     gradient_checkpointing: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # A step whose loss or gradient norm is NaN or infinite (summed over every process) is skipped:
     # no optimiser update, gradients dropped, counted in summary.json. This many in a row stop the run.
-    max_nonfinite_steps: int = 3
-    log_every: int = 10
-    seed: int = 0
-    out: str = "runs/train"
+    max_nonfinite_steps: int = setting(3, ge=1)
+    log_every: int = setting(10, ge=1)
+    seed: int = setting(0, ge=0)
+    out: str = setting("runs/train", nonempty=True)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    base_dir: str = "."  # the config file's folder: relative data paths resolve against it
-    source: str | None = None  # the file this stage came from (for error messages)
+    base_dir: str = setting(".", internal=True)  # the config file's folder: relative data paths resolve against it
+    source: str | None = setting(None, internal=True)  # the file this stage came from (for error messages)
+
+    def _check(self, path: str) -> None:
+        if "/" in self.name:
+            raise ConfigError(join(path, "name"), f"must be a non-empty string without '/', got {self.name!r}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                join(path, "grad_accum"), f"{self.grad_accum} does not divide batch_size {self.batch_size}",
+                "batch_size is the samples per optimiser step over all processes and accumulation steps",
+            )
 
     def to_dict(self) -> dict:
         """A plain dict that :func:`parse_stage` reads back (saved next to checkpoints)."""
@@ -273,69 +206,35 @@ class StageConfig:
             else:
                 mixture = load_mixture(self.data, check_files=check_files)
         except ConfigError as e:
-            where = f" (in {self.source})" if self.source else ""
-            raise ConfigError(f"data.{e.field}", str(e).split(": ", 1)[-1] + where) from e
+            raise with_context(e, "data.", _in_file(self.source)) from e
         if self.max_length is not None:
             mixture = dataclasses.replace(mixture, max_length=self.max_length)
         return mixture
 
 
-_STAGE_FIELDS = tuple(f.name for f in dataclasses.fields(StageConfig) if f.name not in ("base_dir", "source"))
+def _parse_stage(data: Any, base_dir: str | Path, source: str | None) -> StageConfig:
+    """A stage dict read into a :class:`StageConfig`; errors name the field relative to the stage."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("stage", f"a stage must be a mapping, got {type(data).__name__}")
+    d = dict(data)
+    reject_unknown(d, fields_of(StageConfig), "")
+    d.setdefault("out", f"runs/{d.get('name', 'train')}")
+    base = Path(base_dir).expanduser().resolve()
+    if isinstance(d.get("data"), str):
+        d["data"] = str(base / user_path(d["data"], "data"))
+    elif d.get("data") is not None and not isinstance(d["data"], Mapping):
+        raise ConfigError("data", f"must be a mixture YAML path or an inline mixture (a mapping), got {show(d['data'])}")
+    stage = read(StageConfig, d)
+    stage.base_dir, stage.source = str(base), source
+    return stage
 
 
 def parse_stage(data: Any, *, base_dir: str | Path = ".", source: str | None = None, prefix: str = "") -> StageConfig:
     """Validate a stage dict into a :class:`StageConfig`; errors name ``prefix + field`` and ``source``."""
-    where = _Where(prefix, source)
-    if not isinstance(data, dict):
-        raise where.error("", f"a stage must be a mapping, got {type(data).__name__}")
-    _unknown(data, _STAGE_FIELDS, where)
-    d = dict(data)
-    name = d.get("name", "train")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise where.error("name", f"must be a non-empty string without '/', got {name!r}")
-    base = Path(base_dir).expanduser().resolve()
-    mixture = d.get("data")
-    if isinstance(mixture, str):
-        mixture = str(base / user_path(mixture, f"{prefix}data"))
-    elif mixture is not None and not isinstance(mixture, dict):
-        raise where.error("data", f"must be a mixture YAML path or an inline mixture (a mapping), got {mixture!r}")
-    freeze = d.get("freeze")
-    if freeze is not None:
-        _choice(freeze, "freeze", FREEZE_POLICIES, where)
-    out = d.get("out", f"runs/{name}")
-    if not isinstance(out, str) or not out:
-        raise where.error("out", f"must be a folder path, got {out!r}")
-    gc = d.get("gradient_checkpointing", False)
-    if not isinstance(gc, bool):
-        raise where.error("gradient_checkpointing", f"must be true or false, got {gc!r}")
-    stage = StageConfig(
-        name=name,
-        model=ModelSpec.parse(d.get("model", {"preset": "tiny-random"}), where),
-        data=mixture,
-        freeze=freeze,
-        optim=OptimConfig.parse(d.get("optim"), where),
-        batch_size=_int(d.get("batch_size", 8), "batch_size", where),  # type: ignore[arg-type]
-        grad_accum=_int(d.get("grad_accum", 1), "grad_accum", where),  # type: ignore[arg-type]
-        max_steps=_int(d.get("max_steps", 1000), "max_steps", where),  # type: ignore[arg-type]
-        max_length=_int(d.get("max_length"), "max_length", where, low=2, allow_none=True),
-        z_loss=_float(d.get("z_loss", 0.0), "z_loss", where),
-        precision=_choice(d.get("precision", "fp32"), "precision", PRECISIONS, where),
-        gradient_checkpointing=gc,
-        checkpoint=CheckpointConfig.parse(d.get("checkpoint"), where),
-        max_nonfinite_steps=_int(d.get("max_nonfinite_steps", 3), "max_nonfinite_steps", where),  # type: ignore[arg-type]
-        log_every=_int(d.get("log_every", 10), "log_every", where),  # type: ignore[arg-type]
-        seed=_int(d.get("seed", 0), "seed", where, low=0),  # type: ignore[arg-type]
-        out=out,
-        distributed=DistributedConfig.parse(d.get("distributed"), where),
-        base_dir=str(base),
-        source=source,
-    )
-    if stage.batch_size % stage.grad_accum:
-        raise where.error(
-            "grad_accum", f"{stage.grad_accum} does not divide batch_size {stage.batch_size}",
-            "batch_size is the samples per optimiser step over all processes and accumulation steps",
-        )
-    return stage
+    try:
+        return _parse_stage(data, base_dir, source)
+    except ConfigError as e:
+        raise with_context(e, prefix, _in_file(source)) from e
 
 
 # --------------------------------------------------------------------------- recipes
@@ -461,38 +360,51 @@ def load_recipe(
     else:
         raise ConfigError("config", f"must be a YAML path or a dict, got {type(config).__name__}")
     data = apply_overrides(data, overrides)
+    try:
+        return Recipe(_parse_stages(data, base, source), source=source)
+    except ConfigError as e:
+        raise with_context(e, "", _in_file(source)) from e
+
+
+def _parse_stages(data: dict, base: Path, source: str | None) -> list[StageConfig]:
+    """The stages of a recipe (or the one stage of a stage file); errors name the field, not the file."""
     if "stages" not in data:
-        return Recipe([parse_stage(data, base_dir=base, source=source)], source=source)
-    where = _Where("", source)
+        return [_parse_stage(data, base, source)]
     raw_stages = data["stages"]
     if not isinstance(raw_stages, list) or not raw_stages:
-        raise where.error("stages", "must be a non-empty list of stages")
+        raise ConfigError("stages", "must be a non-empty list of stages")
     defaults = {k: v for k, v in data.items() if k != "stages"}
-    _unknown(defaults, _STAGE_FIELDS, where)
+    reject_unknown(defaults, fields_of(StageConfig), "")
     root_out = defaults.pop("out", None)
-    if root_out is not None and (not isinstance(root_out, str) or not root_out):
-        raise where.error("out", f"must be a folder path, got {root_out!r}")
+    if root_out is not None:
+        coerce(root_out, str, "out")
+        if not root_out:
+            raise ConfigError("out", "must not be empty")
     defaults.pop("name", None)
     stages: list[StageConfig] = []
     for i, raw in enumerate(raw_stages):
         if not isinstance(raw, dict):
-            raise where.error(f"stages[{i}]", f"must be a mapping, got {type(raw).__name__}")
+            raise ConfigError(f"stages[{i}]", f"must be a mapping, got {type(raw).__name__}")
         merged = _deep_merge(defaults, raw)
         merged.setdefault("name", f"stage{i}")
-        if "out" not in raw and root_out is not None:
+        if "out" not in raw and root_out is not None and isinstance(merged["name"], str):
             merged["out"] = str(Path(root_out) / merged["name"])
-        stage = parse_stage(merged, base_dir=base, source=source, prefix=f"stages[{i}].")
-        if stage.model.from_stage is not None and stage.model.from_stage not in [s.name for s in stages]:
-            raise where.error(
+        try:
+            stage = _parse_stage(merged, base, source)
+        except ConfigError as e:
+            raise with_context(e, f"stages[{i}].") from e
+        earlier = [s.name for s in stages]
+        if stage.model.from_stage is not None and stage.model.from_stage not in earlier:
+            raise ConfigError(
                 f"stages[{i}].model.from_stage",
-                f"{stage.model.from_stage!r} is not an earlier stage (earlier: {[s.name for s in stages] or 'none'})",
+                f"{stage.model.from_stage!r} is not an earlier stage (earlier: {earlier or 'none'})",
             )
-        if stage.name in [s.name for s in stages]:
-            raise where.error(f"stages[{i}].name", f"{stage.name!r} is used twice; stage names must be unique")
+        if stage.name in earlier:
+            raise ConfigError(f"stages[{i}].name", f"{stage.name!r} is used twice; stage names must be unique")
         stages.append(stage)
     if stages[0].model.from_stage is not None:
-        raise where.error("stages[0].model.from_stage", "the first stage has no earlier stage to start from")
-    return Recipe(stages, source=source)
+        raise ConfigError("stages[0].model.from_stage", "the first stage has no earlier stage to start from")
+    return stages
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -1,0 +1,113 @@
+"""One reader per file kind: YAML, JSON and JSON lines.
+
+Each reader takes the path and ``what`` the file is for (``"mixture"``, ``"task file"``), and
+every failure (a missing file, a file that is not UTF-8, broken syntax) is an interleaf error that
+names the file, the line where the parser knows it, and what to fix. YAML files are config, so
+their errors are :class:`~interleaf.errors.ConfigError` naming ``what`` as the field; JSON and
+JSON-lines files are data, so theirs are :class:`~interleaf.errors.InputError` unless the caller
+passes a config ``field``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ConfigError, InputError
+
+
+def user_path(path: str | Path, field: str) -> Path:
+    """``path`` with ``~`` expanded; a NUL byte or an unknown ``~user`` is a :class:`ConfigError` naming ``field``."""
+    text = str(path)
+    if "\x00" in text:
+        raise ConfigError(field, f"{text!r} holds a NUL character, which no path may hold; check the path")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as e:  # "~someone" for an unknown user, or no home directory
+        raise ConfigError(field, f"cannot expand '~' in {text!r} ({e})", "write the full path") from e
+
+
+def _text(p: Path, error, kind: str) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{str(p)!r} is not UTF-8 text ({e})", f"save the {kind} file as UTF-8") from e
+    except OSError as e:
+        raise error(f"cannot read {str(p)!r} ({e.strerror or e})", "check the file's permissions") from e
+
+
+def read_yaml(path: str | Path, what: str = "config", fix: str | None = None) -> Any:
+    """The parsed YAML file at ``path``; every failure is a :class:`ConfigError` naming ``what``.
+
+    ``fix`` is the advice for a missing file (e.g. "pass the path of a mixture YAML").
+    """
+    import yaml
+
+    def error(problem: str, advice: str | None = None) -> ConfigError:
+        return ConfigError(what, problem, advice)
+
+    p = user_path(path, what)
+    if not p.is_file():
+        raise error(f"file {str(p)!r} does not exist", fix)
+    text = _text(p, error, "YAML")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{str(p)!r} is not valid YAML{where}: {problem}", "fix the YAML syntax there") from e
+    except RecursionError as e:
+        raise error(f"{str(p)!r} nests too deeply to read", "write a flatter YAML file") from e
+
+
+def _json_error(what: str, field: str | None):
+    def error(problem: str, advice: str | None = None) -> Exception:
+        if field is not None:
+            return ConfigError(field, problem, advice)
+        return InputError(f"{what}: {problem}" + (f" ({advice})" if advice else ""))
+
+    return error
+
+
+def read_json(path: str | Path, what: str = "JSON file", *, field: str | None = None) -> Any:
+    """The parsed JSON file at ``path``; failures name the file, the line and column, and the fix."""
+    error = _json_error(what, field)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise error(f"file {str(p)!r} does not exist", "check the path")
+    text = _text(p, error, "JSON")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{str(p)!r} is not valid JSON, line {e.lineno}, column {e.colno}: {e.msg}",
+                    "fix the JSON syntax there") from e
+    except RecursionError as e:
+        raise error(f"{str(p)!r} nests too deeply to read", "write flatter JSON") from e
+
+
+def iter_jsonl(path: str | Path, what: str = "JSON-lines file", *, field: str | None = None) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for each non-blank line of a JSON-lines file."""
+    error = _json_error(what, field)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise error(f"file {str(p)!r} does not exist", "check the path")
+    for n, line in enumerate(_text(p, error, "JSON-lines").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{str(p)!r} line {n} is not valid JSON (column {e.colno}: {e.msg})",
+                        "write one JSON value per line") from e
+        except RecursionError as e:
+            raise error(f"{str(p)!r} line {n} nests too deeply to read", "write flatter JSON") from e
+
+
+def read_jsonl(path: str | Path, what: str = "JSON-lines file", *, field: str | None = None) -> list[Any]:
+    """Every value of a JSON-lines file (blank lines skipped); errors name the file and the line."""
+    return [value for _, value in iter_jsonl(path, what, field=field)]
+
+
+__all__ = ["iter_jsonl", "read_json", "read_jsonl", "read_yaml", "user_path"]
