@@ -174,30 +174,22 @@ def llava_task(path: str | Path, *, name: str | None = None) -> TaskSpec:
 
 def load_task_yaml(path: str | Path) -> TaskSpec:
     """A :class:`TaskSpec` from YAML; ``base: NAME`` starts from a registered task."""
+    from ...files import read_yaml
+    from ...schema import coerce, fields_of, read, reject_unknown, with_context
+
     p = Path(path)
+    data = read_yaml(p, "task", "pass the path of a task YAML, or a registered task's name")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(str(p), f"cannot read the task file: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(str(p), "must be a mapping of task fields")
-    base = data.pop("base", None)
-    fields = {f.name for f in dataclasses.fields(TaskSpec)}
-    unknown = set(data) - fields
-    if unknown:
-        raise ConfigError(f"{p}: {sorted(unknown)[0]}", "is not a task field", f"known fields: {sorted(fields)}")
-    if base is not None:
-        merged = dataclasses.asdict(get_task(base))
-        merged.update(data)
-        data = merged
-    data.setdefault("name", p.stem)
-    for key in ("name", "adapter", "templates"):
-        if key not in data:
-            raise ConfigError(f"{p}: {key}", "is required", "add it (or base: <a registered task>)")
-    try:
-        return TaskSpec(**data)
-    except TypeError as e:
-        raise ConfigError(str(p), f"bad task definition: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError("task", f"must be a mapping of task fields, got {type(data).__name__}")
+        base = coerce(data.pop("base", None), str | None, "base")
+        reject_unknown(data, [*fields_of(TaskSpec), "base"], "")
+        if base is not None:
+            data = {**dataclasses.asdict(get_task(base)), **data}
+        data.setdefault("name", p.stem)
+        return read(TaskSpec, data, f"task {data['name']}")
+    except ConfigError as e:
+        raise with_context(e, "", f" (in {p})") from e
 
 
 def get_task(name: str) -> TaskSpec:

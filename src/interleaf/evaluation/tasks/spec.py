@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ...errors import ConfigError, InputError
+from ...schema import setting, validate
 
 IMAGE_MARK = "<image>"
 PROMPT_FAMILIES = ("openflamingo", "idefics")
@@ -69,11 +70,14 @@ class PromptTemplate:
     chat_user: str | None = None  # chat rendering: the user turn (e.g. "<image>\n{question}")
 
     def __post_init__(self) -> None:
+        validate(self, "template")
+
+    def _check(self, path: str) -> None:
         if self.query is None:
             mark = "{" + self.answer_field + "}"
             if mark not in self.demo:
                 raise ConfigError(
-                    "template.query", f"is not given and the demo template {self.demo!r} lacks {mark}",
+                    f"{path}.query", f"is not given and the demo template {self.demo!r} lacks {mark}",
                     f"write the query template, or put {mark} in the demo template",
                 )
             self.query = self.demo[: self.demo.index(mark)]
@@ -122,12 +126,12 @@ def _fill(text: str, example: Example) -> str:
 class TaskSpec:
     """Everything that defines an evaluation task. See the module docstring."""
 
-    name: str
-    adapter: str  # a key of interleaf.evaluation.tasks.adapters.ADAPTERS
-    templates: dict[str, PromptTemplate]
-    request: Literal["generate", "rank"] = "generate"
-    metric: str = "exact_match"
-    postprocess: str = "strip"
+    name: str = setting(nonempty=True)
+    adapter: str = setting(nonempty=True)  # a key of interleaf.evaluation.tasks.adapters.ADAPTERS
+    templates: dict[str, PromptTemplate] = setting()
+    request: Literal[REQUESTS] = "generate"
+    metric: Literal[METRICS] = "exact_match"
+    postprocess: Literal[POSTPROCESS] = "strip"
     files: dict[str, str] = field(default_factory=dict)  # adapter arguments (paths relative to the data dir)
     demo_split: str = "train"
     eval_split: str = "test"
@@ -143,22 +147,17 @@ class TaskSpec:
     source: str = ""  # where the public dataset's files come from (for missing-file errors)
 
     def __post_init__(self) -> None:
-        self.templates = {
-            k: (v if isinstance(v, PromptTemplate) else PromptTemplate(**v)) for k, v in self.templates.items()
-        }
-        checks = (("request", self.request, REQUESTS), ("postprocess", self.postprocess, POSTPROCESS),
-                  ("metric", self.metric, METRICS), ("rank_reduce", self.rank_reduce, ("sum", "mean")))
-        for name, value, allowed in checks:
-            if value not in allowed:
-                raise ConfigError(f"task {self.name}.{name}", f"is {value!r}", f"choose one of {list(allowed)}")
+        validate(self, f"task {self.name}")
+
+    def _check(self, path: str) -> None:
         unknown = set(self.templates) - set(PROMPT_FAMILIES)
         if unknown or not self.templates:
             raise ConfigError(
-                f"task {self.name}.templates", f"has families {sorted(self.templates)}",
+                f"{path}.templates", f"has families {sorted(self.templates)}",
                 f"give a template for at least one of {list(PROMPT_FAMILIES)} and no others",
             )
         if self.metric == "roc_auc" and (self.request != "rank" or self.positive is None):
-            raise ConfigError(f"task {self.name}.metric", "roc_auc needs request: rank and a positive candidate",
+            raise ConfigError(f"{path}.metric", "roc_auc needs request: rank and a positive candidate",
                               "set request: rank and positive: <candidate>")
 
     def template(self, family: str) -> PromptTemplate:
