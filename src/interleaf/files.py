@@ -28,6 +28,13 @@ def user_path(path: str | Path, field: str) -> Path:
         raise ConfigError(field, f"cannot expand '~' in {text!r} ({e})", "write the full path") from e
 
 
+def names_a_directory(text: str | Path, field: str = "model") -> bool:
+    """Whether ``text`` (a ``--model`` value, a stage's ``model:``) means a local directory rather than a
+    preset name: an existing directory, or any path with a ``/`` (a run may write it later). Preset
+    names hold no ``/``."""
+    return "/" in str(text) or user_path(text, field).is_dir()
+
+
 def _text(p: Path, error, kind: str) -> str:
     try:
         return p.read_text(encoding="utf-8")
@@ -110,4 +117,4 @@ def read_jsonl(path: str | Path, what: str = "JSON-lines file", *, field: str | 
     return [value for _, value in iter_jsonl(path, what, field=field)]
 
 
-__all__ = ["iter_jsonl", "read_json", "read_jsonl", "read_yaml", "user_path"]
+__all__ = ["iter_jsonl", "names_a_directory", "read_json", "read_jsonl", "read_yaml", "user_path"]

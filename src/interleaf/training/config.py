@@ -49,7 +49,7 @@ import yaml
 from ..config import FREEZE_POLICIES
 from ..errors import ConfigError
 from ..files import read_yaml as read_yaml_file
-from ..files import user_path
+from ..files import names_a_directory, user_path
 from ..schema import coerce, fields_of, join, read, reject_unknown, setting, show, with_context
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -93,12 +93,6 @@ class DistributedConfig:
     strategy: Literal[STRATEGIES] = "ddp"  # applies when torchrun starts more than one process
 
 
-def model_source(text: str, field: str = "model") -> str:
-    """Whether a model named by one string is a ``"path"`` (a directory, or any text with a ``/``,
-    as a run's output may not exist yet) or a ``"preset"`` name."""
-    return "path" if ("/" in text or user_path(text, field).is_dir()) else "preset"
-
-
 @dataclass
 class ModelSpec:
     """Where a stage's model comes from: exactly one of a preset (+ build options), build options, a
@@ -113,7 +107,7 @@ class ModelSpec:
     def from_config(cls, data: Any, path: str) -> "ModelSpec":
         """Read ``model:``: a mapping of one origin (build options inline), or a preset name / directory."""
         if isinstance(data, str):  # shorthand: a preset name or a directory
-            data = {model_source(data, path): data}
+            data = {"path" if names_a_directory(data, path) else "preset": data}
         if not isinstance(data, Mapping) or not data:
             raise ConfigError(
                 path, f"expected a mapping, got {show(data)}",
