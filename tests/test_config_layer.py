@@ -84,16 +84,16 @@ def test_the_reader_on_each_kind_of_type_hint():
     ({"either": 3}, "config field 'either': expected a string or a mapping or null, got 3"),
     ({"items": 3}, "config field 'items': expected a list, got 3"),
     ({"items": [1, "a"]}, "config field 'items[1]': expected an integer, got 'a'"),
-    ({"items": [0, -1]}, "config field 'items[1]': must be >= 0, got -1"),
+    ({"items": [0, -1]}, "config field 'items[1]': must be an integer >= 0, got -1"),
     ({"pair": [0.9]}, "config field 'pair': expected a list of 2 items, got 1: [0.9]"),
     ({"table": []}, "config field 'table': expected a mapping, got []"),
     ({"table": {"a": "b"}}, "config field 'table.a': expected a number, got 'b'"),
     ({"inner": 3}, "config field 'inner': expected a mapping, got 3"),
-    ({"inner": {"rate": 1.5}}, "config field 'inner.rate': must be >= 0 and <= 1, got 1.5"),
+    ({"inner": {"rate": 1.5}}, "config field 'inner.rate': must be a number >= 0 and <= 1, got 1.5"),
     ({"inner": {"name": ""}}, "config field 'inner.name': must not be empty"),
     ({"inners": [{}, {"rat": 1}]}, "config field 'inners[1].rat': unknown field (did you mean 'rate'? known fields: name, rate)"),
-    ({"count": 0}, "config field 'count': must be >= 1, got 0"),
-    ({"lr": -1}, "config field 'lr': must be > 0, got -1.0"),
+    ({"count": 0}, "config field 'count': must be an integer >= 1, got 0"),
+    ({"lr": -1}, "config field 'lr': must be a number > 0, got -1.0"),
     ({"bogus": 1}, "config field 'bogus': unknown field (known fields: anything, count, either, flag, inner, inners, "
                    "items, label, limit, lr, many, mode, pair, table)"),
 ])
@@ -128,7 +128,7 @@ def test_model_config_follows_the_unified_rules():
     assert "config field 'resampler.dpeth': unknown field (did you mean 'depth'?" in str(e.value)
     with pytest.raises(ConfigError) as e:
         InterleafConfig(vision={"image_std": [0.5, 0, 0.5]})
-    assert str(e.value) == "config field 'vision.image_std[1]': must be > 0, got 0.0"
+    assert str(e.value) == "config field 'vision.image_std[1]': must be a number > 0, got 0.0"
 
 
 def test_training_config_follows_the_unified_rules():
@@ -142,7 +142,7 @@ def test_training_config_follows_the_unified_rules():
     assert str(e.value) == "config field 'optim.lr': expected a number, got 'fast'"
     with pytest.raises(ConfigError) as e:
         load_recipe({"stages": [{"name": "a"}, {"name": "b", "optim": {"betas": [0.9, 2]}}]})
-    assert str(e.value) == "config field 'stages[1].optim.betas[1]': must be >= 0 and <= 1, got 2.0"
+    assert str(e.value) == "config field 'stages[1].optim.betas[1]': must be a number >= 0 and <= 1, got 2.0"
     with pytest.raises(ConfigError) as e:
         load_recipe({"optim": {"lrr": 1}})
     assert "config field 'optim.lrr': unknown field (did you mean 'lr'?" in str(e.value)

@@ -223,7 +223,8 @@ def _bounds(value: Any, meta: Mapping, path: str) -> None:
     if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le):
         parts = [f">= {ge:g}" if ge is not None else None, f"> {gt:g}" if gt is not None else None,
                  f"<= {le:g}" if le is not None else None]
-        raise ConfigError(path, f"must be {' and '.join(p for p in parts if p)}, got {show(value)}")
+        kind = "an integer" if isinstance(value, int) else "a number"
+        raise ConfigError(path, f"must be {kind} {' and '.join(p for p in parts if p)}, got {show(value)}")
 
 
 def validate(obj: Any, path: str = "") -> Any:
