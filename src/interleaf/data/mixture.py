@@ -2,7 +2,8 @@
 
 A mixture is a YAML file (or a dict) read by :func:`load_mixture` into a typed, validated
 :class:`MixtureConfig`; :class:`~interleaf.data.stream.MixtureStream` streams it. Every error
-names the field, e.g. ``config field 'sources[1].samples': must be a positive integer, got -5``.
+names the field, e.g. ``config field 'sources[1].samples': must be an integer >= 1, got -5``;
+every section is read by :mod:`interleaf.schema`, the reader of every interleaf config.
 
 Mixture YAML schema
 -------------------
