@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..processing.images import load_image
-from ..processing.prompt_format import IGNORE_INDEX, uses_bos
+from ..processing.prompt_format import IGNORE_INDEX  # defined there; importable from here too
 from .formats import BadSample, Conversation, Document, ImageSource, Pair
 
 
@@ -168,13 +168,6 @@ def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
     return Tokenized(ids, labels, n_images)
 
 
-def image_spans(processor, ids: list[int], *, chat: bool) -> list[tuple[int, int]]:
-    """``[start, end)`` of each image's tokens: :meth:`PromptFormat.image_spans
-    <interleaf.processing.prompt_format.PromptFormat.image_spans>` (IDEFICS spans of consecutive
-    images share their fake token)."""
-    return processor.format.image_spans(ids, chat)
-
-
 def truncate(processor, t: Tokenized, max_length: int, *, chat: bool) -> Tokenized:
     """Keep at most ``max_length`` tokens; a cut inside an image's tokens drops that whole image."""
     if len(t.input_ids) <= max_length:
@@ -248,6 +241,6 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int], open_mark:
 
 
 __all__ = [
-    "IGNORE_INDEX", "Tokenized", "encode_sample", "image_spans", "render_sample", "text_ids", "tokenize_conversation",
-    "tokenize_document", "tokenize_pair", "truncate", "uses_bos",
+    "IGNORE_INDEX", "Tokenized", "encode_sample", "render_sample", "text_ids", "tokenize_conversation",
+    "tokenize_document", "tokenize_pair", "truncate",
 ]

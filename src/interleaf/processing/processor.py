@@ -2,7 +2,9 @@
 
 :class:`InterleafProcessor` turns a prompt (a list mixing text and images) or a chat conversation
 into ``input_ids``, ``attention_mask``, ``pixel_values`` and ``image_attention_mask``, following
-the model's prompt format (``tokens.prompt_format``):
+the model's prompt format (``tokens.prompt_format``), written by
+:class:`~interleaf.processing.prompt_format.PromptFormat` (``processor.format``), which the
+training tokeniser uses too:
 
 - ``"openflamingo"``: each image becomes ``<image>``; text is inserted as is. In chat
   conversations (InfiMM style) each image becomes ``<|endofchunk|><image>``.
@@ -10,6 +12,8 @@ the model's prompt format (``tokens.prompt_format``):
   <fake_token_around_image>`` with consecutive images sharing the fake token between them,
   exactly as transformers' ``IdeficsProcessor`` builds it (text items stripped of spaces,
   ``<end_of_utterance>`` between consecutive texts when asked, the image mask reset after an EOS).
+
+Truncation drops whole images with their tokens (see ``PromptFormat.cut_left`` / ``cut_right``).
 
 When no row of a batch has an image, ``pixel_values`` is absent and ``image_attention_mask`` has
 shape ``(B, T, 0)``.
@@ -155,21 +159,7 @@ class InterleafProcessor:
 
         all_ids, all_images = [], []
         for r, (ids, row) in enumerate(zip(encoded, parsed)):
-            images = row.images
-            found = sum(1 for i in ids if i == self.image_token_id)
-            if found != len(images):  # a template or tokenizer quirk; never silently misalign images
-                raise InputError(
-                    f"batch row {r}: {found} image tokens for {len(images)} images after tokenization; "
-                    "check that the chat template keeps every message and that the tokenizer keeps "
-                    f"{self.tokens.image_token!r} as one token"
-                )
-            if max_length is not None and len(ids) > max_length:
-                if not truncation:
-                    raise InputError(
-                        f"batch row {r}: the prompt is {len(ids)} tokens, longer than max_length={max_length} "
-                        "(the model's context); shorten it, use fewer images, or pass truncation=True"
-                    )
-                ids, images = self._truncate(ids, images, max_length, truncation_side, r, row.is_chat)
+            ids, images = self._fit(ids, row, r, max_length, truncation, truncation_side)
             all_ids.append(ids)
             all_images.append(images)
 
@@ -207,6 +197,25 @@ class InterleafProcessor:
                         f"{t.where}: the text contains {tok!r} typed literally; images must be passed as images "
                         "(a PIL image, path, bytes or {'image': ...} item), and the processor writes their tokens"
                     )
+
+    def _fit(self, ids, row: ParsedPrompt, r: int, max_length, truncation: bool, side: str):
+        """Check one encoded row's image tokens, and fit it into ``max_length`` -> (ids, images)."""
+        images = row.images
+        found = sum(1 for i in ids if i == self.image_token_id)
+        if found != len(images):  # a template or tokenizer quirk; never silently misalign images
+            raise InputError(
+                f"batch row {r}: {found} image tokens for {len(images)} images after tokenization; "
+                "check that the chat template keeps every message and that the tokenizer keeps "
+                f"{self.tokens.image_token!r} as one token"
+            )
+        if max_length is not None and len(ids) > max_length:
+            if not truncation:
+                raise InputError(
+                    f"batch row {r}: the prompt is {len(ids)} tokens, longer than max_length={max_length} "
+                    "(the model's context); shorten it, use fewer images, or pass truncation=True"
+                )
+            ids, images = self._truncate(ids, images, max_length, side, r, row.is_chat)
+        return ids, images
 
     def _truncate(self, ids, images, max_length, side, r, chat):
         """Cut a row to ``max_length`` tokens without splitting an image's tokens (BOS stays first
