@@ -120,16 +120,10 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _tokenizer(lm_dir: Path, tokenizer: Any):
-    from transformers import AutoTokenizer
+    from ..processing.tokenizer import load_tokenizer
 
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        source = Path(tokenizer) if tokenizer is not None else lm_dir
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(
-                f"cannot load the LM's tokenizer from {str(source)!r}: {e}; pass tokenizer=<local tokenizer directory>"
-            ) from e
+        tokenizer = load_tokenizer(Path(tokenizer) if tokenizer is not None else lm_dir)
     base = len(tokenizer)
     missing = [t for t in OPENFLAMINGO_TOKENS if t not in tokenizer.get_vocab()]
     if missing:

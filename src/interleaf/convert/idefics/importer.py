@@ -202,7 +202,7 @@ def idefics_to_interleaf_config(
 
 
 def _load_tokenizer(directory: Path, tokenizer: Any):
-    from transformers import AutoTokenizer
+    from ...processing.tokenizer import load_tokenizer
 
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         return tokenizer
@@ -212,10 +212,7 @@ def _load_tokenizer(directory: Path, tokenizer: Any):
             f"{str(source)!r} has no tokenizer files; save the IDEFICS processor (or tokenizer) into the "
             "checkpoint directory, or pass tokenizer=<directory with the IDEFICS tokenizer>"
         )
-    try:
-        tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the IDEFICS tokenizer from {str(source)!r}: {e}") from e
+    tok = load_tokenizer(source)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
