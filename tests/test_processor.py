@@ -385,3 +385,21 @@ def test_from_pretrained_reports_what_is_missing(tmp_path):
         InterleafProcessor.from_pretrained(tmp_path / "half")
     assert "processor_config.json" in str(e.value) and "tokenizer_config.json" in str(e.value)
     assert "tokenizer.json," not in str(e.value)
+
+
+def test_load_tokenizer_is_local_and_names_the_directory(tmp_path, no_network):
+    from interleaf.processing import load_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.get_vocab() == tok.get_vocab() and loaded.chat_template == tok.chat_template
+    with pytest.raises(CheckpointError, match="is not a local directory.*never downloads") as e:
+        load_tokenizer("org/some-hub-tokenizer")
+    assert "org/some-hub-tokenizer" in str(e.value)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot load a tokenizer from") as e:
+        load_tokenizer(tmp_path / "broken")
+    assert str(tmp_path / "broken") in str(e.value) and "save_pretrained" in str(e.value)
+    assert no_network == []

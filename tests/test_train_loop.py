@@ -16,7 +16,7 @@ from interleaf.errors import ConfigError
 from interleaf.training import train, weighted_token_loss
 from interleaf.training import checkpoint as ckpt
 from interleaf.training.distributed import DistState
-from interleaf.training.loop import prepare_model
+from interleaf.training.prepare import prepare_model
 from interleaf.training.config import load_recipe
 
 

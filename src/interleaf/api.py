@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from .config import InterleafConfig, TokensConfig, VisionConfig
 from .errors import CheckpointError, ConfigError
 from .model import InterleafForConditionalGeneration
 from .presets import get_preset
 from .processing import ImageTransform, InterleafProcessor, build_tiny_tokenizer
+from .processing.tokenizer import load_tokenizer
 
 PathLike = str | Path
 
@@ -44,11 +45,7 @@ def _resolve_tokenizer(tokenizer: Any, lm: Any):
     if tokenizer is None or tokenizer == "tiny":
         return build_tiny_tokenizer()
     if isinstance(tokenizer, (str, Path)):
-        p = _local_dir(tokenizer, "tokenizer", needs=())
-        try:
-            return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot load a tokenizer from {str(p)!r}: {e}") from e
+        return load_tokenizer(_local_dir(tokenizer, "tokenizer", needs=()))
     return tokenizer
 
 

@@ -18,25 +18,42 @@ def presets_cmd() -> None:
         typer.echo(f"{name:<{width}}  {description}")
 
 
+def _model_dir(model: str) -> Path | None:
+    """The saved directory ``--model`` names, or None for a preset name; anything else is an error."""
+    from ..errors import CheckpointError
+    from ..presets import presets
+
+    if Path(model).expanduser().is_dir():
+        return Path(model).expanduser()
+    if model in presets():
+        return None
+    raise CheckpointError(
+        f"--model {model!r} is neither a local directory nor a preset name; "
+        f"presets: {', '.join(presets())}. Run `interleaf presets` to list them"
+    )
+
+
 def load_model(model: str, *, device: str | None = None, seed: int | None = None):
     """``(model, processor)`` from a saved directory, or a preset name (random weights)."""
     from ..api import build, load
-    from ..errors import CheckpointError
-    from ..presets import presets
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the command's output is the answer, not loading bars
-    if Path(model).expanduser().is_dir():
+    if _model_dir(model) is not None:
         m, p = load(model, device_map=device)
-    elif model in presets():
-        m, p = build(model, seed=seed)
     else:
-        raise CheckpointError(
-            f"--model {model!r} is neither a local directory nor a preset name; "
-            f"presets: {', '.join(presets())}. Run `interleaf presets` to list them"
-        )
+        m, p = build(model, seed=seed)
     return m, p
+
+
+def load_processor(model: str):
+    """The processor of a saved directory (its weights are not read), or of a preset."""
+    from ..api import build
+    from ..processing import InterleafProcessor
+
+    directory = _model_dir(model)
+    return InterleafProcessor.from_pretrained(directory) if directory is not None else build(model)[1]
 
 
 def generate_cmd(

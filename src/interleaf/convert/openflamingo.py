@@ -120,16 +120,10 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _tokenizer(lm_dir: Path, tokenizer: Any):
-    from transformers import AutoTokenizer
+    from ..processing.tokenizer import load_tokenizer
 
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        source = Path(tokenizer) if tokenizer is not None else lm_dir
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(
-                f"cannot load the LM's tokenizer from {str(source)!r}: {e}; pass tokenizer=<local tokenizer directory>"
-            ) from e
+        tokenizer = load_tokenizer(Path(tokenizer) if tokenizer is not None else lm_dir)
     base = len(tokenizer)
     missing = [t for t in OPENFLAMINGO_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
@@ -166,77 +160,57 @@ def _resampler_config(state: dict[str, torch.Tensor], vision_width: int) -> Resa
     )
 
 
-def from_openflamingo(
-    checkpoint_pt: PathLike,
-    lm_dir: PathLike,
-    vision_dir: PathLike,
-    dst_dir: PathLike,
-    *,
-    cross_attn_every_n_layers: int = 1,
-    tokenizer: Any = None,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Convert an OpenFlamingo ``checkpoint.pt`` (with its base LM and CLIP tower) to an interleaf directory.
-
-    ``cross_attn_every_n_layers`` must be the value the model was trained with (1 for
-    OpenFlamingo-3B, 2 for 4B, 4 for 9B); the checkpoint's block positions are checked against it.
-    """
+def _load_lm(lm_path: Path, tokenizer, dtype: torch.dtype | None):
+    """The base LM with its embedding resized to the tokenizer with OpenFlamingo's tokens."""
     from transformers import AutoModelForCausalLM
 
-    from ..api import save
-    from ..model import InterleafForConditionalGeneration
-    from ..model.lm import find_decoder_layers
-    from ..model.vision import load_vision_tower
-    from ..processing import ImageTransform, InterleafProcessor
-
-    ckpt_path, lm_path = Path(checkpoint_pt).expanduser(), Path(lm_dir).expanduser()
-    what = f"OpenFlamingo checkpoint {str(ckpt_path)!r}"
-    state = _read_checkpoint(ckpt_path)
-    tok, base_vocab = _tokenizer(lm_path, tokenizer)
     if not (lm_path / "config.json").is_file():
         raise CheckpointError(f"language model {str(lm_path)!r} is not a local transformers directory (no config.json)")
     lm = AutoModelForCausalLM.from_pretrained(str(lm_path), local_files_only=True, dtype=dtype)
-    lm.resize_token_embeddings(len(tok))  # as OpenFlamingo does
-    vcfg, vision = load_vision_tower(vision_dir, feature_layer=-1, drop_cls_token=True, post_layernorm=True, dtype=dtype)
+    lm.resize_token_embeddings(len(tokenizer))  # as OpenFlamingo does
+    return lm
 
-    num_layers = lm.config.num_hidden_layers
-    layers_path, _ = find_decoder_layers(lm, num_layers)
+
+def _cross_attention_config(
+    state: dict[str, torch.Tensor], layers_path: str, num_layers: int, every: int, what: str
+) -> CrossAttentionConfig:
+    """The blocks' config, after checking the checkpoint has them where ``every`` places them."""
     found = sorted(
         {int(m.group(1)) for k in state if (m := re.match(rf"lang_encoder\.{re.escape(layers_path)}\.(\d+)\.gated_cross_attn_layer\.", k))}
     )
-    xcfg = CrossAttentionConfig(every_n_layers=cross_attn_every_n_layers)
-    expected_layers = xcfg.layer_indices(num_layers)
+    expected_layers = CrossAttentionConfig(every_n_layers=every).layer_indices(num_layers)
     if found != expected_layers:
         raise CheckpointError(
             f"{what} has cross-attention blocks before decoder layers {found} (under lang_encoder.{layers_path}), but "
-            f"cross_attn_every_n_layers={cross_attn_every_n_layers} places them before {expected_layers}; pass the "
+            f"cross_attn_every_n_layers={every} places them before {expected_layers}; pass the "
             "value the model was trained with (1 for OpenFlamingo-3B, 2 for 4B, 4 for 9B) and its base LM"
         )
     prefix = f"lang_encoder.{layers_path}.{expected_layers[0]}.gated_cross_attn_layer."
     inner = state[prefix + "attn.to_q.weight"].shape[0] if prefix + "attn.to_q.weight" in state else OPENFLAMINGO_HEADS
     ffn_dim = state[prefix + "ff.1.weight"].shape[0] if prefix + "ff.1.weight" in state else None
-    xcfg = CrossAttentionConfig(
-        every_n_layers=cross_attn_every_n_layers, heads=OPENFLAMINGO_HEADS, head_dim=max(1, inner // OPENFLAMINGO_HEADS),
+    return CrossAttentionConfig(
+        every_n_layers=every, heads=OPENFLAMINGO_HEADS, head_dim=max(1, inner // OPENFLAMINGO_HEADS),
         qk_norm=False, norm="layer", ffn="plain", ffn_dim=ffn_dim, activation="gelu", gate_init="zeros",
         gate_shape="scalar", ffn_without_image=True, norm_eps=1e-5,
     )
-    num_extra = len(tok) - base_vocab
-    tokens = TokensConfig(
+
+
+def _tokens_config(tokenizer, base_vocab: int) -> TokensConfig:
+    """The rows OpenFlamingo added to the tokenizer become the decoupled ``extra`` rows."""
+    num_extra = len(tokenizer) - base_vocab
+    return TokensConfig(
         prompt_format="openflamingo",
         extra_start=base_vocab if num_extra else None,
         num_extra=num_extra,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
-    config = InterleafConfig(
-        vision=vcfg, resampler=_resampler_config(state, vcfg.width), cross_attention=xcfg,
-        tokens=dataclasses.asdict(tokens), text_config=lm.config, freeze="flamingo",
-    )
-    model = InterleafForConditionalGeneration(config, language_model=lm, vision_model=vision.backbone.tower)
-    if dtype is not None:
-        model.to(dtype)
 
-    # -- map the checkpoint --
-    table = openflamingo_key_map(config.resampler_cfg.depth, layers_path, expected_layers)
+
+def _map_checkpoint(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], table: dict[str, tuple[str, ...]],
+    vocab: int, base_vocab: int, what: str,
+) -> dict[str, torch.Tensor]:
+    """``state`` in interleaf's names: the table's keys, the embedding (all rows) and the added rows."""
     emb_path = _module_path(model, model.get_input_embeddings())
     head = model.get_output_embeddings()
     head_path = _module_path(model, head) if head is not None else None
@@ -257,13 +231,13 @@ def from_openflamingo(
         parts = state[src].chunk(len(targets), dim=0)  # to_kv: (2 * inner, D) -> k (inner, D), v (inner, D)
         mapped.update(zip(targets, parts))
     embedding = state[emb_src]  # (len(tokenizer), D): OpenFlamingo trains every row
-    if embedding.shape[0] != len(tok):
+    if embedding.shape[0] != vocab:
         raise CheckpointError(
             f"{what}: {emb_src} has {embedding.shape[0]} rows but the tokenizer with OpenFlamingo's tokens has "
-            f"{len(tok)}; use the tokenizer of the LM the checkpoint was trained on"
+            f"{vocab}; use the tokenizer of the LM the checkpoint was trained on"
         )
     mapped[f"{emb_path}.weight"] = embedding
-    if num_extra:
+    if vocab > base_vocab:
         mapped[f"{emb_path}.extra"] = embedding[base_vocab:]
         if head_path is not None:
             if tied:
@@ -273,6 +247,11 @@ def from_openflamingo(
                 mapped[f"{head_path}.extra"] = state[head_src][base_vocab:]
             else:  # not saved by OpenFlamingo (untrained rows): zero
                 mapped[f"{head_path}.extra"] = torch.zeros_like(model.get_output_embeddings().extra)
+    return mapped
+
+
+def _check_mapped(model: torch.nn.Module, mapped: dict[str, torch.Tensor], what: str) -> None:
+    """Every mapped tensor has the model's shape, and every trainable tensor (perceiver, blocks) is filled."""
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     check_keys(mapped, {k: shapes[k] for k in mapped if k in shapes}, what=what + " (mapped)")
     unexpected = [k for k in mapped if k not in shapes]
@@ -282,6 +261,53 @@ def from_openflamingo(
     unfilled = sorted(must_fill - set(mapped))
     if unfilled:
         raise CheckpointError(f"{what}: no weights for {len(unfilled)} trainable tensors: {unfilled[:10]}")
+
+
+def from_openflamingo(
+    checkpoint_pt: PathLike,
+    lm_dir: PathLike,
+    vision_dir: PathLike,
+    dst_dir: PathLike,
+    *,
+    cross_attn_every_n_layers: int = 1,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Convert an OpenFlamingo ``checkpoint.pt`` (with its base LM and CLIP tower) to an interleaf directory.
+
+    ``cross_attn_every_n_layers`` must be the value the model was trained with (1 for
+    OpenFlamingo-3B, 2 for 4B, 4 for 9B); the checkpoint's block positions are checked against it.
+    """
+    from ..api import save
+    from ..model import InterleafForConditionalGeneration
+    from ..model.lm import find_decoder_layers
+    from ..model.vision import load_vision_tower
+    from ..processing import ImageTransform, InterleafProcessor
+
+    ckpt_path, lm_path = Path(checkpoint_pt).expanduser(), Path(lm_dir).expanduser()
+    what = f"OpenFlamingo checkpoint {str(ckpt_path)!r}"
+    # 1. the pieces: trained weights, tokenizer with OpenFlamingo's tokens, base LM, vision tower
+    state = _read_checkpoint(ckpt_path)
+    tok, base_vocab = _tokenizer(lm_path, tokenizer)
+    lm = _load_lm(lm_path, tok, dtype)
+    vcfg, vision = load_vision_tower(vision_dir, feature_layer=-1, drop_cls_token=True, post_layernorm=True, dtype=dtype)
+
+    # 2. the config, read from the pieces' shapes
+    num_layers = lm.config.num_hidden_layers
+    layers_path, _ = find_decoder_layers(lm, num_layers)
+    xcfg = _cross_attention_config(state, layers_path, num_layers, cross_attn_every_n_layers, what)
+    config = InterleafConfig(
+        vision=vcfg, resampler=_resampler_config(state, vcfg.width), cross_attention=xcfg,
+        tokens=dataclasses.asdict(_tokens_config(tok, base_vocab)), text_config=lm.config, freeze="flamingo",
+    )
+    model = InterleafForConditionalGeneration(config, language_model=lm, vision_model=vision.backbone.tower)
+    if dtype is not None:
+        model.to(dtype)
+
+    # 3. the checkpoint's tensors into the model
+    table = openflamingo_key_map(config.resampler_cfg.depth, layers_path, xcfg.layer_indices(num_layers))
+    mapped = _map_checkpoint(model, state, table, len(tok), base_vocab, what)
+    _check_mapped(model, mapped, what)
     with torch.no_grad():
         model.load_state_dict(mapped, strict=False)
     model.apply_freeze()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from .tokenize import IGNORE_INDEX
+from ..processing.prompt_format import IGNORE_INDEX
 
 
 def collate(samples: list[dict], pad_token_id: int, *, pad_to_multiple_of: int | None = None) -> dict:

@@ -1,5 +1,9 @@
 """Tokenisation and loss masks for the three sample kinds, in the processor's prompt format.
 
+Images, chat turns, image spans and truncation are written by the processor's
+:class:`~interleaf.processing.prompt_format.PromptFormat` (``processor.format``), the same
+object the processor prompts the model with.
+
 Every function returns a :class:`Tokenized` (``input_ids``, ``labels`` with -100 where the loss
 is off, and how many images the tokens hold); :func:`encode_sample` adds the images and truncation
 and gives the training sample dict::
@@ -31,9 +35,8 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..processing.images import load_image
+from ..processing.prompt_format import IGNORE_INDEX  # defined there; importable from here too
 from .formats import BadSample, Conversation, Document, ImageSource, Pair
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -63,40 +66,15 @@ class _Builder:
         return Tokenized(self.ids, self.labels, self.n_images)
 
 
-def uses_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts a BOS token first when asked for special tokens."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
-
-
 def text_ids(tokenizer, text: str) -> list[int]:
     """Token ids of plain text; special-token strings in it stay ordinary text."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def _image_ids(processor, last_was_image: bool, chat: bool) -> list[int]:
-    """The tokens of one image, as the processor writes them."""
-    if processor.tokens.prompt_format == "idefics":
-        fake, image = processor.fake_image_token_id, processor.image_token_id
-        return [image, fake] if last_was_image else [fake, image, fake]
-    if chat:
-        return [processor.end_of_chunk_token_id, processor.image_token_id]
-    return [processor.image_token_id]
-
-
-def _image_text(processor, last_was_image: bool) -> str:
-    """The text of one image inside a chat message."""
-    t = processor.tokens
-    if t.prompt_format == "idefics":
-        return t.image_token + t.fake_image_token if last_was_image else t.fake_image_token + t.image_token + t.fake_image_token
-    return t.end_of_chunk_token + t.image_token
-
-
 def _start(processor) -> _Builder:
     b = _Builder()
-    tok = processor.tokenizer
-    if uses_bos(tok) or processor.tokens.prompt_format == "idefics" and tok.bos_token_id is not None:
-        b.add([tok.bos_token_id], train=False)
+    if processor.format.training_starts_with_bos():
+        b.add([processor.tokenizer.bos_token_id], train=False)
     return b
 
 
@@ -109,13 +87,13 @@ def tokenize_pair(processor, caption: str, *, task_prompt: str | None = None) ->
     """One image and its caption; the loss is on the caption and what ends it."""
     tok = processor.tokenizer
     b = _start(processor)
-    b.add(_image_ids(processor, False, chat=False), train=False)
+    b.add(processor.format.image_ids(False, chat=False), train=False)
     b.n_images = 1
     if task_prompt:
         b.add(text_ids(tok, task_prompt), train=False)
         caption = " " + caption
     b.add(text_ids(tok, caption), train=True)
-    if processor.tokens.prompt_format == "openflamingo":
+    if processor.format.closes_chunks:
         b.add([processor.end_of_chunk_token_id], train=True)
     b.add(_eos(processor), train=True)
     return b.done()
@@ -124,15 +102,16 @@ def tokenize_pair(processor, caption: str, *, task_prompt: str | None = None) ->
 def tokenize_document(processor, items: list) -> Tokenized:
     """Interleaved text and images (``str`` or :class:`ImageSource` items) with the MMC4 loss mask."""
     tok = processor.tokenizer
-    openflamingo = processor.tokens.prompt_format == "openflamingo"
+    fmt = processor.format
+    closes_chunks = fmt.closes_chunks
     b = _start(processor)
     seen_image = chunk_open = last_was_image = False
     previous_text = False
     for item in items:
         if isinstance(item, ImageSource):
-            if openflamingo and chunk_open:
+            if closes_chunks and chunk_open:
                 b.add([processor.end_of_chunk_token_id], train=True)
-            b.add(_image_ids(processor, last_was_image, chat=False), train=False)
+            b.add(fmt.image_ids(last_was_image, chat=False), train=False)
             b.n_images += 1
             seen_image = chunk_open = last_was_image = True
             previous_text = False
@@ -140,7 +119,7 @@ def tokenize_document(processor, items: list) -> Tokenized:
         text = (" " + item) if previous_text else item
         b.add(text_ids(tok, text), train=seen_image)
         previous_text, last_was_image = True, False
-    if openflamingo:
+    if closes_chunks:
         if chunk_open:
             b.add([processor.end_of_chunk_token_id], train=True)
         b.add(_eos(processor), train=False)
@@ -164,7 +143,7 @@ def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
         last_was_image = False
         for part in message["content"]:
             if isinstance(part, ImageSource):
-                parts.append(_image_text(processor, last_was_image))
+                parts.append(processor.format.image_text(last_was_image, chat=True))
                 last_was_image = True
             else:
                 parts.append(part)
@@ -184,44 +163,16 @@ def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
     if found != n_images:
         raise BadSample("image_mismatch", where, f"{found} image tokens for {n_images} images after the chat template")
     labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
-    for s, e in image_spans(processor, ids, chat=True):
+    for s, e in processor.format.image_spans(ids, chat=True):
         labels[s:e] = [IGNORE_INDEX] * (e - s)
     return Tokenized(ids, labels, n_images)
-
-
-def image_spans(processor, ids: list[int], *, chat: bool) -> list[tuple[int, int]]:
-    """``[start, end)`` of each image's tokens (with its fake tokens, or a chat image's end-of-chunk).
-
-    Spans never overlap: a fake token between two consecutive IDEFICS images ends the first one.
-    """
-    fake, eoc, image = processor.fake_image_token_id, processor.end_of_chunk_token_id, processor.image_token_id
-    idefics = processor.tokens.prompt_format == "idefics"
-    before = fake if idefics else (eoc if chat else None)
-    spans = []
-    for p, t in enumerate(ids):
-        if t != image:
-            continue
-        start = p - 1 if before is not None and p > 0 and ids[p - 1] == before else p
-        if idefics and p >= 2 and ids[p - 2] == image:  # a fake token shared with the previous image is its end
-            start = p
-        end = p + 2 if idefics and p + 1 < len(ids) and ids[p + 1] == fake else p + 1
-        spans.append((start, end))
-    return spans
 
 
 def truncate(processor, t: Tokenized, max_length: int, *, chat: bool) -> Tokenized:
     """Keep at most ``max_length`` tokens; a cut inside an image's tokens drops that whole image."""
     if len(t.input_ids) <= max_length:
         return t
-    spans = image_spans(processor, t.input_ids, chat=chat)
-    cut = max_length
-    moved = True
-    while moved:
-        moved = False
-        for s, e in spans:
-            if s < cut < e:
-                cut, moved = s, True
-    kept = sum(1 for _, e in spans if e <= cut)
+    cut, kept = processor.format.cut_right(t.input_ids, max_length, chat)
     return Tokenized(t.input_ids[:cut], t.labels[:cut], kept)
 
 
@@ -290,6 +241,6 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int], open_mark:
 
 
 __all__ = [
-    "IGNORE_INDEX", "Tokenized", "encode_sample", "image_spans", "render_sample", "text_ids", "tokenize_conversation",
-    "tokenize_document", "tokenize_pair", "truncate", "uses_bos",
+    "IGNORE_INDEX", "Tokenized", "encode_sample", "render_sample", "text_ids", "tokenize_conversation",
+    "tokenize_document", "tokenize_pair", "truncate",
 ]

@@ -147,12 +147,9 @@ def run_demo(
     tokenizer).
     """
     from ..api import load
-    from ..files import read_yaml
     from ..data.synth import corpus_text, write_corpus
     from ..evaluation.runner import evaluate_synthetic
     from ..processing import build_tiny_tokenizer
-    from ..training import train
-    from .report import write_report
 
     recipe_path = _recipe_path(recipe)  # a missing one fails here, before minutes of corpus writing
     out = Path(out)
@@ -166,28 +163,8 @@ def run_demo(
     tokenizer.save_pretrained(out / "tokenizer")
     timings["corpus"] = time.perf_counter() - start
 
-    recipe_data = read_yaml(recipe_path, "recipe", "pass a recipe YAML")
-    for stage in (recipe_data.get("stages") if isinstance(recipe_data, dict) else None) or []:  # a rerun starts each stage afresh instead of resuming it
-        name = stage.get("name") if isinstance(stage, dict) else None
-        if name and (out / name).exists():
-            shutil.rmtree(out / name)
     t = time.perf_counter()
-    # The recipe's data configs name their files ${INTERLEAF_DEMO_CORPUS}/...: the variable is set
-    # for the training run only, and the caller's value (or its absence) is restored afterwards.
-    previous = os.environ.get(CORPUS_ENV)
-    os.environ[CORPUS_ENV] = str(corpus.resolve())
-    try:
-        results = train(
-            recipe_path,
-            [f"stages.0.model.tokenizer={(out / 'tokenizer').resolve()}", *(overrides or [])],
-            out=out,
-            progress=progress,
-        )
-    finally:
-        if previous is None:
-            os.environ.pop(CORPUS_ENV, None)
-        else:
-            os.environ[CORPUS_ENV] = previous
+    results = _train_stages(recipe_path, out, corpus, overrides, progress)
     stage_names = [r.name for r in results]
     timings["training"] = time.perf_counter() - t
     final = results[-1].final
@@ -216,6 +193,45 @@ def run_demo(
         "trainable_parameters": model.num_trainable_parameters(),
         "parameters": model.num_parameters(),
     }
+    _write_outputs(out, corpus, metrics, stage_names)
+    return metrics
+
+
+def _train_stages(
+    recipe_path: Path, out: Path, corpus: Path, overrides: list[str] | None, progress: bool
+) -> list[Any]:
+    """Every stage of the recipe, each started afresh, on the corpus's tokenizer; the stage results."""
+    from ..files import read_yaml
+    from ..training import train
+
+    recipe_data = read_yaml(recipe_path, "recipe", "pass a recipe YAML")
+    for stage in (recipe_data.get("stages") if isinstance(recipe_data, dict) else None) or []:  # a rerun starts each stage afresh instead of resuming it
+        name = stage.get("name") if isinstance(stage, dict) else None
+        if name and (out / name).exists():
+            shutil.rmtree(out / name)
+    # The recipe's data configs name their files ${INTERLEAF_DEMO_CORPUS}/...: the variable is set
+    # for the training run only, and the caller's value (or its absence) is restored afterwards.
+    previous = os.environ.get(CORPUS_ENV)
+    os.environ[CORPUS_ENV] = str(corpus.resolve())
+    try:
+        results = train(
+            recipe_path,
+            [f"stages.0.model.tokenizer={(out / 'tokenizer').resolve()}", *(overrides or [])],
+            out=out,
+            progress=progress,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(CORPUS_ENV, None)
+        else:
+            os.environ[CORPUS_ENV] = previous
+    return results
+
+
+def _write_outputs(out: Path, corpus: Path, metrics: dict[str, Any], stage_names: list[str]) -> None:
+    """``metrics.json``, the HTML report, and the summary printed for the user."""
+    from .report import write_report
+
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     write_report(
         out / "report.html", metrics=metrics, curves=_curves(out, stage_names), gallery=_gallery(out / "eval", corpus),
@@ -225,7 +241,6 @@ def run_demo(
     print(f"[demo] report: {out / 'report.html'}  model: {out / 'final'}")
     print(f"[demo] try: interleaf generate --model {out / 'final'} --image "
           f"{next((corpus / 'images' / 'heldout').glob('*.png'))} \"what colour is the circle?\"")
-    return metrics
 
 
 def summary_table(metrics: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ import torch
 
 from ..distributed import DistState, distributed, gather_objects
 from ..errors import InputError
+from ..fingerprint import file_hash
 from .fewshot import (
     ZERO_SHOT_TRICK_DEMOS,
     FixedDemos,
@@ -94,20 +95,6 @@ def model_fingerprint(model: Any) -> str:
         for name, p in model.named_parameters():
             h.update(f"{name}:{float(p.double().sum()):.8e}:{float(p.double().abs().sum()):.8e}".encode())
     return h.hexdigest()[:16]
-
-
-def file_hash(path: Path) -> str:
-    """sha256 of a file, or of a folder's listing (relative names and sizes)."""
-    h = hashlib.sha256()
-    if path.is_dir():
-        for p in sorted(path.rglob("*")):
-            if p.is_file():
-                h.update(f"{p.relative_to(path).as_posix()}:{p.stat().st_size}\n".encode())
-        return "listing:" + h.hexdigest()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_versions() -> dict[str, str]:

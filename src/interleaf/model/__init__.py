@@ -1,7 +1,8 @@
 """The model: vision tower, resampler, gated cross-attention, and the LM they wrap."""
 
 from .cross_attention import GatedCrossAttentionBlock, MediaCache
-from .modeling import InterleafForConditionalGeneration, InterleafOutput, InterleafPreTrainedModel, causal_lm_loss
+from .loss import causal_lm_loss
+from .modeling import InterleafForConditionalGeneration, InterleafOutput, InterleafPreTrainedModel
 
 __all__ = [
     "GatedCrossAttentionBlock",

@@ -19,7 +19,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -35,6 +34,7 @@ from .cross_attention import (
 )
 from .embeddings import DecoupledEmbedding, DecoupledHead
 from .lm import attach_cross_attention, decouple_new_tokens
+from .loss import causal_lm_loss
 from .resampler import PerceiverResampler
 from .vision import VisionTower, build_vision_tower
 
@@ -151,9 +151,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
                 self.language_model.requires_grad_(True)
             if policy == "flamingo_train_vision":
                 self.vision_tower.requires_grad_(True)
-                backbone = self.vision_tower.backbone
-                for p in getattr(backbone, "unused_parameters", list)():
-                    p.requires_grad_(False)  # layers past the feature layer never get a gradient
+                freeze_unused_vision_parameters(self)
             if self.resampler is not None:
                 self.resampler.requires_grad_(True)
             for block in self.cross_attention_blocks:
@@ -338,20 +336,11 @@ def _as_5d(pixel_values: torch.Tensor) -> torch.Tensor:
     return pixel_values
 
 
-def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mean next-token cross-entropy over labels != -100, plus ``z_loss * logsumexp(logits)^2``."""
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:].to(shift_logits.device)  # (B, T-1)
-    mask = shift_labels != -100
-    if not bool(mask.any()):
-        zero = shift_logits.sum() * 0.0
-        return zero, (zero if z_loss else None)
-    flat_logits = shift_logits[mask]  # (K, V)
-    loss = F.cross_entropy(flat_logits, shift_labels[mask])
-    z = None
-    if z_loss:
-        z = torch.logsumexp(flat_logits, dim=-1).pow(2).mean()
-        loss = loss + z_loss * z
-    return loss, z
+def freeze_unused_vision_parameters(model: nn.Module) -> None:
+    """Freeze the vision tower's layers past its feature layer: they never get a gradient.
+
+    DDP would wait for their gradients otherwise; towers without such layers are left as they are.
+    """
+    backbone = getattr(model.vision_tower, "backbone", None)
+    for p in getattr(backbone, "unused_parameters", list)():
+        p.requires_grad_(False)

@@ -1,13 +1,20 @@
 """Turning images, text and chat conversations into model inputs.
 
 - :func:`load_image` / :class:`ImageTransform`: any image a user passes -> a normalised tensor.
-- :func:`build_tiny_tokenizer`: an offline byte-level BPE for tiny models and the demo.
+- :func:`build_tiny_tokenizer`: an offline byte-level BPE for tiny models and the demo;
+  :func:`load_tokenizer`: a saved tokenizer from a local directory.
+- :class:`PromptFormat`: how each model family writes images and turns, image spans, truncation
+  (shared by the processor and the training tokeniser).
 - :class:`InterleafProcessor`: interleaved prompts and chat messages -> ``input_ids``,
   ``attention_mask``, ``pixel_values`` and ``image_attention_mask``.
 """
 
 from .images import ImageTransform, load_image, to_rgb
 from .processor import InterleafProcessor
-from .tokenizer import build_tiny_tokenizer
+from .prompt_format import IGNORE_INDEX, PromptFormat
+from .tokenizer import build_tiny_tokenizer, load_tokenizer
 
-__all__ = ["ImageTransform", "InterleafProcessor", "build_tiny_tokenizer", "load_image", "to_rgb"]
+__all__ = [
+    "IGNORE_INDEX", "ImageTransform", "InterleafProcessor", "PromptFormat", "build_tiny_tokenizer", "load_image",
+    "load_tokenizer", "to_rgb",
+]

@@ -2,7 +2,9 @@
 
 :class:`InterleafProcessor` turns a prompt (a list mixing text and images) or a chat conversation
 into ``input_ids``, ``attention_mask``, ``pixel_values`` and ``image_attention_mask``, following
-the model's prompt format (``tokens.prompt_format``):
+the model's prompt format (``tokens.prompt_format``), written by
+:class:`~interleaf.processing.prompt_format.PromptFormat` (``processor.format``), which the
+training tokeniser uses too:
 
 - ``"openflamingo"``: each image becomes ``<image>``; text is inserted as is. In chat
   conversations (InfiMM style) each image becomes ``<|endofchunk|><image>``.
@@ -10,6 +12,8 @@ the model's prompt format (``tokens.prompt_format``):
   <fake_token_around_image>`` with consecutive images sharing the fake token between them,
   exactly as transformers' ``IdeficsProcessor`` builds it (text items stripped of spaces,
   ``<end_of_utterance>`` between consecutive texts when asked, the image mask reset after an EOS).
+
+Truncation drops whole images with their tokens (see ``PromptFormat.cut_left`` / ``cut_right``).
 
 When no row of a batch has an image, ``pixel_values`` is absent and ``image_attention_mask`` has
 shape ``(B, T, 0)``.
@@ -23,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, BatchFeature
+from transformers import BatchFeature
 
 from ..config import TokensConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from .images import ImageTransform, load_image
-from .prompts import ImageRef, ParsedPrompt, parse_prompt, split_batch
+from .prompt_format import PromptFormat
+from .prompts import ImageRef, ParsedPrompt, Text, parse_prompt, split_batch
+from .tokenizer import load_tokenizer
 
 PROCESSOR_CONFIG = "processor_config.json"
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -67,7 +73,7 @@ class InterleafProcessor:
         self.max_images = max_images
         self.max_pixels = max_pixels
         self.max_length = max_length
-        self._ids = {tok: self._single_token_id(tok) for tok in tokens.required_tokens()}
+        self.format = PromptFormat(tokenizer, tokens)  # the spelling training uses too
         if tokenizer.pad_token_id is None:
             raise ConfigError(
                 "tokenizer.pad_token",
@@ -75,28 +81,18 @@ class InterleafProcessor:
                 "set tokenizer.pad_token (e.g. to its eos or unk token) before building the processor",
             )
 
-    def _single_token_id(self, token: str) -> int:
-        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ConfigError(
-                "tokens",
-                f"{token!r} is not a single token of the tokenizer (it splits into {len(ids)} ids)",
-                f"add it first: tokenizer.add_special_tokens({{'additional_special_tokens': {self.tokens.required_tokens()!r}}})",
-            )
-        return ids[0]
-
     # -- ids --
     @property
     def image_token_id(self) -> int:
-        return self._ids[self.tokens.image_token]
+        return self.format.image_token_id
 
     @property
     def fake_image_token_id(self) -> int | None:
-        return self._ids.get(self.tokens.fake_image_token)
+        return self.format.fake_image_token_id
 
     @property
     def end_of_chunk_token_id(self) -> int | None:
-        return self._ids.get(self.tokens.end_of_chunk_token)
+        return self.format.end_of_chunk_token_id
 
     @property
     def pad_token_id(self) -> int:
@@ -152,32 +148,24 @@ class InterleafProcessor:
         ]
         for r, row in enumerate(parsed):
             self._validate(row, r)
-        texts = [self._render(row, add_bos, add_eos, add_end_of_utterance_token) for row in parsed]
+        texts = [
+            self.format.render(
+                [s.text if isinstance(s, Text) else s for s in row.segments], row.is_chat, add_bos, add_eos,
+                add_end_of_utterance_token,
+            )
+            for row in parsed
+        ]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
         all_ids, all_images = [], []
         for r, (ids, row) in enumerate(zip(encoded, parsed)):
-            images = row.images
-            found = sum(1 for i in ids if i == self.image_token_id)
-            if found != len(images):  # a template or tokenizer quirk; never silently misalign images
-                raise InputError(
-                    f"batch row {r}: {found} image tokens for {len(images)} images after tokenization; "
-                    "check that the chat template keeps every message and that the tokenizer keeps "
-                    f"{self.tokens.image_token!r} as one token"
-                )
-            if max_length is not None and len(ids) > max_length:
-                if not truncation:
-                    raise InputError(
-                        f"batch row {r}: the prompt is {len(ids)} tokens, longer than max_length={max_length} "
-                        "(the model's context); shorten it, use fewer images, or pass truncation=True"
-                    )
-                ids, images = self._truncate(ids, images, max_length, truncation_side, r)
+            ids, images = self._fit(ids, row, r, max_length, truncation, truncation_side)
             all_ids.append(ids)
             all_images.append(images)
 
         input_ids, attention_mask = self._pad(all_ids, padding, padding_side, max_length)
         n_max = max(len(images) for images in all_images)
-        reset_after_eos = [self.tokens.prompt_format == "idefics" and not row.is_chat for row in parsed]
+        reset_after_eos = [self.format.resets_image_after_eos(row.is_chat) for row in parsed]
         data: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -202,86 +190,47 @@ class InterleafProcessor:
                 f"images, or raise the limit with InterleafProcessor(..., max_images=N) "
                 "(or processor.max_images = N)"
             )
-        literal = [self.tokens.image_token]
-        if self.tokens.prompt_format == "idefics":
-            literal.append(self.tokens.fake_image_token)
         for t in typed:
-            for tok in literal:
+            for tok in self.format.literal_tokens():
                 if tok in t.text:
                     raise InputError(
                         f"{t.where}: the text contains {tok!r} typed literally; images must be passed as images "
                         "(a PIL image, path, bytes or {'image': ...} item), and the processor writes their tokens"
                     )
 
-    def _image_text(self, last_was_image: bool, chat: bool) -> str:
-        t = self.tokens
-        if t.prompt_format == "idefics":
-            fake = t.fake_image_token
-            return t.image_token + fake if last_was_image else fake + t.image_token + fake
-        return t.end_of_chunk_token + t.image_token if chat else t.image_token
+    def _fit(self, ids, row: ParsedPrompt, r: int, max_length, truncation: bool, side: str):
+        """Check one encoded row's image tokens, and fit it into ``max_length`` -> (ids, images)."""
+        images = row.images
+        found = sum(1 for i in ids if i == self.image_token_id)
+        if found != len(images):  # a template or tokenizer quirk; never silently misalign images
+            raise InputError(
+                f"batch row {r}: {found} image tokens for {len(images)} images after tokenization; "
+                "check that the chat template keeps every message and that the tokenizer keeps "
+                f"{self.tokens.image_token!r} as one token"
+            )
+        if max_length is not None and len(ids) > max_length:
+            if not truncation:
+                raise InputError(
+                    f"batch row {r}: the prompt is {len(ids)} tokens, longer than max_length={max_length} "
+                    "(the model's context); shorten it, use fewer images, or pass truncation=True"
+                )
+            ids, images = self._truncate(ids, images, max_length, side, r, row.is_chat)
+        return ids, images
 
-    def _render(self, row: ParsedPrompt, add_bos: bool, add_eos: bool, add_eou: bool) -> str:
-        """One row's segments -> the prompt string, following the prompt format."""
-        idefics = self.tokens.prompt_format == "idefics"
-        bos = self.tokenizer.bos_token
-        out: list[str] = []
-        last_was_image = False
-        for i, seg in enumerate(row.segments):
-            last_was_text = i > 0 and not last_was_image
-            if isinstance(seg, ImageRef):
-                out.append(self._image_text(last_was_image, row.is_chat))
-                last_was_image = True
-                continue
-            text = seg.text
-            if idefics and not row.is_chat:
-                text = text.strip(" ")
-                if add_eou and last_was_text:  # between consecutive texts, as IDEFICS does
-                    out.append(self.tokens.end_of_utterance_token)
-            out.append(text)
-            last_was_image = False
-        body = "".join(out)
-        if add_bos and bos and not body.startswith(bos):
-            body = bos + body
-        if add_eos and self.tokenizer.eos_token:
-            body += self.tokenizer.eos_token
-        return body
-
-    def _image_spans(self, ids: list[int]) -> list[tuple[int, int]]:
-        """[start, end) of each image's tokens (with the fake tokens or end-of-chunk around it)."""
-        fake, eoc = self.fake_image_token_id, self.end_of_chunk_token_id
-        wrap_before = fake if self.tokens.prompt_format == "idefics" else eoc
-        spans = []
-        for p, tok in enumerate(ids):
-            if tok != self.image_token_id:
-                continue
-            start = p - 1 if p > 0 and ids[p - 1] == wrap_before else p
-            end = p + 2 if fake is not None and p + 1 < len(ids) and ids[p + 1] == fake else p + 1
-            spans.append((start, end))
-        return spans
-
-    def _truncate(self, ids, images, max_length, side, r):
-        """Cut a row to ``max_length`` tokens without splitting an image's tokens."""
+    def _truncate(self, ids, images, max_length, side, r, chat):
+        """Cut a row to ``max_length`` tokens without splitting an image's tokens (BOS stays first
+        when the start is cut)."""
         bos_id = self.tokenizer.bos_token_id
         keep_bos = side == "left" and bos_id is not None and ids[:1] == [bos_id]
         head = ids[:1] if keep_bos else []
         body = ids[1:] if keep_bos else ids
         budget = max_length - len(head)
-        spans = self._image_spans(body)
-        if side == "left":  # keep body[cut:]; a cut may not fall inside an image unless it starts one
-            starts = {s for s, _ in spans}
-            cut = len(body) - budget
-            while cut < len(body) and any(s < cut < e for s, e in spans) and cut not in starts:
-                cut += 1
-            kept = body[cut:]
-            dropped = sum(1 for s, e in spans if s < cut)
-            images = images[dropped:]
-        else:  # keep body[:cut]; a cut may not fall inside an image unless it ends one
-            ends = {e for _, e in spans}
-            cut = budget
-            while cut > 0 and any(s < cut < e for s, e in spans) and cut not in ends:
-                cut -= 1
-            kept = body[:cut]
-            images = images[: sum(1 for _, e in spans if e <= cut)]
+        if side == "left":
+            cut, dropped = self.format.cut_left(body, budget, chat)
+            kept, images = body[cut:], images[dropped:]
+        else:
+            cut, n_kept = self.format.cut_right(body, budget, chat)
+            kept, images = body[:cut], images[:n_kept]
         if not kept or (len(kept) == 1 and kept[0] == bos_id):
             raise InputError(
                 f"batch row {r}: cannot truncate the prompt to max_length={max_length}: nothing but the BOS "
@@ -410,7 +359,7 @@ class InterleafProcessor:
         for key in ("tokens", "image_transform"):
             if key not in config:
                 raise CheckpointError(f"{str(path / PROCESSOR_CONFIG)!r} lacks the {key!r} section")
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = load_tokenizer(path)
         limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length", "images_key") if k in config}
         limits.update(overrides)
         return cls(

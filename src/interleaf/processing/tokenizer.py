@@ -1,5 +1,7 @@
 """A tiny byte-level BPE tokenizer, trained offline in milliseconds.
 
+:func:`load_tokenizer` loads a saved tokenizer from a local directory, offline.
+
 Tiny random models (tests, the demo) need a real tokenizer without downloading one.
 :func:`build_tiny_tokenizer` trains a byte-level BPE with the ``tokenizers`` library on a small
 built-in English text (or the text given), so every string round-trips, and wraps it as a
@@ -12,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from ..errors import CheckpointError
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 CHAT_TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
@@ -42,6 +46,28 @@ The model looks at each image and writes what it sees, then answers the question
 Training starts with frozen language and vision models; only the new layers learn.
 Good captions are short and say what matters: who is there, what they do, and where.
 """
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in the local directory ``path`` (never downloads).
+
+    Raises :class:`~interleaf.errors.CheckpointError` naming the directory when it is missing or
+    holds no loadable tokenizer.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise CheckpointError(
+            f"tokenizer {str(p)!r} is not a local directory. interleaf loads tokenizers only from local paths "
+            "(it never downloads): save one with tokenizer.save_pretrained(dir), or download it yourself, "
+            "then pass the directory"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot load a tokenizer from {str(p)!r}: {e}; pass a directory written by "
+            "tokenizer.save_pretrained (tokenizer.json or tokenizer_config.json)"
+        ) from e
 
 
 def _default_chat_template() -> str:

@@ -18,7 +18,8 @@ from .config import (
     parse_override,
     parse_stage,
 )
-from .loop import StageResult, train, train_stage, weighted_token_loss
+from ..model.loss import weighted_token_loss
+from .loop import StageResult, train, train_stage
 from .optim import build_optimizer, lr_factor, param_groups
 
 __all__ = [

@@ -38,7 +38,6 @@ happen): e.g. ``kill:step=7``, ``kill:checkpoint.rename=4``, ``enospc:checkpoint
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -55,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..fingerprint import file_digest
 from .distributed import DistState, all_reduce_sum, barrier
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -122,24 +122,11 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 # --------------------------------------------------------------------------- integrity
 
 
-def _file_digest(path: Path, sync: bool = False) -> tuple[int, str]:
-    """``(size, sha256 hex)`` of a file; ``sync`` also flushes it to the disk."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-            size += len(chunk)
-        if sync:
-            os.fsync(f.fileno())
-    return size, h.hexdigest()
-
-
 def _write_manifest(folder: Path, step: int) -> None:
     files = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.name != MANIFEST:
-            size, digest = _file_digest(p, sync=True)
+            size, digest = file_digest(p, sync=True)
             files[p.name] = {"size": size, "sha256": digest}
     _write_json(folder / MANIFEST, {"format": 1, "step": step, "files": files})
 
@@ -178,7 +165,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
             return f"{name} has {size} bytes where the manifest says {entry.get('size')} (truncated or overwritten)"
     for name, entry in sorted(files.items()):
         try:
-            _, digest = _file_digest(p / name)
+            _, digest = file_digest(p / name)
         except OSError as e:
             return f"{name} cannot be read ({e})"
         if digest != entry.get("sha256"):

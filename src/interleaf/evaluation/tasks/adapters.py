@@ -19,19 +19,17 @@ the file, where it was looked for, and where the public dataset provides it. For
 - ``mmmu``: JSON / JSON lines with ``question``, ``options``, ``answer`` and ``image_1..7``
   (paths or base64); ``<image k>`` marks place the images inside the text.
 - ``llava``: a LLaVA-format conversation JSON; the last assistant turn is the reference.
-- ``synth_vqa``, ``synth_caption``, ``synth_fewshot``: the synthetic corpus of
-  :mod:`interleaf.data.synth`.
+
+Other modules add adapters for their own data with :func:`adapter` (the synthetic corpus's are in
+:mod:`interleaf.demo.tasks`).
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import base64
 import csv
-import hashlib
 import json
-import random
 import re
 import sys
 from collections import Counter
@@ -97,7 +95,8 @@ def adapter(name: str) -> Callable[[Adapter], Adapter]:
     return wrap
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; invalid JSON is an :class:`InputError` naming the file."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -115,7 +114,8 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _split_key(ctx: DataContext, split: str, suffix: str = "") -> str:
+def split_key(ctx: DataContext, split: str, suffix: str = "") -> str:
+    """The ``files`` key of ``split`` (``f"{split}{suffix}"``); a task without one is an error."""
     key = f"{split}{suffix}"
     if not ctx.has(key):
         raise InputError(
@@ -131,7 +131,7 @@ def _split_key(ctx: DataContext, split: str, suffix: str = "") -> str:
 @adapter("karpathy")
 def load_karpathy(ctx: DataContext, split: str) -> list[Example]:
     """Karpathy-split captions; ``train`` includes ``restval``."""
-    data = _read_json(ctx.path("annotations"))
+    data = read_json(ctx.path("annotations"))
     if not isinstance(data, dict) or "images" not in data:
         raise InputError(f"{ctx.read['annotations']} is not a Karpathy-split file: it has no 'images' list")
     wanted = {"train", "restval"} if split == "train" else {split}
@@ -158,8 +158,8 @@ def _most_common(answers: list[str]) -> str:
 @adapter("vqa")
 def load_vqa(ctx: DataContext, split: str) -> list[Example]:
     """VQA-format questions + annotations paired by question_id; TextVQA / VizWiz single files."""
-    qkey = _split_key(ctx, split, "_questions")
-    qdata = _read_json(ctx.path(qkey))
+    qkey = split_key(ctx, split, "_questions")
+    qdata = read_json(ctx.path(qkey))
     pattern = ctx.task.files.get(f"{split}_images", "{image_id}")
     if isinstance(qdata, dict) and "data" in qdata:  # TextVQA: one file with answers
         rows = [
@@ -175,8 +175,8 @@ def load_vqa(ctx: DataContext, split: str) -> list[Example]:
     else:
         if "questions" not in qdata:
             raise InputError(f"{ctx.read[qkey]} is not a VQA question file: no 'questions' list")
-        akey = _split_key(ctx, split, "_annotations")
-        adata = _read_json(ctx.path(akey))
+        akey = split_key(ctx, split, "_annotations")
+        adata = read_json(ctx.path(akey))
         by_qid = {a["question_id"]: a for a in adata.get("annotations", [])}
         rows = []
         for q in qdata["questions"]:
@@ -204,7 +204,7 @@ def load_vqa(ctx: DataContext, split: str) -> list[Example]:
 @adapter("hateful_memes")
 def load_hateful_memes(ctx: DataContext, split: str) -> list[Example]:
     out = []
-    for row in _read_jsonl(ctx.path(_split_key(ctx, split))):
+    for row in _read_jsonl(ctx.path(split_key(ctx, split))):
         label = int(row["label"]) if "label" in row else None
         out.append(Example(
             id=str(row["id"]), images=[ctx.image(row["img"])],
@@ -217,13 +217,13 @@ def load_hateful_memes(ctx: DataContext, split: str) -> list[Example]:
 @adapter("imagefolder")
 def load_imagefolder(ctx: DataContext, split: str) -> list[Example]:
     """``<split dir>/<class folder>/<image>``; classes sorted by folder name; names from ``class_names``."""
-    root = ctx.path(_split_key(ctx, split), directory=True)
+    root = ctx.path(split_key(ctx, split), directory=True)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not folders:
         raise InputError(f"{root} holds no class folders; an image-folder split is <split>/<class>/<image files>")
     names = dict(zip(folders, folders))
     if ctx.has("class_names"):
-        mapping = _read_json(ctx.path("class_names"))
+        mapping = read_json(ctx.path("class_names"))
         missing = [f for f in folders if f not in mapping]
         if missing:
             raise InputError(f"{ctx.read['class_names']} has no name for the class folders {missing[:5]}")
@@ -250,7 +250,7 @@ def _options_text(options: list[str]) -> str:
 @adapter("scienceqa")
 def load_scienceqa(ctx: DataContext, split: str) -> list[Example]:
     """ScienceQA-IMG: problems with an image; images at ``<split>/<pid>/<image>``."""
-    problems = _read_json(ctx.path("problems"))
+    problems = read_json(ctx.path("problems"))
     out = []
     for pid, p in problems.items():
         if p.get("split") != split or not p.get("image"):
@@ -274,7 +274,7 @@ def _decode_image(value: str) -> bytes:
 @adapter("mmbench")
 def load_mmbench(ctx: DataContext, split: str) -> list[Example]:
     """MMBench TSV; the eval split gives every circular rotation, the demo split rotation 0."""
-    path = ctx.path(_split_key(ctx, split))
+    path = ctx.path(split_key(ctx, split))
     csv.field_size_limit(sys.maxsize)
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
@@ -305,7 +305,7 @@ def load_mmbench(ctx: DataContext, split: str) -> list[Example]:
 @adapter("mme")
 def load_mme(ctx: DataContext, split: str) -> list[Example]:
     """The MME_Benchmark tree: one folder per subtask; two yes/no questions per image."""
-    root = ctx.path(_split_key(ctx, split), directory=True)
+    root = ctx.path(split_key(ctx, split), directory=True)
     out = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         if (sub / "questions_answer_YES_NO").is_dir():
@@ -336,8 +336,8 @@ _MMMU_MARK = re.compile(r"<image (\d+)>")
 @adapter("mmmu")
 def load_mmmu(ctx: DataContext, split: str) -> list[Example]:
     """MMMU exported to JSON / JSON lines; images (``image_1``..) interleaved at ``<image k>``."""
-    path = ctx.path(_split_key(ctx, split))
-    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_json(path)
+    path = ctx.path(split_key(ctx, split))
+    rows = _read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
     out = []
     for row in rows:
         options = row.get("options", [])
@@ -392,8 +392,8 @@ def _turn_role(turn: dict) -> str:
 def load_llava(ctx: DataContext, split: str) -> list[Example]:
     """A LLaVA-format JSON: the prompt is the conversation up to the last user turn, the
     reference the last assistant turn; ``qtype`` (if any) groups the results."""
-    path = ctx.path(_split_key(ctx, split))
-    data = _read_json(path)
+    path = ctx.path(split_key(ctx, split))
+    data = read_json(path)
     if not isinstance(data, list):
         raise InputError(f"{path} is not a LLaVA-format file: expected a JSON list of conversations")
     out = []
@@ -421,60 +421,3 @@ def load_llava(ctx: DataContext, split: str) -> list[Example]:
 
 def _clean(text: str) -> str:
     return text.replace(IMAGE_MARK + "\n", "").replace(IMAGE_MARK, "").strip()
-
-
-# --------------------------------------------------------------------------- synthetic corpus
-
-
-@adapter("synth_vqa")
-def load_synth_vqa(ctx: DataContext, split: str) -> list[Example]:
-    return load_llava(dataclasses.replace(ctx, images_dir=ctx.images_dir or ctx.data_dir / "images"), split)
-
-
-@adapter("synth_caption")
-def load_synth_caption(ctx: DataContext, split: str) -> list[Example]:
-    """Held-out: ``captions_heldout.json``; train: ``scenes.json`` train images + canonical captions."""
-    from ...data.synth import Scene, caption
-
-    images = ctx.images_dir or ctx.data_dir / "images"
-    if split == "train":
-        scenes = _read_json(ctx.path("scenes"))
-        return [
-            Example(id=Path(rel).stem, images=[images / rel], fields={"caption": caption(Scene.from_dict(s))},
-                    answers=[caption(Scene.from_dict(s))])
-            for rel, s in scenes.items() if rel.startswith("train/")
-        ]
-    refs = _read_json(ctx.path(_split_key(ctx, split)))
-    return [
-        Example(id=key, images=[images / "heldout" / f"{key}.png"], fields={"caption": r[0]}, answers=list(r))
-        for key, r in refs.items()
-    ]
-
-
-@adapter("synth_fewshot")
-def load_synth_fewshot(ctx: DataContext, split: str) -> list[Example]:
-    """Generated word-binding episodes; each example carries its own demonstrations.
-
-    Options: ``episodes`` (default 100), ``shots`` (demonstrations per episode, default 4),
-    ``ways`` (default 2), ``seed`` (default 0, also hashed with the split).
-    """
-    from ...data.synth import fewshot_episodes
-
-    n = int(ctx.options.get("episodes", 100))
-    shots = int(ctx.options.get("shots", 4))
-    ways = int(ctx.options.get("ways", 2))
-    seed = int(hashlib.sha256(f"{ctx.options.get('seed', 0)}:{split}".encode()).hexdigest()[:8], 16)
-    out = []
-    for i, ep in enumerate(fewshot_episodes(random.Random(seed), n, shots=shots, ways=ways)):
-        names = sorted(ep.names.values())
-        eid = f"{split}-{i:05d}"
-        demos = [
-            Example(id=f"{eid}/demo{j}", images=[img], fields={"text": t.removeprefix("this is a ").rstrip("."),
-                                                               "answer": t.removeprefix("this is a ").rstrip(".")})
-            for j, (img, t) in enumerate(zip(ep.demo_images, ep.demo_texts))
-        ]
-        out.append(Example(
-            id=eid, images=[ep.query_image], fields={"answer": ep.answer}, answers=[ep.answer],
-            candidates=names, label=names.index(ep.answer), demos=demos,
-        ))
-    return out

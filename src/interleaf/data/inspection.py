@@ -1,0 +1,155 @@
+"""Look inside training data: what format files are in, the mixture a path stands for, and what
+a source's samples become once tokenised (trained tokens marked, bad samples counted).
+
+``interleaf data inspect`` is these functions plus printing::
+
+    mixture = mixture_for_source("corpus/pairs/*.tar")          # or a mixture YAML, or a LLaVA JSON
+    counter = BadSampleCounter(max_bad_fraction=1.0)           # shared by the sources: one summary
+    for cfg in mixture.sources:
+        report = inspect_source(cfg, processor, counter=counter, max_length=256, show=2)
+        report.shown[0].rendered                              # "<s><image>[[a red square.</s>]]"
+    counter.summary()
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import InputError
+from .formats import BadSample, TarSample, count_tar_samples, iter_tar_groups, load_llava
+from .mixture import MixtureConfig, SourceConfig, load_mixture, single_source_mixture
+from .stream import BadSampleCounter, iter_source
+from .tokenize import IGNORE_INDEX, render_sample
+
+if TYPE_CHECKING:
+    from ..processing import InterleafProcessor
+
+__all__ = [
+    "ShownSample",
+    "SourceReport",
+    "corpus_images_root",
+    "guess_format",
+    "inspect_source",
+    "mixture_for_source",
+    "source_size",
+]
+
+MAX_BAD_EXAMPLES = 10  # bad samples a report keeps (each one's where and why)
+
+
+def guess_format(files: list[str]) -> str:
+    """llava for JSON files; for tar shards, interleaved if the first sample's JSON has "texts"."""
+    if all(f.endswith((".json", ".jsonl")) for f in files):
+        return "llava"
+    for f in files:
+        for sample in iter_tar_groups(f):
+            if isinstance(sample, TarSample):
+                try:
+                    meta = json.loads(sample.fields.get("json", b"{}"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    meta = {}
+                return "interleaved" if isinstance(meta, dict) and "texts" in meta else "pairs"
+    raise InputError(f"cannot guess the format of {files[:3]}: no readable sample; pass --format")
+
+
+def corpus_images_root(llava_file: str) -> Path | None:
+    """A LLaVA file of a corpus written by ``interleaf data synth`` has its images in the corpus's images/."""
+    manifest = Path(llava_file).resolve().parent.parent / "corpus.json"
+    try:
+        return manifest.parent / json.loads(manifest.read_text())["images_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def mixture_for_source(source: str, fmt: str | None = None, images_root: Path | None = None) -> MixtureConfig:
+    """The mixture ``source`` stands for: a mixture YAML as written, else one source of its files.
+
+    ``source`` is a mixture YAML, a tar shard or a glob of shards, or a LLaVA JSON / JSON-lines
+    file; ``fmt`` defaults to :func:`guess_format`, and a LLaVA file's ``images_root`` to a synth
+    corpus's images/ when it is one.
+    """
+    if source.endswith((".yaml", ".yml")):
+        return load_mixture(source)
+    files = sorted(glob.glob(source)) if glob.has_magic(source) else [source] if Path(source).is_file() else []
+    if not files:
+        raise InputError(f"SOURCE {source!r} matches no file; pass a mixture YAML, a tar shard (or glob), or a LLaVA JSON")
+    fmt = fmt or guess_format(files)
+    if fmt == "llava" and images_root is None:
+        images_root = corpus_images_root(files[0])
+    return single_source_mixture(files, fmt, images_root=str(images_root) if images_root else None)
+
+
+def source_size(cfg: SourceConfig, files: list[str] | None = None) -> int:
+    """Samples in a source's files (LLaVA records, or tar samples); ``files`` defaults to ``cfg.files()``."""
+    files = cfg.files() if files is None else files
+    return sum(len(load_llava(f)) if cfg.format == "llava" else count_tar_samples(f) for f in files)
+
+
+@dataclass(frozen=True)
+class ShownSample:
+    """One tokenised sample as text, its trained tokens wrapped in ``[[ ]]``."""
+
+    key: str
+    num_tokens: int
+    num_trained: int  # tokens with a label (the loss sees them)
+    num_images: int
+    rendered: str
+
+
+@dataclass
+class SourceReport:
+    """What :func:`inspect_source` found in one source."""
+
+    source: SourceConfig
+    size: int  # samples in its files
+    num_files: int
+    shown: list[ShownSample] = field(default_factory=list)
+    good: int = 0  # good samples among those scanned
+    scanned: int = 0  # samples the counter has seen for this source's name
+    bad: list[BadSample] = field(default_factory=list)  # the first MAX_BAD_EXAMPLES bad ones
+
+
+def _shown(sample: dict, processor: InterleafProcessor) -> ShownSample:
+    return ShownSample(
+        key=sample["key"],
+        num_tokens=len(sample["input_ids"]),
+        num_trained=sum(1 for label in sample["labels"] if label != IGNORE_INDEX),
+        num_images=len(sample["images"]),
+        rendered=render_sample(processor.tokenizer, sample["input_ids"], sample["labels"]),
+    )
+
+
+def inspect_source(
+    cfg: SourceConfig,
+    processor: InterleafProcessor,
+    *,
+    counter: BadSampleCounter,
+    max_length: int | None = None,
+    show: int = 3,
+    scan: int = 200,
+) -> SourceReport:
+    """Tokenise the first ``scan`` samples of ``cfg`` with ``processor``, keeping the first ``show``.
+
+    Good and bad samples are added to ``counter`` (shared by a mixture's sources, so that its
+    :meth:`~BadSampleCounter.summary` covers them all); ``max_length`` truncates as training does.
+    """
+    files = cfg.files()
+    report = SourceReport(source=cfg, size=source_size(cfg, files), num_files=len(files))
+    for i, (sample, bad) in enumerate(iter_source(cfg, processor, max_length=max_length)):
+        if i >= scan:
+            break
+        if bad is not None:
+            counter.add_bad(cfg.name, bad)
+            if len(report.bad) < MAX_BAD_EXAMPLES:
+                report.bad.append(bad)
+            continue
+        counter.add_good(cfg.name)
+        report.good += 1
+        if len(report.shown) < show:
+            report.shown.append(_shown(sample, processor))
+    report.scanned = counter.seen[cfg.name]
+    return report

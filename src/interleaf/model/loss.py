@@ -1,0 +1,76 @@
+"""The causal-LM loss: logits at position t predict the label at t + 1; labels of ``IGNORE_INDEX`` are not trained.
+
+One rule (the shift and the mask) with two reductions, because the two callers normalise differently:
+
+- :func:`causal_lm_loss` (the model's ``forward(labels=...)``): the mean cross-entropy over this
+  batch's trained tokens, plus ``z_loss`` times the mean squared log-partition ``Z = logsumexp(logits)``.
+- :func:`weighted_token_loss` (the trainer): per-row sums, so the trainer can weight rows and divide
+  by the token count of the whole global batch (every micro-batch of every process) — see
+  :mod:`interleaf.training.loop` for the formula.
+
+With every weight 1 and one batch, ``weighted_token_loss``'s sums divided by the trained-token count
+give ``causal_lm_loss`` (up to float rounding: the two reduce in a different order).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..processing.prompt_format import IGNORE_INDEX
+
+
+def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits`` (B, T, V) and ``labels`` (B, T) -> float32 logits (B, T-1, V) and their targets (B, T-1)."""
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:].to(shift_logits.device)  # (B, T-1)
+    return shift_logits, shift_labels
+
+
+def trained_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Trained positions per row after the shift, (B,)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean next-token cross-entropy over labels != -100, plus ``z_loss * logsumexp(logits)^2``.
+
+    Returns ``(loss, z)``: ``z`` is the mean of ``Z^2`` over trained tokens, ``None`` when
+    ``z_loss`` is 0. A batch with no trained token gives a zero loss that keeps the graph.
+    """
+    shift_logits, shift_labels = shift_for_next_token(logits, labels)
+    mask = shift_labels != IGNORE_INDEX
+    if not bool(mask.any()):
+        zero = shift_logits.sum() * 0.0
+        return zero, (zero if z_loss else None)
+    flat_logits = shift_logits[mask]  # (K, V)
+    loss = F.cross_entropy(flat_logits, shift_labels[mask])
+    z = None
+    if z_loss:
+        z = torch.logsumexp(flat_logits, dim=-1).pow(2).mean()
+        loss = loss + z_loss * z
+    return loss, z
+
+
+def weighted_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row sums over trained positions: ``(w * sum CE, w * sum Z^2, sum CE, count)``; each (B,).
+
+    ``logits`` (B, T, V) predict ``labels`` shifted by one; ``weights`` (B,).
+    """
+    shift_logits, shift_labels = shift_for_next_token(logits, labels)
+    mask = (shift_labels != IGNORE_INDEX).float()  # (B, T-1)
+    ce = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view_as(mask)  # (B, T-1)
+    z = torch.logsumexp(shift_logits, dim=-1).pow(2) * mask  # (B, T-1)
+    ce_rows = ce.sum(-1)  # (B,)
+    w = weights.to(ce_rows.device, ce_rows.dtype)
+    return w * ce_rows, w * z.sum(-1), ce_rows, mask.sum(-1)
+
+
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "shift_for_next_token", "trained_tokens", "weighted_token_loss"]

@@ -1,0 +1,197 @@
+"""The prompt format: how each model family writes images and turns, and how a row is cut.
+
+Inference (:class:`~interleaf.processing.InterleafProcessor`) and training
+(:mod:`interleaf.data.tokenize`) both write their token rows through one :class:`PromptFormat`,
+so a model is trained on exactly the spelling it is prompted with.
+
+Images, by family (``tokens.prompt_format``):
+
+- ``"openflamingo"``: an image is ``<image>``; in a chat conversation (InfiMM style)
+  ``<|endofchunk|><image>``. In training documents (MMC4) ``<|endofchunk|>`` also closes the text
+  chunk that follows each image (:attr:`PromptFormat.closes_chunks`).
+- ``"idefics"``: an image is ``<fake_token_around_image><image><fake_token_around_image>``;
+  consecutive images share the fake token between them (``<fake><image><fake><image><fake>``), as
+  transformers' ``IdeficsProcessor`` writes them. Plain-prompt text is stripped of spaces at both
+  ends, with ``<end_of_utterance>`` between consecutive texts when asked; after an EOS the image
+  mask is reset until the next image (chat conversations excepted).
+
+Turns: a chat conversation goes through the tokenizer's chat template, images in the place their
+part had in the message, written as above.
+
+Image spans (:meth:`PromptFormat.image_spans`): ``[start, end)`` of the tokens the format writes
+for one image: ``<image>``, with the ``<|endofchunk|>`` before it in a chat conversation, and for
+IDEFICS both fake tokens. A fake token shared by two consecutive IDEFICS images belongs to both
+spans (they overlap by that token): a row cut right after the first image ends
+``<fake><image><fake>``, and a row cut right before the second starts ``<fake><image><fake>``,
+which is what ``IdeficsProcessor`` writes for either image alone. An ``<|endofchunk|>`` before an
+image in a plain prompt or a document closes the previous chunk; it is no part of the image.
+
+Truncation (:meth:`PromptFormat.cut_right`, :meth:`PromptFormat.cut_left`) never splits an image:
+a cut may fall inside a span only where it ends that span (keeping the start of a row) or starts
+it (keeping the end); otherwise the cut moves so that the whole image goes.
+
+Labels: :data:`IGNORE_INDEX` marks a token the loss skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..config import TokensConfig
+from ..errors import ConfigError
+
+IGNORE_INDEX = -100  # a label the loss skips (PyTorch's cross-entropy default)
+
+
+def uses_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token first when asked for special tokens."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+class PromptFormat:
+    """One family's prompt format, with its special tokens resolved against ``tokenizer``.
+
+    The tokens of ``tokens.required_tokens()`` must each be one token of ``tokenizer`` (the model
+    builder adds them); otherwise :class:`~interleaf.errors.ConfigError` says how to add them.
+    """
+
+    def __init__(self, tokenizer, tokens: TokensConfig):
+        self.tokenizer = tokenizer
+        self.tokens = tokens
+        self.ids = {tok: self._single_token_id(tok) for tok in tokens.required_tokens()}
+
+    def _single_token_id(self, token: str) -> int:
+        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ConfigError(
+                "tokens",
+                f"{token!r} is not a single token of the tokenizer (it splits into {len(ids)} ids)",
+                f"add it first: tokenizer.add_special_tokens({{'additional_special_tokens': {self.tokens.required_tokens()!r}}})",
+            )
+        return ids[0]
+
+    # -- the family's tokens --
+    @property
+    def is_idefics(self) -> bool:
+        return self.tokens.prompt_format == "idefics"
+
+    @property
+    def closes_chunks(self) -> bool:
+        """Whether training documents close each image's text chunk with ``<|endofchunk|>``."""
+        return self.tokens.prompt_format == "openflamingo"
+
+    @property
+    def image_token_id(self) -> int:
+        return self.ids[self.tokens.image_token]
+
+    @property
+    def fake_image_token_id(self) -> int | None:
+        return self.ids.get(self.tokens.fake_image_token)
+
+    @property
+    def end_of_chunk_token_id(self) -> int | None:
+        return self.ids.get(self.tokens.end_of_chunk_token)
+
+    def literal_tokens(self) -> list[str]:
+        """Token strings a user's text may not hold: only the format writes them."""
+        return [self.tokens.image_token, self.tokens.fake_image_token] if self.is_idefics else [self.tokens.image_token]
+
+    def resets_image_after_eos(self, chat: bool) -> bool:
+        """Whether a token after an EOS sees no image until the next one (IDEFICS' packed inputs)."""
+        return self.is_idefics and not chat
+
+    # -- spelling --
+    def image_text(self, last_was_image: bool, chat: bool) -> str:
+        """The text of one image; ``last_was_image``: the token before it ends another image."""
+        t = self.tokens
+        if self.is_idefics:
+            fake = t.fake_image_token
+            return t.image_token + fake if last_was_image else fake + t.image_token + fake
+        return t.end_of_chunk_token + t.image_token if chat else t.image_token
+
+    def image_ids(self, last_was_image: bool, chat: bool) -> list[int]:
+        """The token ids of :meth:`image_text`."""
+        image = self.image_token_id
+        if self.is_idefics:
+            fake = self.fake_image_token_id
+            return [image, fake] if last_was_image else [fake, image, fake]
+        return [self.end_of_chunk_token_id, image] if chat else [image]
+
+    def training_starts_with_bos(self) -> bool:
+        """Whether a training row starts with BOS: when the tokenizer adds one, and always for IDEFICS.
+
+        (The processor's ``add_bos=True`` writes the tokenizer's BOS token whenever it has one.)
+        """
+        return uses_bos(self.tokenizer) or (self.is_idefics and self.tokenizer.bos_token_id is not None)
+
+    def render(self, segments: Sequence[str | object], chat: bool, add_bos: bool, add_eos: bool, add_eou: bool) -> str:
+        """One prompt row as text: ``segments`` are text (``str``) and images (anything else).
+
+        Chat rows are the chat template's text with the images in place; plain IDEFICS rows have
+        their texts stripped of spaces, ``<end_of_utterance>`` between consecutive texts with
+        ``add_eou``.
+        """
+        plain_idefics = self.is_idefics and not chat
+        out: list[str] = []
+        last_was_image = False
+        for i, seg in enumerate(segments):
+            last_was_text = i > 0 and not last_was_image
+            if not isinstance(seg, str):
+                out.append(self.image_text(last_was_image, chat))
+                last_was_image = True
+                continue
+            text = seg
+            if plain_idefics:
+                text = text.strip(" ")
+                if add_eou and last_was_text:  # between consecutive texts, as IDEFICS does
+                    out.append(self.tokens.end_of_utterance_token)
+            out.append(text)
+            last_was_image = False
+        body = "".join(out)
+        bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
+        if add_bos and bos and not body.startswith(bos):
+            body = bos + body
+        if add_eos and eos:
+            body += eos
+        return body
+
+    # -- spans and truncation --
+    def image_spans(self, ids: Sequence[int], chat: bool) -> list[tuple[int, int]]:
+        """``[start, end)`` of each image's tokens (see the module docstring: IDEFICS spans of
+        consecutive images share their fake token)."""
+        image, fake = self.image_token_id, self.fake_image_token_id
+        before = fake if self.is_idefics else (self.end_of_chunk_token_id if chat else None)
+        spans = []
+        for p, tok in enumerate(ids):
+            if tok != image:
+                continue
+            start = p - 1 if before is not None and p > 0 and ids[p - 1] == before else p
+            end = p + 2 if fake is not None and p + 1 < len(ids) and ids[p + 1] == fake else p + 1
+            spans.append((start, end))
+        return spans
+
+    def cut_right(self, ids: Sequence[int], budget: int, chat: bool) -> tuple[int, int]:
+        """Keep ``ids[:cut]`` with ``cut <= budget``, never through an image -> (cut, images kept)."""
+        spans = self.image_spans(ids, chat)
+        ends = {e for _, e in spans}
+        cut = min(budget, len(ids))
+        while cut > 0 and cut not in ends and any(s < cut < e for s, e in spans):
+            cut -= 1
+        return cut, sum(1 for _, e in spans if e <= cut)
+
+    def cut_left(self, ids: Sequence[int], budget: int, chat: bool) -> tuple[int, int]:
+        """Keep ``ids[cut:]`` with ``len(ids) - cut <= budget``, never through an image ->
+        (cut, images dropped)."""
+        spans = self.image_spans(ids, chat)
+        starts = {s for s, _ in spans}
+        cut = max(0, len(ids) - budget)
+        while cut < len(ids) and cut not in starts and any(s < cut < e for s, e in spans):
+            cut += 1
+        return cut, sum(1 for s, _ in spans if s < cut)
+
+    def __repr__(self) -> str:
+        return f"PromptFormat({self.tokens.prompt_format!r})"
+
+
+__all__ = ["IGNORE_INDEX", "PromptFormat", "uses_bos"]

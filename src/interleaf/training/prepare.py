@@ -1,0 +1,126 @@
+"""Setting a stage up: its model (built, loaded or taken from an earlier stage), freezing, the
+wrapped model and optimiser, this process's data stream, and the state a resume restores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..model.modeling import freeze_unused_vision_parameters
+from . import checkpoint as ckpt
+from .config import StageConfig
+from .distributed import DistState, unwrap, wrap_model
+from .optim import build_optimizer
+from .progress import Progress
+
+StreamFactory = Callable[[StageConfig, Any, int, int], Iterable[dict]]
+
+
+@dataclass
+class Trainee:
+    """What a stage trains, and with what."""
+
+    model: nn.Module  # the model as built (on this process's device)
+    wrapped: nn.Module  # under DDP or FSDP2 when there are several processes
+    inner: nn.Module  # ``wrapped`` unwrapped
+    processor: Any
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]  # every parameter the optimiser updates
+    stream: Any  # this process's share of the stage's data
+    micro: int  # samples per micro-batch on this process
+    fingerprint: dict  # of the frozen weights, checked at resume
+    n_trainable: int
+
+
+def _build_model(stage: StageConfig, finals: dict[str, Path]):
+    from ..api import build, load
+
+    spec = stage.model
+    if spec.from_stage is not None:
+        if spec.from_stage not in finals:
+            raise ConfigError("model.from_stage", f"stage {spec.from_stage!r} has not run in this recipe")
+        model, processor = load(finals[spec.from_stage])
+    elif spec.path is not None:
+        model, processor = load(spec.path)
+    else:
+        model, processor = build(spec.preset, seed=stage.seed, **spec.options)
+    return model, processor
+
+
+def prepare_model(model: nn.Module, stage: StageConfig) -> int:
+    """Apply the stage's freezing, z-loss and gradient checkpointing; returns the trainable count."""
+    model.config.z_loss = float(stage.z_loss)
+    if stage.freeze is not None:
+        model.config.freeze = stage.freeze
+    model.apply_freeze(stage.freeze)
+    freeze_unused_vision_parameters(model)
+    if stage.gradient_checkpointing:
+        lm = model.language_model
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model.num_trainable_parameters()
+
+
+def default_stream(stage: StageConfig, processor, rank: int, world_size: int):
+    """The stage's :class:`~interleaf.data.stream.MixtureStream` (this process's share)."""
+    from ..data.stream import MixtureStream
+
+    return MixtureStream(stage.mixture(), processor, seed=stage.seed, rank=rank, world_size=world_size)
+
+
+def set_up(stage: StageConfig, finals: dict[str, Path], stream_factory: StreamFactory, dist: DistState) -> Trainee:
+    """Build the stage's model, optimiser and stream, in the order that keeps runs reproducible.
+
+    The caller seeds the RNGs first: building the model draws from them.
+    """
+    model, processor = _build_model(stage, finals)
+    n_trainable = prepare_model(model, stage)
+    fingerprint = ckpt.frozen_fingerprint(model)
+    if next(model.parameters()).device != dist.device:
+        model.to(dist.device)
+    wrapped = wrap_model(model, stage.distributed.strategy, dist)
+    inner = unwrap(wrapped)
+    optimizer = build_optimizer(inner, stage.optim)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    per_rank = stage.batch_size // stage.grad_accum
+    if per_rank % dist.world_size:
+        raise ConfigError(
+            "batch_size", f"{stage.batch_size} samples per step cannot be split evenly over {dist.world_size} "
+            f"processes x {stage.grad_accum} accumulation steps",
+            "make batch_size a multiple of processes x grad_accum",
+        )
+    micro = per_rank // dist.world_size
+    stream = stream_factory(stage, processor, dist.rank, dist.world_size)
+    return Trainee(model, wrapped, inner, processor, optimizer, params, stream, micro, fingerprint, n_trainable)
+
+
+def restore(stage: StageConfig, trainee: Trainee, latest: Path | None, resume: bool, dist: DistState) -> Progress:
+    """The progress to start from: the checkpoint ``latest`` restored into ``trainee``, or step 0."""
+    if latest is None:
+        if resume and dist.is_main:
+            print(f"--resume: no checkpoint in {Path(stage.out) / 'checkpoints'}; starting from step 0")
+        return Progress()
+    state, data_state = ckpt.load_checkpoint(
+        latest, model=trainee.inner, optimizer=trainee.optimizer, dist=dist, fingerprint=trainee.fingerprint
+    )
+    trainee.stream.load_state_dict(data_state)
+    progress = Progress.from_trainer_state(state)
+    changed = sorted(k for k, v in stage.to_dict().items() if state.get("config", {}).get(k) != v and k != "max_steps")
+    if dist.is_main:
+        print(f"resuming from {latest} at step {progress.step}", flush=True)
+        if changed:
+            print(f"warning: settings changed since the checkpoint: {', '.join(changed)}", flush=True)
+    return progress
+
+
+__all__ = ["StreamFactory", "Trainee", "default_stream", "prepare_model", "restore", "set_up"]

@@ -1,0 +1,86 @@
+"""The library behind `interleaf data inspect`: format sniffing, the mixture a path stands for, per-source reports."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+from PIL import Image
+
+from interleaf.data.inspection import (
+    corpus_images_root,
+    guess_format,
+    inspect_source,
+    mixture_for_source,
+    source_size,
+)
+from interleaf.data.stream import BadSampleCounter
+from interleaf.errors import InputError
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(path, members: list[tuple[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_guess_format_reads_the_first_sample(tmp_path):
+    pairs = _tar(tmp_path / "p.tar", [("a.png", _png()), ("a.txt", b"a red square.")])
+    docs = _tar(tmp_path / "d.tar", [("a.json", json.dumps({"texts": ["x", None]}).encode())])
+    garbled = _tar(tmp_path / "g.tar", [("a.json", b"\xff not json"), ("a.txt", b"t")])
+    assert guess_format([pairs]) == "pairs"
+    assert guess_format([docs]) == "interleaved"
+    assert guess_format([garbled]) == "pairs"  # unreadable JSON: not a document
+    assert guess_format([str(tmp_path / "x.json"), str(tmp_path / "y.jsonl")]) == "llava"
+    empty = _tar(tmp_path / "e.tar", [])
+    with pytest.raises(InputError, match="cannot guess the format"):
+        guess_format([empty])
+
+
+def test_corpus_images_root_follows_a_synth_manifest(tmp_path):
+    (tmp_path / "llava").mkdir()
+    llava = tmp_path / "llava" / "vqa.json"
+    llava.write_text("[]")
+    assert corpus_images_root(str(llava)) is None  # no corpus.json: not a synth corpus
+    (tmp_path / "corpus.json").write_text(json.dumps({"images_dir": "images"}))
+    assert corpus_images_root(str(llava)) == tmp_path.resolve() / "images"
+
+
+def test_mixture_for_source_builds_one_source(tmp_path):
+    shard = _tar(tmp_path / "train-0.tar", [("a.png", _png()), ("a.txt", b"a red square.")])
+    mixture = mixture_for_source(str(tmp_path / "*.tar"))
+    (cfg,) = mixture.sources
+    assert cfg.format == "pairs" and cfg.files() == [shard] and source_size(cfg) == 1
+    with pytest.raises(InputError, match="matches no file"):
+        mixture_for_source(str(tmp_path / "none.tar"))
+
+
+def test_inspect_source_reports_shown_good_and_bad(tmp_path):
+    from interleaf import build
+
+    members = [("a.png", _png()), ("a.txt", b"a red square."), ("b.png", b"garbage"), ("b.txt", b"broken."),
+               ("c.png", _png()), ("c.txt", b"another red square.")]
+    shard = _tar(tmp_path / "s.tar", members)
+    (cfg,) = mixture_for_source(shard, "pairs").sources
+    processor = build("tiny-random")[1]
+    counter = BadSampleCounter(max_bad_fraction=1.0)
+    report = inspect_source(cfg, processor, counter=counter, max_length=64, show=1, scan=10)
+    assert (report.size, report.num_files, report.scanned, report.good) == (3, 1, 3, 2)
+    assert [b.reason for b in report.bad] == ["unreadable_image"]
+    (shown,) = report.shown
+    assert shown.key == "a" and shown.num_images == 1 and 0 < shown.num_trained < shown.num_tokens
+    assert "[[a red square." in shown.rendered
+    assert counter.seen[cfg.name] == 3 and counter.bad(cfg.name) == 1
+    report = inspect_source(cfg, processor, counter=BadSampleCounter(max_bad_fraction=1.0), max_length=64, scan=1)
+    assert report.scanned == 1 and report.good == 1

@@ -1,0 +1,191 @@
+"""The prompt format is one rule: the processor (inference) and the training tokeniser write the same tokens.
+
+Property: random content (text, 0-4 images) in every prompt family, as a chat conversation through
+the chat template or as a plain interleaved document, goes through the processor and through the
+training path (``data.tokenize``); both give identical input ids, the same image positions and
+the same images, also when cut to a random length. A plain document is given to the processor as
+the training format writes it: consecutive texts joined by a space, and for OpenFlamingo
+``<|endofchunk|>`` closing each image's chunk, with EOS at the end.
+
+Examples pin the span rule: two consecutive IDEFICS images share their fake token, and a cut on
+either side of it leaves ``<fake><image><fake>``, as transformers' ``IdeficsProcessor`` writes one
+image.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from fuzz_profiles import examples, timeout
+from interleaf.config import PROMPT_FORMATS, TokensConfig
+from interleaf.data.formats import Conversation, ImageSource
+from interleaf.data.tokenize import tokenize_conversation, tokenize_document, truncate
+from interleaf.errors import InputError
+from interleaf.processing import IGNORE_INDEX, ImageTransform, InterleafProcessor, build_tiny_tokenizer
+
+IMAGE = object()  # stands for an image in a generated conversation
+PIXEL = Image.new("RGB", (4, 4), (10, 20, 30))
+# Words of letters, digits, punctuation and a few non-ASCII characters; no "<" or ">", so no text
+# spells a special token, and no whitespace, so texts join and split at the same token boundaries.
+words = st.text(alphabet=st.sampled_from("abcdefghijklmnopqrstuvwxyzABC0123456789.,!?'-:éß猫🐱"), min_size=1, max_size=8)
+texts = st.lists(words, min_size=1, max_size=5).map(" ".join)
+
+
+@pytest.fixture(scope="module")
+def processors():
+    out = {}
+    for fmt in PROMPT_FORMATS:
+        tokens = TokensConfig(prompt_format=fmt)
+        tok = build_tiny_tokenizer()
+        tok.add_special_tokens({"additional_special_tokens": tokens.required_tokens()})
+        out[fmt] = InterleafProcessor(tok, tokens, ImageTransform(4, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize="squash"))
+    return out
+
+
+@st.composite
+def conversations(draw) -> list[tuple[str, list]]:
+    """[(role, parts)], parts text or IMAGE; user and assistant turns alternate, the assistant's last;
+    at most 4 images, all in user turns."""
+    turns = []
+    if draw(st.booleans()):
+        turns.append(("system", [draw(texts)]))
+    budget = draw(st.integers(0, 4))
+    for _ in range(draw(st.integers(1, 3))):
+        parts = draw(st.lists(st.one_of(texts, st.just(IMAGE)), min_size=1, max_size=4))
+        kept = []
+        for part in parts:
+            if part is IMAGE:
+                if budget == 0:
+                    continue
+                budget -= 1
+            kept.append(part)
+        turns.append(("user", kept or [draw(texts)]))
+        turns.append(("assistant", [draw(texts)]))
+    return turns
+
+
+@st.composite
+def documents(draw) -> list:
+    """Texts and at most 4 images, in any order (consecutive texts and images too), not empty."""
+    items = draw(st.lists(st.one_of(texts, st.just(IMAGE)), min_size=1, max_size=8))
+    images = [i for i, item in enumerate(items) if item is IMAGE]
+    drop = set(images[4:])
+    items = [item for i, item in enumerate(items) if i not in drop]
+    return items if any(item is not IMAGE for item in items) else [*items, draw(texts)]
+
+
+def image_positions(out) -> list[int]:
+    """Where each image's mask column switches on: the position of that image's token."""
+    mask = out["image_attention_mask"][0]  # (T, N)
+    return [int(mask[:, n].nonzero()[0]) for n in range(mask.shape[1]) if mask[:, n].any()]
+
+
+def training_as_prompt(items: list, processor) -> list:
+    """A document as the processor is given it to write the training format's tokens."""
+    eoc = processor.tokens.end_of_chunk_token
+    out: list = []
+    chunk_open = last_was_text = False
+    for item in items:
+        if item is IMAGE:
+            if processor.format.closes_chunks and chunk_open:
+                out.append(eoc)
+            out.append(PIXEL)
+            chunk_open, last_was_text = True, False
+        else:
+            if last_was_text:
+                out[-1] += " " + item
+            else:
+                out.append(item)
+            last_was_text = True
+    if processor.format.closes_chunks and chunk_open:
+        out.append(eoc)
+    return out
+
+
+def assert_same(processor, prompt: list, trained, cut: int, *, chat: bool, add_eos: bool) -> None:
+    """Processor output for ``prompt`` == the training path's ``trained`` tokens, whole and cut right."""
+    out = processor(prompt, add_eos=add_eos)
+    ids = out["input_ids"][0].tolist()
+    assert ids == trained.input_ids
+    assert len(trained.labels) == len(ids)
+    positions = [p for p, t in enumerate(ids) if t == processor.image_token_id]
+    assert image_positions(out) == positions and len(positions) == trained.n_images
+    assert (out["pixel_values"].shape[1] if "pixel_values" in out else 0) == trained.n_images
+    assert processor.format.image_spans(ids, chat) == processor.format.image_spans(trained.input_ids, chat)
+
+    cut = max(1, min(cut, len(ids)))
+    kept = truncate(processor, trained, cut, chat=chat)
+    try:
+        short = processor(prompt, add_eos=add_eos, max_length=cut, truncation=True, padding_side="right")
+    except InputError as e:  # the processor refuses a row with nothing but BOS left; training keeps that row
+        assert "cannot truncate" in str(e)
+        assert kept.input_ids in ([], [processor.tokenizer.bos_token_id])
+        return
+    short_ids = short["input_ids"][0].tolist()
+    assert short_ids == kept.input_ids
+    assert image_positions(short) == [p for p, t in enumerate(short_ids) if t == processor.image_token_id]
+    assert (short["pixel_values"].shape[1] if "pixel_values" in short else 0) == kept.n_images
+
+
+@pytest.mark.parametrize("fmt", PROMPT_FORMATS)
+@timeout(60, 0.2)
+@settings(max_examples=examples(60))
+@given(turns=conversations(), cut=st.integers(1, 400))
+def test_chat_conversations_tokenise_the_same_for_training_and_inference(processors, fmt, turns, cut):
+    processor = processors[fmt]
+    for_processor = [{"role": role, "content": [PIXEL if p is IMAGE else p for p in parts]} for role, parts in turns]
+    for_training = Conversation(
+        [{"role": role, "content": [ImageSource(b"", "img") if p is IMAGE else p for p in parts]} for role, parts in turns],
+        key="conversation",
+    )
+    trained = tokenize_conversation(processor, for_training)
+    assert_same(processor, for_processor, trained, cut, chat=True, add_eos=False)
+    for s, e in processor.format.image_spans(trained.input_ids, chat=True):  # an image's tokens are never trained
+        assert trained.labels[s:e] == [IGNORE_INDEX] * (e - s)
+
+
+@pytest.mark.parametrize("fmt", PROMPT_FORMATS)
+@timeout(60, 0.2)
+@settings(max_examples=examples(60))
+@given(items=documents(), cut=st.integers(1, 400))
+def test_plain_documents_tokenise_the_same_for_training_and_inference(processors, fmt, items, cut):
+    processor = processors[fmt]
+    trained = tokenize_document(processor, [ImageSource(b"", "img") if i is IMAGE else i for i in items])
+    assert_same(processor, training_as_prompt(items, processor), trained, cut, chat=False, add_eos=True)
+
+
+# -- the span rule, by example --
+
+
+def test_consecutive_idefics_images_share_their_fake_token_and_either_cut_keeps_a_whole_image(processors):
+    processor = processors["idefics"]
+    fmt, f, img = processor.format, processor.fake_image_token_id, processor.image_token_id
+    ids = [f, img, f, img, f]  # what IdeficsProcessor writes for two images in a row
+    assert fmt.image_ids(False, chat=False) + fmt.image_ids(True, chat=False) == ids
+    assert fmt.image_spans(ids, chat=False) == [(0, 3), (2, 5)]  # the shared fake token is in both
+    assert fmt.cut_right(ids, 4, chat=False) == (3, 1)  # keeps <fake><image><fake>: the first image
+    assert fmt.cut_left(ids, 4, chat=False) == (2, 1)  # keeps <fake><image><fake>: the second image
+    assert fmt.cut_right(ids, 2, chat=False) == (0, 0) and fmt.cut_left(ids, 2, chat=False) == (5, 2)
+    for prompt in ([PIXEL, PIXEL, "end"], ["start", PIXEL, PIXEL]):  # the processor writes the same
+        out = processor(prompt)["input_ids"][0].tolist()
+        assert ids == [t for t in out if t in (f, img)]
+
+
+def test_an_end_of_chunk_before_an_image_closes_the_previous_chunk_in_plain_prompts(processors):
+    processor = processors["openflamingo"]
+    fmt, eoc, img = processor.format, processor.end_of_chunk_token_id, processor.image_token_id
+    ids = [7, eoc, img, 8]
+    assert fmt.image_spans(ids, chat=False) == [(2, 3)]  # a document's chunk end is no part of the image
+    assert fmt.image_spans(ids, chat=True) == [(1, 3)]  # a chat image is written <|endofchunk|><image>
+    assert fmt.cut_right(ids, 2, chat=False) == (2, 0) and fmt.cut_right(ids, 2, chat=True) == (1, 0)
+    assert fmt.cut_left(ids, 2, chat=False) == (2, 0) and fmt.cut_left(ids, 2, chat=True) == (3, 1)
+    prompt = ["a cat.<|endofchunk|>", PIXEL, "a dog."]
+    full = processor(prompt)["input_ids"][0].tolist()
+    at = full.index(img)
+    right = processor(prompt, max_length=at, truncation=True, padding_side="right")["input_ids"][0].tolist()
+    assert right == full[:at] and right[-1] == eoc
+    left = processor(prompt, max_length=len(full) - at + 1, truncation=True)["input_ids"][0].tolist()
+    assert left == full[:1] + full[at:]  # BOS, then the image with its text
