@@ -23,9 +23,11 @@ from .schema import coerce, read, setting, validate
 FREEZE_POLICIES = ("flamingo", "flamingo_train_vision", "unfreeze_lm", "all_trainable")
 FUSIONS = ("cross_attention",)  # "token_insertion" (xGen-MM, LLaVA) plugs in here
 PROMPT_FORMATS = ("openflamingo", "idefics")
-# CLIP's image statistics: the default preprocessing of every vision tower.
+# Image statistics: CLIP's are the default preprocessing of every vision tower; SigLIP's apply to SigLIP towers.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass

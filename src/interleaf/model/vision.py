@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from interleaf.config import VisionConfig
+from interleaf.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VisionConfig
 from interleaf.errors import CheckpointError, ConfigError, InputError
 from interleaf.model.attention import attend
 
@@ -33,11 +33,6 @@ __all__ = [
     "build_vision_tower",
     "load_vision_tower",
 ]
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
 
 # config.json model_type -> (tower family, is a full two-tower model)
 _MODEL_TYPES = {

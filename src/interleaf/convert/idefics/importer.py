@@ -16,7 +16,7 @@ import torch
 
 from ...config import CrossAttentionConfig, InterleafConfig, ResamplerConfig, TokensConfig, VisionConfig
 from ...errors import CheckpointError, ConfigError
-from ...model.vision import CLIP_MEAN, CLIP_STD
+from ...config import CLIP_MEAN, CLIP_STD
 from .._common import fill_meta_model, read_json, read_weights
 from .keys import cross_layers, idefics_key_map, map_from_idefics
 
