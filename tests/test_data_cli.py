@@ -78,3 +78,16 @@ def test_inspect_errors_name_the_problem(corpus, tmp_path):
     assert result.exit_code != 0 and "matches no file" in str(result.exception)
     result = runner.invoke(app, ["data", "inspect", str(corpus / "pairs" / "train-000000.tar"), "--format", "pics"])
     assert isinstance(result.exception, ConfigError) and "sources[0].format" in str(result.exception)
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("runs/never-written", "'runs/never-written' is not a directory"),  # a path: must exist
+    ("no-such-preset", "neither a local directory nor a preset name"),  # a bare name: must be a preset
+])
+def test_model_option_names_a_directory_or_a_preset_by_the_training_rule(corpus, tmp_path, monkeypatch, model, expected):
+    from interleaf.errors import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["data", "inspect", str(corpus / "pairs" / "train-000000.tar"), "-m", model])
+    assert isinstance(result.exception, CheckpointError), result.output
+    assert expected in str(result.exception) and "interleaf presets" in str(result.exception)

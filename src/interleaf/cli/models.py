@@ -19,12 +19,22 @@ def presets_cmd() -> None:
 
 
 def _model_dir(model: str) -> Path | None:
-    """The saved directory ``--model`` names, or None for a preset name; anything else is an error."""
+    """The saved directory ``--model`` names, or None for a preset name; anything else is an error.
+
+    What names a directory is :func:`interleaf.files.names_a_directory`, the rule training stages use too.
+    """
     from ..errors import CheckpointError
+    from ..files import names_a_directory, user_path
     from ..presets import presets
 
-    if Path(model).expanduser().is_dir():
-        return Path(model).expanduser()
+    if names_a_directory(model, "--model"):
+        path = user_path(model, "--model")
+        if path.is_dir():
+            return path
+        raise CheckpointError(
+            f"--model {model!r} is not a directory; pass a folder written by `interleaf train` or "
+            "interleaf.save (it holds config.json), or a preset name (`interleaf presets` lists them)"
+        )
     if model in presets():
         return None
     raise CheckpointError(
