@@ -5,6 +5,12 @@
   variables, torch's default dtype, its number of threads and its grad mode. Each is compared with
   its value before the test; a change is undone and the test fails, naming what it changed.
   (``monkeypatch.setenv`` and friends are undone before this check runs, so they are fine.)
+- What several modules need and is slow to make is made once per session and shared read-only:
+  the synthetic corpora (``synth_corpus``) and the tiny OpenFlamingo pieces. A test that writes
+  into a corpus takes a private copy (``synth_corpus.copy``); a write into a shared one fails the
+  session. Tiny models are built by ``tests/tiny.py``, the one factory for every LM family.
+- Code the tests share lives in ``tests/helpers/`` and ``tests/tiny.py``; no test module imports
+  another test module or this file.
 """
 
 from __future__ import annotations
@@ -13,12 +19,9 @@ import os
 
 import pytest
 import torch
+from helpers.state import leaked_state, restore_env, restore_torch, torch_state
 
 THREADS = 1
-# Variables the tools themselves write, once per process: pytest's, rewritten at each phase of a
-# test; torch's inductor cache directory, recorded the first time torch looks it up; and the two
-# OpenMP settings scikit-learn sets when it is first imported.
-IGNORED_ENV = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"})
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,49 +32,45 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _torch_state() -> dict[str, object]:
-    return {"default dtype": torch.get_default_dtype(), "number of threads": torch.get_num_threads(),
-            "grad mode": torch.is_grad_enabled()}
-
-
-def _restore_torch(state: dict[str, object]) -> None:
-    torch.set_default_dtype(state["default dtype"])  # type: ignore[arg-type]
-    torch.set_num_threads(state["number of threads"])  # type: ignore[arg-type]
-    torch.set_grad_enabled(state["grad mode"])  # type: ignore[arg-type]
-
-
-def leaked_state(env_before: dict[str, str], torch_before: dict[str, object]) -> list[str]:
-    """What differs from the snapshot, one line each (empty when nothing does)."""
-    env_before = {k: v for k, v in env_before.items() if k not in IGNORED_ENV}
-    env_after = {k: v for k, v in os.environ.items() if k not in IGNORED_ENV}
-    problems = []
-    for key in sorted(env_before.keys() | env_after.keys()):
-        if key not in env_after:
-            problems.append(f"environment variable {key} was removed (it was {env_before[key]!r})")
-        elif key not in env_before:
-            problems.append(f"environment variable {key} was set to {env_after[key]!r} and left set")
-        elif env_before[key] != env_after[key]:
-            problems.append(f"environment variable {key} changed from {env_before[key]!r} to {env_after[key]!r}")
-    torch_after = _torch_state()
-    for name, value in torch_before.items():
-        if torch_after[name] != value:
-            problems.append(f"torch {name} changed from {value} to {torch_after[name]}")
-    return problems
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_global_state():
     env_before = dict(os.environ)
-    torch_before = _torch_state()
+    torch_before = torch_state()
     yield
     problems = leaked_state(env_before, torch_before)
     if problems:
-        for key in set(os.environ) - set(env_before) - IGNORED_ENV:
-            del os.environ[key]
-        os.environ.update({k: v for k, v in env_before.items() if k not in IGNORED_ENV})
-        _restore_torch(torch_before)
+        restore_env(env_before)
+        restore_torch(torch_before)
         pytest.fail("the test left process-wide state changed (restored now; use monkeypatch or restore it "
                     "in a finally block):\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory):
+    """``synth_corpus.get(**write_corpus_arguments)``: a synthetic corpus, written once per session
+    for each distinct set of arguments and shared by every test that asks for the same one.
+
+    Read-only: ``synth_corpus.copy(dst, **arguments)`` gives a test a copy it may write into. At
+    the end of the session, a file added, removed or rewritten in a shared corpus is an error.
+    """
+    from helpers.corpus import SessionCorpora
+
+    corpora = SessionCorpora(tmp_path_factory.mktemp("corpora"))
+    yield corpora
+    problems = corpora.changes()
+    assert not problems, "a test wrote into a shared corpus (take synth_corpus.copy instead):\n  " + "\n  ".join(problems)
+
+
+@pytest.fixture(scope="session")
+def openflamingo_pieces(tmp_path_factory):
+    """(a directory holding a tiny OpenFlamingo checkpoint.pt, its LLaMA lm/ and CLIP clip/; the
+    checkpoint's state dict; the tokenizer's base vocabulary size). Read-only: convert into a
+    directory of your own."""
+    from helpers.openflamingo import write_pieces
+
+    root = tmp_path_factory.mktemp("openflamingo")
+    state, base = write_pieces(root)
+    return root, state, base
 
 
 @pytest.fixture

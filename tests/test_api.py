@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForCausalLM, AutoProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from tiny import tiny_clip, tiny_lm
+from transformers import AutoModelForCausalLM, AutoProcessor
 
 import interleaf
 from interleaf.errors import CheckpointError, ConfigError
@@ -93,13 +94,10 @@ def test_load_errors_say_what_is_missing(tmp_path):
 
 def test_build_from_local_directories(tmp_path, red):
     """The equivalent of OpenFlamingo's create_model_and_transforms, from local pieces."""
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     image_size=32, patch_size=8)).save_pretrained(tmp_path / "clip")
+    tiny_clip(seed=0).save_pretrained(tmp_path / "clip")
     tok = interleaf.processing.build_tiny_tokenizer()
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=2))
+    lm = tiny_lm("llama", seed=None, vocab_size=len(tok), max_position_embeddings=2048, bos_token_id=0, eos_token_id=1,
+                 pad_token_id=2)
     lm.save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     model, processor = interleaf.build(

@@ -14,54 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_idefics
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
 import interleaf
 from interleaf.convert import from_idefics, to_idefics
 from interleaf.errors import CheckpointError, ConfigError
-from interleaf.processing import build_tiny_tokenizer
 
-IDEFICS_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 RED, GREEN, BLUE, GREY = (230, 20, 20), (20, 230, 20), (20, 20, 230), (128, 128, 128)
-
-
-def idefics_tokenizer(text: str | None = None):
-    tok = build_tiny_tokenizer(text)
-    base = len(tok)
-    tok.add_special_tokens({"additional_special_tokens": IDEFICS_TOKENS})
-    return tok, base
-
-
-def tiny_idefics(
-    *, qk=True, alpha="normal", alpha_type="float", interval=1, resampler=True, extra=True, layers=4, seed=0,
-    tokenizer_text=None,
-):
-    """A random IDEFICS with the tiny tokenizer; ``extra``: the IDEFICS tokens are decoupled rows."""
-    tok, base = idefics_tokenizer(tokenizer_text)
-    vocab, additional = (base, len(IDEFICS_TOKENS)) if extra else (len(tok), 0)
-    config = IdeficsConfig(
-        vocab_size=vocab, additional_vocab_size=additional, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=layers, num_attention_heads=4, cross_layer_interval=interval, qk_layer_norms=qk,
-        use_resampler=resampler, alpha_initializer=alpha, alphas_initializer_range=1.0, alpha_type=alpha_type,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        max_position_embeddings=256,
-        vision_config=dict(embed_dim=32, image_size=30, patch_size=5, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64),
-        perceiver_config=dict(resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2, resampler_head_dim=8,
-                              qk_layer_norms_perceiver=qk),
-    )
-    torch.manual_seed(seed)
-    if alpha == "normal" and alpha_type == "float":
-        # transformers cannot build this combination (torch.normal(size=(1)) is given an int): build
-        # with ones, then draw the gates as "normal" would.
-        config.alpha_initializer = "ones"
-        model = IdeficsForVisionText2Text(config)
-        for layer in model.model.gated_cross_attn_layers:
-            torch.nn.init.normal_(layer.alpha_cross_attn, std=1.0)
-            torch.nn.init.normal_(layer.alpha_dense, std=1.0)
-        model.config.alpha_initializer = "normal"
-        return model.eval(), tok
-    return IdeficsForVisionText2Text(config).eval(), tok
 
 
 def img(colour, size=(40, 30)):

@@ -9,7 +9,6 @@ import yaml
 
 import interleaf
 from interleaf.data import MixtureStream, load_mixture
-from interleaf.data.synth import write_corpus
 from interleaf.data.tokenize import IGNORE_INDEX
 from interleaf.errors import ConfigError
 
@@ -22,10 +21,9 @@ def proc():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    write_corpus(root, n_train_scenes=N_SCENES, n_heldout_scenes=10, shard_size=30)
-    return root
+def corpus(synth_corpus, tmp_path_factory):  # a copy: tests write their mixture files into it
+    return synth_corpus.copy(tmp_path_factory.mktemp("corpus") / "corpus", n_train_scenes=N_SCENES, n_heldout_scenes=10,
+                             shard_size=30)
 
 
 def write_yaml(folder, data) -> str:

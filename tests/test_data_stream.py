@@ -9,10 +9,11 @@ import tarfile
 import pytest
 from PIL import Image
 
+from helpers.data import broken_shard
+
 import interleaf
 from interleaf.data import BadSampleCounter, MixtureStream, load_mixture
 from interleaf.data.formats import BadSample
-from interleaf.data.synth import write_corpus
 from interleaf.errors import InputError
 
 N_SCENES = 40
@@ -24,10 +25,8 @@ def proc():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    write_corpus(root, n_train_scenes=N_SCENES, n_heldout_scenes=10, shard_size=15)  # 3 pair shards
-    return root
+def corpus(synth_corpus):
+    return synth_corpus.get(n_train_scenes=N_SCENES, n_heldout_scenes=10, shard_size=15)  # 3 pair shards
 
 
 def mixture(corpus, *, buffer=6, **counts):
@@ -88,23 +87,6 @@ def test_rank_shares_are_disjoint_and_complete(corpus, proc):
     assert not set(shares[0]) & set(shares[1]) and not set(shares[1]) & set(shares[2])
     with pytest.raises(InputError, match="rank"):
         MixtureStream(mix, proc, rank=3, world_size=3)
-
-
-def png(rgb=(255, 0, 0)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def broken_shard(path, n_good: int, n_bad: int) -> None:
-    with tarfile.open(path, "w") as tar:
-        for i in range(n_good + n_bad):
-            bad = i % ((n_good + n_bad) // n_bad) == 0 and i // ((n_good + n_bad) // n_bad) < n_bad
-            members = [(f"s{i:03d}.png", b"\x89PNG garbage" if bad else png()), (f"s{i:03d}.txt", f"sample {i}.".encode())]
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, proc):

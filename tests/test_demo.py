@@ -81,12 +81,11 @@ def test_demo_command_runs_a_recipe_of_your_own(tmp_path, monkeypatch):
     assert os.environ[CORPUS_ENV] == str(tmp_path / "the caller's corpus")  # the run used its own, then restored this
 
 
-def test_text_corpus_is_captions_and_reading_comprehension_of_training_scenes(tmp_path):
-    from interleaf.data.synth import CAPTION_PROMPT, Scene, caption, located_caption, write_corpus
+def test_text_corpus_is_captions_and_reading_comprehension_of_training_scenes(tmp_path, synth_corpus):
+    from interleaf.data.synth import CAPTION_PROMPT, Scene, caption, located_caption
     from interleaf.demo import TEXT_QA_TYPES, write_text_corpus
 
-    corpus = tmp_path / "corpus"
-    write_corpus(corpus, n_train_scenes=60, n_heldout_scenes=10)
+    corpus = synth_corpus.copy(tmp_path / "corpus", n_train_scenes=60, n_heldout_scenes=10)  # written into below
     entries = json.loads(write_text_corpus(corpus).read_text())
     scenes = {k: Scene.from_dict(v) for k, v in json.loads((corpus / "scenes.json").read_text()).items()}
     train_captions = {caption(s) for k, s in scenes.items() if k.startswith("train/")}

@@ -14,7 +14,6 @@ import torch.distributed as dist
 import yaml
 
 import interleaf
-from interleaf.data.synth import write_corpus
 from interleaf.distributed import DistributedError, current_state, distributed
 from interleaf.evaluation import evaluate
 from interleaf.training import parse_stage, train_stage
@@ -76,11 +75,10 @@ print("unreachable: both ranks passed the failing run", flush=True)
 
 
 @pytest.mark.slow
-def test_a_failing_rank_ends_the_whole_torchrun_run(tmp_path):
+def test_a_failing_rank_ends_the_whole_torchrun_run(tmp_path, synth_corpus):
     """Rank 1 raises while rank 0 enters the step's all-reduce; without the failure path rank 0 would wait
     there for the 30-minute collective timeout (the subprocess timeout below only guards against that hang)."""
-    corpus = tmp_path / "corpus"
-    write_corpus(corpus, n_train_scenes=8, n_heldout_scenes=2)
+    corpus = synth_corpus.get(n_train_scenes=8, n_heldout_scenes=2)
     stage = {
         "model": {"preset": "tiny-random"}, "max_steps": 1, "batch_size": 2, "max_length": 48,
         "data": {"sources": [{"name": "vqa", "format": "llava", "paths": str(corpus / "llava" / "vqa_train.json"),

@@ -14,16 +14,13 @@ from typer.testing import CliRunner
 
 import interleaf
 from interleaf.cli import app
-from interleaf.data import write_corpus
 from interleaf.evaluation.metrics import caption_scores
 from interleaf.evaluation.runner import evaluate, evaluate_synthetic, shard_indices
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus")
-    write_corpus(out, n_train_scenes=30, n_heldout_scenes=6)
-    return out
+def corpus(synth_corpus):
+    return synth_corpus.get(n_train_scenes=30, n_heldout_scenes=6)
 
 
 def tiny():

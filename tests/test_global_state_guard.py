@@ -1,18 +1,18 @@
-"""The suite's guard against leaked process-wide state (tests/conftest.py) sees what it must."""
+"""The suite's guard against leaked process-wide state (tests/conftest.py, tests/helpers/state.py) sees what it must."""
 
 from __future__ import annotations
 
 import os
 
 import torch
-from conftest import _torch_state, leaked_state
+from helpers.state import leaked_state, torch_state
 
 
 def test_guard_names_each_changed_variable_and_torch_setting(monkeypatch):
     monkeypatch.setenv("INTERLEAF_GUARD_CHANGED", "before")
     monkeypatch.setenv("INTERLEAF_GUARD_REMOVED", "here")
     monkeypatch.delenv("INTERLEAF_GUARD_ADDED", raising=False)
-    env, state = dict(os.environ), _torch_state()
+    env, state = dict(os.environ), torch_state()
     assert leaked_state(env, state) == []
     try:
         os.environ["INTERLEAF_GUARD_CHANGED"] = "after"

@@ -25,6 +25,7 @@ function that needs it, or to import from the module that defines the name.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import interleaf
@@ -216,3 +217,77 @@ def test_the_checker_finds_the_cycles_it_promises_and_only_those(tmp_path):
         ("pkg.sub", "pkg.sub.leaf", "pkg.sub"),
     ]
     assert "pkg/b.py:1" in describe(graph, list(found[0]))
+
+
+# --------------------------------------------------------------------------- the test suite's own imports
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _parse_script(text: str) -> ast.Module | None:
+    """``text`` parsed as Python, as it is or as a ``str.format`` template (fields read as ``None``)."""
+    for candidate in (text, re.sub(r"\{[^{}]*\}", "None", text)):
+        try:
+            return ast.parse(candidate)
+        except SyntaxError:
+            pass
+    return None
+
+
+def _imported_modules(tree: ast.Module) -> list[tuple[str, int]]:
+    """(module, line) of every absolute import anywhere in ``tree`` (lazy ones included), and of
+    those in the scripts a test runs in a subprocess: module-level ``NAME = "..."`` strings that
+    parse as Python (the line is then the assignment's)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.append((node.module, node.lineno))
+    for node in tree.body:
+        value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+        if isinstance(value, ast.Constant) and isinstance(value.value, str) and "import" in value.value:
+            script = _parse_script(value.value)
+            if script is not None:
+                found += [(name, node.lineno) for name, _ in _imported_modules(script)]
+    return found
+
+
+def test_module_imports(root: Path) -> list[str]:
+    """``file:line imports module`` for each ``.py`` file under ``root`` that imports a ``test_*``
+    module or ``conftest``."""
+    problems = []
+    for path in sorted(root.rglob("*.py")):
+        for module, line in _imported_modules(ast.parse(path.read_text(encoding="utf-8"))):
+            top = module.split(".")[0]
+            if top.startswith("test_") or top == "conftest":
+                problems.append(f"{path.relative_to(root)}:{line} imports {module}")
+    return problems
+
+
+test_module_imports.__test__ = False  # a checker, not a test
+
+
+def test_no_test_module_imports_another_or_conftest():
+    problems = test_module_imports(TESTS)
+    assert not problems, "test modules import each other or conftest (move the shared code into tests/helpers/ " \
+        "or tests/tiny.py, or make it a fixture in conftest.py):\n  " + "\n  ".join(problems)
+
+
+def test_the_test_import_checker_finds_each_kind(tmp_path):
+    _write(tmp_path, {
+        "test_a.py": "from test_b import helper\n",
+        "test_b.py": "def f():\n    import conftest\n",
+        "test_c.py": 'SCRIPT = r"""\nimport sys\nfrom test_a import x\n"""\nTEMPLATE = """\nsys.path.insert(0, {tests!r})\nimport test_b\n"""\n',
+        "helpers/util.py": "import test_c.sub\n",
+        "test_fine.py": "from helpers.util import y\nimport tiny\nimport testing_tools\nTEXT = 'not code: import test_a'\n"
+                        "def f():\n    return 'import test_a'\n",
+        "pkg/__init__.py": "",
+    })
+    assert test_module_imports(tmp_path) == [
+        "helpers/util.py:1 imports test_c.sub",
+        "test_a.py:1 imports test_b",
+        "test_b.py:2 imports conftest",
+        "test_c.py:1 imports test_a",
+        "test_c.py:5 imports test_b",
+    ]

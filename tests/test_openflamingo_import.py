@@ -1,6 +1,6 @@
 """OpenFlamingo checkpoint import: every tensor of a (tiny) checkpoint.pt lands where it should.
 
-The checkpoint is built here with OpenFlamingo's names and shapes; the converted perceiver and
+The checkpoint is built with OpenFlamingo's names and shapes (``tests/helpers/openflamingo.py``); the converted perceiver and
 gated cross-attention are compared with a direct re-implementation of OpenFlamingo's math
 (``helpers.py``: PerceiverAttention, MaskedCrossAttention, GatedCrossAttentionBlock).
 """
@@ -12,15 +12,12 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from helpers.openflamingo import D, DEPTH, DH_P, DH_X, DV, HEADS, LATENTS, LAYERS
 
 import interleaf
 from interleaf.convert import from_openflamingo
 from interleaf.errors import CheckpointError
 from interleaf.model.cross_attention import MediaCache, MediaContext
-from interleaf.processing import build_tiny_tokenizer
-
-D, DV, HEADS, DH_X, DH_P, LAYERS, DEPTH, LATENTS = 32, 16, 8, 4, 2, 4, 2, 3
 
 
 class Payload:
@@ -70,64 +67,18 @@ def of_block(state, prefix, x, media, media_locations):
     return ff * state[f"{prefix}.ff_gate"].tanh() + x
 
 
-def of_checkpoint(vocab_rows: int, every: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape, scale=0.3):
-        return torch.randn(*shape, generator=g) * scale
-
-    state = {"perceiver.latents": r(LATENTS, DV, scale=1.0)}
-    for d in range(DEPTH):
-        p = f"perceiver.layers.{d}"
-        for ln in ("0.norm_media", "0.norm_latents", "1.0"):
-            state[f"{p}.{ln}.weight"], state[f"{p}.{ln}.bias"] = 1 + r(DV, scale=0.1), r(DV, scale=0.1)
-        state[f"{p}.0.to_q.weight"] = r(HEADS * DH_P, DV)
-        state[f"{p}.0.to_kv.weight"] = r(2 * HEADS * DH_P, DV)
-        state[f"{p}.0.to_out.weight"] = r(DV, HEADS * DH_P)
-        state[f"{p}.1.1.weight"], state[f"{p}.1.3.weight"] = r(4 * DV, DV), r(DV, 4 * DV)
-    state["perceiver.norm.weight"], state["perceiver.norm.bias"] = 1 + r(DV, scale=0.1), r(DV, scale=0.1)
-    for i in range(LAYERS):
-        if (i + 1) % every:
-            continue
-        p = f"lang_encoder.model.layers.{i}.gated_cross_attn_layer"
-        state[f"{p}.attn_gate"], state[f"{p}.ff_gate"] = r(1, scale=1.0), r(1, scale=1.0)
-        for ln in ("attn.norm", "ff.0"):
-            state[f"{p}.{ln}.weight"], state[f"{p}.{ln}.bias"] = 1 + r(D, scale=0.1), r(D, scale=0.1)
-        state[f"{p}.attn.to_q.weight"] = r(HEADS * DH_X, D)
-        state[f"{p}.attn.to_kv.weight"] = r(2 * HEADS * DH_X, DV)
-        state[f"{p}.attn.to_out.weight"] = r(D, HEADS * DH_X)
-        state[f"{p}.ff.1.weight"], state[f"{p}.ff.3.weight"] = r(4 * D, D), r(D, 4 * D)
-    state["lang_encoder.model.embed_tokens.weight"] = r(vocab_rows, D, scale=0.05)
-    return state
+@pytest.fixture(scope="module")
+def pieces(openflamingo_pieces):
+    """(a directory with lm/, clip/ and checkpoint.pt, read-only; the checkpoint's state; the base vocabulary)."""
+    return openflamingo_pieces
 
 
 @pytest.fixture(scope="module")
-def pieces(tmp_path_factory):
-    root = tmp_path_factory.mktemp("of")
-    tok = build_tiny_tokenizer()
-    base = len(tok)
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(
-        LlamaConfig(vocab_size=base, hidden_size=D, intermediate_size=64, num_hidden_layers=LAYERS,
-                    num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    )
-    lm.save_pretrained(root / "lm")
-    tok.save_pretrained(root / "lm")
-    CLIPVisionModel(
-        CLIPVisionConfig(hidden_size=DV, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         image_size=16, patch_size=4)
-    ).save_pretrained(root / "clip")
-    state = of_checkpoint(base + 2, every=2)  # <|endofchunk|>, <image>; the tiny tokenizer has a pad token
-    torch.save(state, root / "checkpoint.pt")
-    return root, state, base
-
-
-@pytest.fixture(scope="module")
-def converted(pieces):
+def converted(pieces, tmp_path_factory):
     root, state, base = pieces
-    from_openflamingo(root / "checkpoint.pt", root / "lm", root / "clip", root / "out", cross_attn_every_n_layers=2)
-    model, processor = interleaf.load(root / "out")
+    out = tmp_path_factory.mktemp("of-converted")
+    from_openflamingo(root / "checkpoint.pt", root / "lm", root / "clip", out, cross_attn_every_n_layers=2)
+    model, processor = interleaf.load(out)
     return model, processor, state, base
 
 

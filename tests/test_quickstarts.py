@@ -20,6 +20,7 @@ import pathlib
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_idefics
 from transformers import IdeficsForVisionText2Text as TransformersIdefics
 
 from interleaf.convert import from_idefics, from_openflamingo
@@ -27,8 +28,6 @@ from interleaf.convert import from_idefics, from_openflamingo
 
 @pytest.fixture(scope="module")
 def idefics_dirs(tmp_path_factory):
-    from test_convert_idefics import tiny_idefics
-
     root = tmp_path_factory.mktemp("quickstart-idefics")
     from interleaf.processing.tokenizer import DEFAULT_TEXT
 
@@ -148,29 +147,11 @@ def test_idefics_instruct_quickstart(idefics_dirs, capsys):
 
 
 @pytest.fixture(scope="module")
-def infimm_dir(tmp_path_factory):
+def infimm_dir(openflamingo_pieces, tmp_path_factory):
     """A tiny OpenFlamingo-format model (InfiMM is an OpenFlamingo fork), converted from checkpoint.pt."""
-    from test_openflamingo_import import pieces as _unused  # noqa: F401  (the builder lives there)
-    from test_openflamingo_import import D, DV, LAYERS, of_checkpoint
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
-    from interleaf.processing import build_tiny_tokenizer
-
+    pieces, _, _ = openflamingo_pieces
     root = tmp_path_factory.mktemp("quickstart-infimm")
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(vocab_size=len(tok), hidden_size=D, intermediate_size=64, num_hidden_layers=LAYERS,
-                    num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
-                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    ).save_pretrained(root / "lm")
-    tok.save_pretrained(root / "lm")
-    CLIPVisionModel(
-        CLIPVisionConfig(hidden_size=DV, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         image_size=16, patch_size=4)
-    ).save_pretrained(root / "clip")
-    torch.save(of_checkpoint(len(tok) + 2, every=2), root / "checkpoint.pt")
-    from_openflamingo(root / "checkpoint.pt", root / "lm", root / "clip", root / "model", cross_attn_every_n_layers=2)
+    from_openflamingo(pieces / "checkpoint.pt", pieces / "lm", pieces / "clip", root / "model", cross_attn_every_n_layers=2)
     # InfiMM's processor hands images over as batch_images (B, N_img, 1, 3, H, W): ask for that.
     config_file = root / "model" / "processor_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "images_key": "batch_images"}))

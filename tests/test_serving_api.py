@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from interleaf.serving import ServeLimits
-from test_serving_common import MODEL_NAME, data_url, png, reference, start_server, tiny_model
+from helpers.serving import MODEL_NAME, data_url, png, reference, start_server, tiny_model
 
 
 @pytest.fixture(scope="module")

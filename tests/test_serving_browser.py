@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_serving_common import data_url, png, reference, start_server, tiny_model
+from helpers.serving import data_url, png, reference, start_server, tiny_model
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 
 import interleaf
 from interleaf.generation import generation_kwargs
-from test_serving_common import png, tiny_model
+from helpers.serving import png, tiny_model
 
 MAX_NEW = 6
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serving_common import MODEL_NAME, data_url, png, reference, start_server, tiny_model
+from helpers.serving import MODEL_NAME, data_url, png, reference, start_server, tiny_model
 
 HANG_GUARD_S = 120  # a bound on how long anything may take before the test calls it a hang
 
@@ -254,7 +254,7 @@ def test_stop_cancels_running_work_and_answers_503(tiny):
 SERVER_SCRIPT = r"""
 import sys, threading
 sys.path.insert(0, {tests!r})
-from test_serving_common import tiny_model
+from helpers.serving import tiny_model
 from interleaf.serving import create_app, serve
 
 mode = sys.argv[1]

@@ -11,22 +11,11 @@ import httpx
 import openai
 import pytest
 
-from test_serving_common import MODEL_NAME, data_url, png, reference, start_server, tiny_model
+from helpers.serving import MODEL_NAME, data_url, png, reference, rss_bytes, start_server, tiny_model
 
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 6
-
-
-def rss_bytes() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        with open("/proc/self/status") as f:
-            line = next(x for x in f if x.startswith("VmRSS:"))
-        return int(line.split()[1]) * 1024
 
 
 def prompts() -> list[list[dict]]:

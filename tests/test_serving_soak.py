@@ -23,8 +23,7 @@ import pytest
 
 from interleaf.serving import ServeLimits
 from interleaf.serving.batcher import _Cohort
-from test_serving_common import MODEL_NAME, data_url, png, reference, start_server, tiny_model
-from test_serving_load import rss_bytes
+from helpers.serving import MODEL_NAME, data_url, png, reference, rss_bytes, start_server, tiny_model
 
 pytestmark = pytest.mark.slow
 

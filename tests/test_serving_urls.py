@@ -15,7 +15,7 @@ from interleaf.errors import InputError, OfflineError
 from interleaf.serving import ServeLimits, URLPolicy
 from interleaf.serving.limits import fetch_image_url
 from interleaf.generation import generation_kwargs
-from test_serving_common import MODEL_NAME, png, start_server, tiny_model
+from helpers.serving import MODEL_NAME, png, start_server, tiny_model
 
 
 def png_bytes() -> bytes:

@@ -13,16 +13,14 @@ import pytest
 import yaml
 
 import interleaf
-from interleaf.data.synth import write_corpus
 from interleaf.training import train
 
 REL = 1e-4  # summation order differs between 1 and 2 processes; everything else is identical
 
 
 @pytest.mark.slow
-def test_ddp_and_fsdp_match_a_single_process(tmp_path):
-    corpus = tmp_path / "corpus"
-    write_corpus(corpus, n_train_scenes=40, n_heldout_scenes=10)
+def test_ddp_and_fsdp_match_a_single_process(tmp_path, synth_corpus):
+    corpus = synth_corpus.get(n_train_scenes=40, n_heldout_scenes=10)
     stage = {
         "model": {"preset": "tiny-random"},
         "data": {"sources": [{"name": "vqa", "format": "llava", "paths": str(corpus / "llava" / "vqa_train.json"),

@@ -27,24 +27,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import nan_at as _nan_at
 from safetensors.torch import load_file
 
-from interleaf.data.synth import write_corpus
 from interleaf.errors import CheckpointError, ConfigError, TrainingError
 from interleaf.training import checkpoint as ckpt
 from interleaf.training import train
 from interleaf.training.config import load_recipe
 from interleaf.training.distributed import DistState
-from interleaf.training.loop import default_stream, train_stage
+from interleaf.training.loop import train_stage
 
 STEPS, EVERY, KEEP = 10, 2, 2
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    write_corpus(root, n_train_scenes=40, n_heldout_scenes=10)
-    return root
+def corpus(synth_corpus):
+    return synth_corpus.get(n_train_scenes=40, n_heldout_scenes=10)
 
 
 def _stage(corpus: Path, out: Path, **kw) -> dict:
@@ -92,7 +90,7 @@ import interleaf.api, interleaf.data.stream, interleaf.training.loop
 from interleaf.training import train
 
 sys.path.insert(0, sys.argv[1])
-from test_train_faults import _nan_at
+from helpers.training import nan_at as _nan_at
 
 for line in sys.stdin:
     job = json.loads(line)
@@ -297,40 +295,6 @@ def test_a_bad_fault_spec_names_the_variable(corpus, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- non-finite losses
-
-
-class _NaNImages:
-    """The real stream, with every image of the batches of chosen steps replaced by NaNs (the
-    forward pass then gives a NaN loss). Steps are counted from the stream's position, so a resumed
-    run sees the same ones."""
-
-    def __init__(self, stream, steps: set[int], per_step: int):
-        self.stream, self.steps, self.per_step = stream, steps, per_step
-        self.bad = stream.bad
-
-    def take(self, n: int) -> list[dict]:
-        step = self.stream.samples_seen // self.per_step + 1
-        samples = self.stream.take(n)
-        if step in self.steps:
-            for s in samples:
-                s["images"] = [torch.full_like(img, float("nan")) for img in s["images"]]
-        return samples
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
-
-
-def _nan_at(steps: dict[int, list[int]] | list[int]):
-    """A stream factory: NaN images at ``steps`` (a list: on every process; a dict: per rank)."""
-
-    def factory(stage, processor, rank, world_size):
-        mine = steps.get(rank, []) if isinstance(steps, dict) else steps
-        return _NaNImages(default_stream(stage, processor, rank, world_size), set(mine), stage.batch_size // world_size)
-
-    return factory
 
 
 def test_nonfinite_loss_skips_the_step_and_is_counted(corpus, tmp_path, capsys):

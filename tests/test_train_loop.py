@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import interleaf
-from interleaf.data.synth import write_corpus
 from interleaf.errors import ConfigError
 from interleaf.training import train, weighted_token_loss
 from interleaf.training import checkpoint as ckpt
@@ -21,9 +20,8 @@ from interleaf.training.config import load_recipe
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    write_corpus(root, n_train_scenes=40, n_heldout_scenes=10)
+def corpus(synth_corpus, tmp_path_factory):
+    root = synth_corpus.copy(tmp_path_factory.mktemp("corpus") / "corpus", n_train_scenes=40, n_heldout_scenes=10)
     entries = json.loads((root / "llava" / "vqa_train.json").read_text())
     (root / "four.json").write_text(json.dumps(entries[:4]))
     return root
@@ -237,7 +235,7 @@ def test_user_llava_json_command_end_to_end(corpus, tmp_path):
 
 def test_a_shard_with_corrupt_images_and_broken_json_trains_to_the_end(tmp_path, capsys):
     """Bad samples are skipped and counted by reason; the run finishes and reports them."""
-    from test_data_stream import broken_shard
+    from helpers.data import broken_shard
 
     broken_shard(tmp_path / "web.tar", n_good=24, n_bad=6)
     good = '{"id": "ok", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}'

@@ -16,7 +16,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from interleaf.data.synth import write_corpus
 from interleaf.training import train
 from interleaf.training import checkpoint as ckpt
 
@@ -38,9 +37,8 @@ def _cli(config: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
-    corpus = tmp_path / "corpus"
-    write_corpus(corpus, n_train_scenes=40, n_heldout_scenes=10)
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys, synth_corpus):
+    corpus = synth_corpus.get(n_train_scenes=40, n_heldout_scenes=10)
     out = tmp_path / "killed"
     config = tmp_path / "stage.yaml"
     config.write_text(yaml.safe_dump(_stage(corpus, out)))

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import tiny
 from PIL import Image, ImageDraw
 from transformers import (
     CLIPConfig,
     CLIPModel,
-    CLIPVisionConfig,
     CLIPVisionModel,
     SiglipConfig,
     SiglipModel,
@@ -27,8 +27,7 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 
 
 def tiny_clip() -> CLIPVisionModel:
-    torch.manual_seed(0)
-    return CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
+    return tiny.tiny_clip(seed=0, **TINY).eval()
 
 
 def tiny_siglip() -> SiglipVisionModel:

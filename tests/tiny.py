@@ -1,14 +1,34 @@
-"""Tiny random pieces shared by the tests (built in milliseconds, no network)."""
+"""Tiny random pieces shared by the tests (built in milliseconds, no network).
+
+The one place a test builds a tiny model by hand:
+
+- ``tiny_lm(family, ...)``: a random causal LM of any family in ``LM_FAMILIES`` (a new family is
+  one entry there), with any config field overridden;
+- ``tiny_model(family, ...)``: that LM wrapped in interleaf's cross-attention model;
+- ``tiny_preset(...)``: the packaged ``tiny-random`` preset, optionally with open gates and a louder
+  resampler (so that an answer depends on the images);
+- ``tiny_clip(...)``: a random CLIP vision tower;
+- ``tiny_idefics(...)``: a random transformers IDEFICS over its options, with the tiny tokenizer.
+"""
 
 from __future__ import annotations
 
 import copy
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    IdeficsConfig,
+    IdeficsForVisionText2Text,
+)
 
+import interleaf
 from interleaf.config import InterleafConfig
 from interleaf.model import InterleafForConditionalGeneration
+from interleaf.processing import build_tiny_tokenizer
 
 VOCAB = 120  # base vocabulary of the tiny LMs
 IMAGE = VOCAB  # id of <image> (first added token)
@@ -36,12 +56,28 @@ LM_FAMILIES: dict[str, dict] = {
 }
 
 
-def tiny_lm(family: str = "llama", seed: int = 0):
-    data = dict(LM_FAMILIES[family])
+def tiny_lm(family: str = "llama", seed: int | None = 0, *, vocab_size: int = VOCAB, **overrides):
+    """A random causal LM of ``family`` (a key of ``LM_FAMILIES``), in eval mode.
+
+    ``overrides`` replace or add fields of the family's config (e.g. ``num_key_value_heads=4`` or
+    a tokenizer's ``pad_token_id``). ``seed=None`` draws the weights from the caller's random state
+    as it is, without seeding it.
+    """
+    data = {**LM_FAMILIES[family], **overrides}
     model_type = data.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, vocab_size=VOCAB, **data)
-    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, **data)
+    if seed is not None:
+        torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tiny_clip(seed: int | None = None, **overrides) -> CLIPVisionModel:
+    """A random CLIP vision tower (2 layers, width 32); ``overrides`` replace config fields."""
+    fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return CLIPVisionModel(CLIPVisionConfig(**{**fields, **overrides}))
 
 
 def tiny_config(lm_config, **sections) -> InterleafConfig:
@@ -64,6 +100,65 @@ def tiny_model(family: str = "llama", seed: int = 0, gates: float | None = None,
     if gates is not None:
         set_gates(model, gates)
     return model.eval(), plain
+
+
+def tiny_preset(seed: int = 0, *, gates: float | None = None, resampler_scale: float | None = None, **options):
+    """``interleaf.build("tiny-random", seed=seed, **options)``: (model, processor).
+
+    ``gates`` fills every cross-attention gate; ``resampler_scale`` multiplies the resampler's
+    linear weights (a louder resampler, whose output changes the answer).
+    """
+    model, processor = interleaf.build("tiny-random", seed=seed, **options)
+    with torch.no_grad():
+        if resampler_scale is not None:
+            for module in model.resampler.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.mul_(resampler_scale)
+    if gates is not None:
+        set_gates(model, gates)
+    return model, processor
+
+
+IDEFICS_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+
+
+def idefics_tokenizer(text: str | None = None):
+    tok = build_tiny_tokenizer(text)
+    base = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": IDEFICS_TOKENS})
+    return tok, base
+
+
+def tiny_idefics(
+    *, qk=True, alpha="normal", alpha_type="float", interval=1, resampler=True, extra=True, layers=4, seed=0,
+    tokenizer_text=None,
+):
+    """A random IDEFICS with the tiny tokenizer; ``extra``: the IDEFICS tokens are decoupled rows."""
+    tok, base = idefics_tokenizer(tokenizer_text)
+    vocab, additional = (base, len(IDEFICS_TOKENS)) if extra else (len(tok), 0)
+    config = IdeficsConfig(
+        vocab_size=vocab, additional_vocab_size=additional, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=layers, num_attention_heads=4, cross_layer_interval=interval, qk_layer_norms=qk,
+        use_resampler=resampler, alpha_initializer=alpha, alphas_initializer_range=1.0, alpha_type=alpha_type,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        max_position_embeddings=256,
+        vision_config=dict(embed_dim=32, image_size=30, patch_size=5, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64),
+        perceiver_config=dict(resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2, resampler_head_dim=8,
+                              qk_layer_norms_perceiver=qk),
+    )
+    torch.manual_seed(seed)
+    if alpha == "normal" and alpha_type == "float":
+        # transformers cannot build this combination (torch.normal(size=(1)) is given an int): build
+        # with ones, then draw the gates as "normal" would.
+        config.alpha_initializer = "ones"
+        model = IdeficsForVisionText2Text(config)
+        for layer in model.model.gated_cross_attn_layers:
+            torch.nn.init.normal_(layer.alpha_cross_attn, std=1.0)
+            torch.nn.init.normal_(layer.alpha_dense, std=1.0)
+        model.config.alpha_initializer = "normal"
+        return model.eval(), tok
+    return IdeficsForVisionText2Text(config).eval(), tok
 
 
 def set_gates(model, value: float) -> None:

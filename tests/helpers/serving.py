@@ -1,7 +1,4 @@
-"""Shared pieces of the serving tests: a tiny model whose images matter, a live server, references.
-
-(Imported by the other ``test_serving_*`` files; it holds no tests itself.)
-"""
+"""Shared pieces of the serving tests: a tiny model whose images matter, a live server, references."""
 
 from __future__ import annotations
 
@@ -9,10 +6,9 @@ import base64
 import io
 from typing import Any
 
-import torch
 from PIL import Image
+from tiny import tiny_preset
 
-import interleaf
 from interleaf.generation import generation_kwargs
 from interleaf.serving import ServerThread, create_app
 
@@ -21,15 +17,7 @@ MODEL_NAME = "tiny"
 
 def tiny_model():
     """tiny-random with open gates and a louder resampler, so that the answer depends on the images."""
-    model, processor = interleaf.build("tiny-random", seed=0)
-    with torch.no_grad():
-        for module in model.resampler.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.mul_(10.0)
-        for block in model.cross_attention_blocks:
-            block.attn_gate.fill_(1.0)
-            block.ffn_gate.fill_(1.0)
-    return model, processor
+    return tiny_preset(seed=0, gates=1.0, resampler_scale=10.0)
 
 
 def start_server(model, processor, **options: Any) -> ServerThread:
@@ -66,6 +54,18 @@ def to_processor_messages(messages: list[dict]) -> list[dict]:
             content = parts
         out.append({"role": m["role"], "content": content})
     return out
+
+
+def rss_bytes() -> int:
+    """This process's resident memory in bytes."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
 
 
 def reference(model, processor, messages: list[dict], max_new_tokens: int) -> str:
