@@ -1,6 +1,8 @@
 """Text in, text out: one prompt with images to an answer, optionally streamed.
 
-Shared by the command line, the chat REPL and the server so they build prompts the same way.
+Shared by the command line, the chat REPL and the server so they build prompts the same way. The
+one stop-string rule lives here too (:func:`split_at_stop`: the earliest occurrence of any stop
+string ends the text and is not part of it); evaluation, ``generate_text`` and the server cut with it.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def generate_text(
     if not stream or num_beams > 1:
         out = model.generate(**inputs, **kwargs)
         text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        yield StopCutter(stop).feed(text, final=True)[0]
+        yield cut_at_stop(text, stop)
         return
     cutter = StopCutter(stop)
     with contextlib.closing(stream_generate(model, processor.tokenizer, inputs, kwargs)) as pieces:

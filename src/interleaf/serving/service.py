@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from pydantic import ValidationError
 
 from ..errors import InputError, OfflineError
@@ -63,7 +64,7 @@ class Prepared:
     """A request ready for the batcher."""
 
     input_ids: list[int]
-    pixel_values: object  # (N_img, 3, S, S) tensor, or None
+    pixel_values: torch.Tensor | None  # (N_img, 3, S, S)
     max_new_tokens: int
 
 
