@@ -22,9 +22,9 @@ this module holds the queue, the worker thread and its health):
 - A :class:`transformers.generation.streamers.BaseStreamer` receives each step's tokens for the
   whole cohort and hands each row's new text to its job (a request with ``n > 1`` has ``n``
   rows). A row finishes on an end token, a stop string (cut from the answer at its earliest
-  occurrence, as OpenAI does: :func:`~interleaf.generation.split_at_stop`), its own ``max_new_tokens``, or when its client went away; a stopping criterion tells
-  ``generate`` which rows are done, and finished rows are dropped from the cohort (and from its
-  caches) after the round.
+  occurrence, as OpenAI does: :func:`~interleaf.generation.split_at_stop`), its own
+  ``max_new_tokens``, or when its client went away; a stopping criterion tells ``generate`` which
+  rows are done, and finished rows are dropped from the cohort (and from its caches) after the round.
 
 Greedy rows get what ``model.generate`` gives the same prompt alone: left padding and a cache
 continued over rounds compute the same logits as one call (the tests hold this token for token

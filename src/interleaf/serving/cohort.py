@@ -5,7 +5,8 @@ A job with ``n`` choices has ``n`` :class:`Row` s. :func:`group_rows` puts rows 
 :class:`Cohort`, one left-padded batch whose images are encoded once::
 
     prompts (R rows, lengths T_r) ──► left-padded input_ids, attention_mask (R, T)
-    pixels (N_r, 3, S, S) per row ──► zero-padded (R, N_max, 3, S, S) ──► model.prepare_media ──► media cache
+    pixels (N_r, 3, S, S) per row ──► zero-padded (R, N_max, 3, S, S) ──► model.prepare_media
+      ──► media cache
     each round: model.generate(input_ids, attention_mask, media cache, KV cache) ──► (R, T + new)
 
 Between rounds the cohort keeps its KV cache, its media cache and (when seeded) its own random

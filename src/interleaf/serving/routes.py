@@ -55,7 +55,8 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if exc.status_code != 404 else f"unknown route {request.method} {request.url.path}"
-        return error_response(APIError(exc.status_code, str(message), code="not_found" if exc.status_code == 404 else None))
+        code = "not_found" if exc.status_code == 404 else None
+        return error_response(APIError(exc.status_code, str(message), code=code))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

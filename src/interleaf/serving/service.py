@@ -3,7 +3,8 @@
 A chat request goes through :class:`ChatService` in this order::
 
     body bytes ──► parse (JSON, schema) ──► check (model, n, stop, max_tokens against the limits)
-      ──► prepare (messages and images ──► processor ──► token ids, pixels (N_img, 3, S, S), max new tokens)
+      ──► prepare (messages and images ──► processor ──► token ids, pixels (N_img, 3, S, S),
+                   max new tokens)
       ──► submit (a Job in the batcher's queue; its events come back through a sink)
       ──► Answer (one chat.completion) or ChunkStream (chat.completion.chunk objects)
 
