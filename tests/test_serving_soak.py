@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from interleaf.serving import ServeLimits
-from interleaf.serving.batcher import _Cohort
+from interleaf.serving.cohort import Cohort
 from helpers.serving import MODEL_NAME, data_url, png, reference, rss_bytes, start_server, tiny_model
 
 pytestmark = pytest.mark.slow
@@ -207,7 +207,7 @@ def test_soak_32_clients_mixed_requests(soak_setup, capsys):
         time.sleep(0.01)
     assert batcher.active_rows == 0, f"{batcher.active_rows} rows still running after the soak"
     gc.collect()
-    assert not [o for o in gc.get_objects() if type(o) is _Cohort], "batch state outlived its requests"
+    assert not [o for o in gc.get_objects() if type(o) is Cohort], "batch state outlived its requests"
     health = replay.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert batcher._thread is not None and batcher._thread.is_alive()

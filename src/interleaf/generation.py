@@ -1,6 +1,8 @@
 """Text in, text out: one prompt with images to an answer, optionally streamed.
 
-Shared by the command line, the chat REPL and the server so they build prompts the same way.
+Shared by the command line, the chat REPL and the server so they build prompts the same way. The
+one stop-string rule lives here too (:func:`split_at_stop`: the earliest occurrence of any stop
+string ends the text and is not part of it); evaluation, ``generate_text`` and the server cut with it.
 """
 
 from __future__ import annotations
@@ -69,17 +71,17 @@ def generate_text(
     if not stream or num_beams > 1:
         out = model.generate(**inputs, **kwargs)
         text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        yield StopTrimmer(stop).feed(text, final=True)[0]
+        yield cut_at_stop(text, stop)
         return
-    trimmer = StopTrimmer(stop)
+    cutter = StopCutter(stop)
     with contextlib.closing(stream_generate(model, processor.tokenizer, inputs, kwargs)) as pieces:
         for piece in pieces:
-            text, done = trimmer.feed(piece)
+            text, done = cutter.feed(piece)
             if text:
                 yield text
             if done:
                 return  # leaving the block cancels generation and waits for its thread
-    text, _ = trimmer.feed("", final=True)
+    text, _ = cutter.feed("", final=True)
     if text:
         yield text
 
@@ -128,26 +130,57 @@ def stream_generate(model, tokenizer, inputs: Mapping[str, Any], kwargs: Mapping
         thread.join()
 
 
-class StopTrimmer:
-    """Cut streamed text at the first stop string, which is not returned (OpenAI's semantics).
+def find_stop(text: str, stop: Sequence[str]) -> int:
+    """Where the earliest occurrence of any non-empty stop string begins in ``text``; -1 if none."""
+    hits = [at for at in (text.find(s) for s in stop if s) if at >= 0]
+    return min(hits, default=-1)
 
-    Text that could still become the start of a stop string is held back until it cannot.
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the earliest occurrence of any stop string, which is not included (OpenAI's rule)."""
+    at = find_stop(text, stop)
+    return text if at < 0 else text[:at]
+
+
+def split_at_stop(text: str, stop: Sequence[str], final: bool = False) -> tuple[str, bool]:
+    """(the part of ``text`` that is final, whether a stop string ended it), for text that may still grow.
+
+    A stop string in ``text`` cuts it at its earliest occurrence (see :func:`cut_at_stop`). Otherwise,
+    unless ``final``, the longest end of ``text`` that could still become a stop string is held back.
+    """
+    at = find_stop(text, stop)
+    if at >= 0:
+        return text[:at], True
+    if final:
+        return text, False
+    return text[: len(text) - _stop_prefix(text, stop)], False
+
+
+def _stop_prefix(text: str, stop: Sequence[str]) -> int:
+    """The length of the longest end of ``text`` that is a proper beginning of a stop string."""
+    held = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return held
+
+
+class StopCutter:
+    """Cut text that arrives in pieces at the earliest stop string, which is not returned (OpenAI's rule).
+
+    Text that could still become the start of a stop string is held back until it cannot
+    (:func:`split_at_stop`).
     """
 
     def __init__(self, stop: Sequence[str] = ()):
         self.stop = [s for s in stop if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.buffer = ""
+        self.held = ""
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was reached)."""
-        self.buffer += piece
-        cuts = [i for i in (self.buffer.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            out, self.buffer = self.buffer[: min(cuts)], ""
-            return out, True
-        if final or not self.hold:
-            out, self.buffer = self.buffer, ""
-            return out, False
-        out, self.buffer = self.buffer[: -self.hold], self.buffer[-self.hold :]
-        return out, False
+        text = self.held + piece
+        out, stopped = split_at_stop(text, self.stop, final)
+        self.held = "" if stopped or final else text[len(out):]
+        return out, stopped

@@ -33,8 +33,9 @@ def serve_cmd(
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/chat/completions) and a web playground at /."""
-    from ..serving.app import create_app, serve
+    from ..serving.app import create_app
     from ..serving.limits import ServeLimits, URLPolicy
+    from ..serving.runner import serve
     from .models import load_model
 
     m, p = load_model(model, seed=seed)

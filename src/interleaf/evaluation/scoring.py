@@ -2,7 +2,7 @@
 
 ``generate_batch`` pads prompts on the left (the model computes positions from the attention
 mask), generates greedily or with beams, stops at end-of-chunk / EOS and the given stop strings,
-and cuts the decoded text at the first stop string. ``score`` computes a context's keys and values
+and cuts the decoded text at the earliest stop string. ``score`` computes a context's keys and values
 once and ranks every candidate continuation against them::
 
     context (1, T) ──► model ──► past K/V (1, H, T, Dh), media cache (1 row), last logits (1, V)
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..generation import generation_kwargs
+from ..generation import cut_at_stop, generation_kwargs
 
 
 def _model_inputs(batch: Any) -> dict[str, torch.Tensor]:
@@ -33,23 +33,13 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to the first occurrence of any stop string."""
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if s and i != -1:
-            cut = min(cut, i)
-    return text[:cut]
-
-
 @torch.no_grad()
 def generate_batch(
     model: Any, processor: Any, prompts: Sequence[Any], *, max_new_tokens: int = 10, num_beams: int = 1,
     stop: Sequence[str] = (), length_penalty: float | None = None, batch_size: int = 8,
 ) -> list[str]:
     """Generate for each prompt (processor prompt items or chat messages); returns the new text,
-    cut at the first stop string. Greedy results do not depend on ``batch_size``."""
+    cut at the earliest stop string. Greedy results do not depend on ``batch_size``."""
     tok = processor.tokenizer
     specials = set(tok.all_special_tokens)
     text_stops = [s for s in stop if s not in specials]  # special tokens stop as EOS ids already

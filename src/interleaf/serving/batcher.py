@@ -1,6 +1,8 @@
 """Dynamic batching: many requests, one model, one worker thread.
 
-Design (continuous batching by *cohorts*, generated in short rounds):
+Design (continuous batching by *cohorts*, generated in short rounds; the jobs and their errors
+are in :mod:`~interleaf.serving.jobs`, a cohort and its rows in :mod:`~interleaf.serving.cohort`,
+this module holds the queue, the worker thread and its health):
 
 - Request handlers turn a request into a :class:`Job` (token ids and image pixels, already
   validated) and :meth:`Batcher.submit` it to a bounded queue; a full queue raises
@@ -19,10 +21,10 @@ Design (continuous batching by *cohorts*, generated in short rounds):
   makes a short one wait for it to finish.
 - A :class:`transformers.generation.streamers.BaseStreamer` receives each step's tokens for the
   whole cohort and hands each row's new text to its job (a request with ``n > 1`` has ``n``
-  rows). A row finishes on an end token, a stop string (cut from the answer, as OpenAI does),
-  its own ``max_new_tokens``, or when its client went away; a stopping criterion tells
-  ``generate`` which rows are done, and finished rows are dropped from the cohort (and from its
-  caches) after the round.
+  rows). A row finishes on an end token, a stop string (cut from the answer at its earliest
+  occurrence, as OpenAI does: :func:`~interleaf.generation.split_at_stop`), its own
+  ``max_new_tokens``, or when its client went away; a stopping criterion tells ``generate`` which
+  rows are done, and finished rows are dropped from the cohort (and from its caches) after the round.
 
 Greedy rows get what ``model.generate`` gives the same prompt alone: left padding and a cache
 continued over rounds compute the same logits as one call (the tests hold this token for token
@@ -54,178 +56,15 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
-import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import StoppingCriteriaList
 
 from ..generation import generation_kwargs
+from .cohort import Cohort, Row, RowsDone, RowStreamer, group_rows
+from .jobs import Job, QueueFull, ServerClosed, WorkerUnavailable
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(RuntimeError):
-    """The request queue is full; try again later."""
-
-
-class ServerClosed(RuntimeError):
-    """The batcher is shutting down."""
-
-
-class WorkerUnavailable(RuntimeError):
-    """The worker thread is not running (never started, or died) or is stuck: new work would hang."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How a job's tokens are chosen. ``temperature == 0`` is greedy decoding."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
-
-
-# Events sent to a job's sink (called from the worker thread):
-#   ("delta", choice_index, text)
-#   ("finish", choice_index, finish_reason, completion_tokens)
-#   ("error", exception)
-Event = tuple
-
-
-@dataclass
-class Job:
-    """One request, ready for the model."""
-
-    input_ids: list[int]
-    pixel_values: torch.Tensor | None  # (N_img, 3, S, S) or None
-    max_new_tokens: int
-    sink: Callable[[Event], None]
-    n: int = 1
-    sampling: Sampling = field(default_factory=Sampling)
-    stop: Sequence[str] = ()
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def emit(self, event: Event) -> None:
-        """Hand ``event`` to the sink; a sink that fails (its client is gone) cancels the job."""
-        try:
-            self.sink(event)
-        except Exception:  # noqa: BLE001 (never let one request's sink stop the worker)
-            log.debug("dropping an event for a job whose sink failed", exc_info=True)
-            self.cancel()
-
-
-class _Row:
-    """One generated sequence: a job's choice ``index``."""
-
-    def __init__(self, job: Job, index: int):
-        self.job = job
-        self.index = index
-        self.tokens: list[int] = []
-        self.sent = ""  # text already handed to the job
-        self.done = False
-
-
-class _RowStreamer(BaseStreamer):
-    """Receives each decoding step's tokens (B,) for the whole cohort; skips the prompt."""
-
-    def __init__(self, on_step: Callable[[list[int]], None]):
-        self.on_step = on_step
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first puts the prompt ids (B, T)
-            self.prompt_seen = True
-            return
-        self.on_step(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-
-class _RowsDone(StoppingCriteria):
-    """Tells ``generate`` which rows of the cohort are finished (by our own rules); all of them at shutdown."""
-
-    def __init__(self, rows: list[_Row], stopping: Callable[[], bool]):
-        self.rows = rows
-        self.stopping = stopping
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        stop = self.stopping()
-        return torch.tensor([stop or r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
-
-
-class _Cohort:
-    """Rows generated together, with their caches, over several rounds."""
-
-    def __init__(self, rows: list[_Row], sampling: Sampling, model, pad_id: int):
-        self.rows = rows
-        self.sampling = sampling
-        device = model.device
-        prompts = [r.job.input_ids for r in rows]
-        width = max(len(p) for p in prompts)
-        self.input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (R, T)
-        self.attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (R, T)
-        for i, p in enumerate(prompts):
-            self.input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            self.attention_mask[i, width - len(p):] = 1
-        self.input_ids = self.input_ids.to(device)
-        self.attention_mask = self.attention_mask.to(device)
-        self.media = None
-        pixels = [r.job.pixel_values for r in rows]
-        n_max = max((p.shape[0] for p in pixels if p is not None), default=0)
-        if n_max:
-            shape = next(p for p in pixels if p is not None).shape[1:]
-            batch = torch.zeros((len(rows), n_max, *shape), dtype=torch.float32)  # (R, N_max, 3, S, S)
-            for i, p in enumerate(pixels):
-                if p is not None:
-                    batch[i, : p.shape[0]] = p
-            with torch.no_grad():
-                self.media = model.prepare_media(self.input_ids, batch.to(device))
-        self.cache = DynamicCache()
-        self.device = torch.device(device)
-        self.rng_state: tuple | None = None  # a seeded cohort's own random state, kept between rounds
-        if sampling.seed is not None and not sampling.greedy:
-            with torch.random.fork_rng(devices=_rng_devices(self.device)):
-                torch.manual_seed(sampling.seed)
-                self.rng_state = _capture_rng(self.device)
-
-    def keep(self, indices: list[int]) -> None:
-        """Drop every row not in ``indices`` from the batch and its caches."""
-        index = torch.tensor(indices, dtype=torch.long, device=self.input_ids.device)
-        self.rows = [self.rows[i] for i in indices]
-        self.input_ids = self.input_ids[index]
-        self.attention_mask = self.attention_mask[index]
-        self.cache.batch_select_indices(index)
-        if self.media is not None:
-            self.media = self.media.select(index)
-
-    @property
-    def jobs(self) -> list[Job]:
-        """The jobs with a row still running (each once)."""
-        return list({id(r.job): r.job for r in self.rows if not r.done}.values())
-
-
-def _rng_devices(device: torch.device) -> list:
-    return [device] if device.type == "cuda" else []
-
-
-def _capture_rng(device: torch.device) -> tuple:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _restore_rng(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 class Batcher:
@@ -260,7 +99,7 @@ class Batcher:
         self.eos_ids: set[int] = set(base.get("eos_token_id", []))
         self._pending: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
-        self._active: list[_Cohort] = []
+        self._active: list[Cohort] = []
         self._stopping = False
         self._deadline: float | None = None  # when shutdown must be over
         self._thread: threading.Thread | None = None
@@ -437,29 +276,19 @@ class Batcher:
         return jobs
 
     def _admit(self, jobs: list[Job]) -> None:
-        groups: dict[tuple, list[_Row]] = {}
-        for job in jobs:
-            s = job.sampling
-            if s.greedy:
-                key: tuple = ("greedy",)
-            elif s.seed is not None:
-                key = ("seeded", id(job))
-            else:
-                key = ("sample", s.temperature, s.top_p)
-            groups.setdefault(key, []).extend(_Row(job, i) for i in range(job.n))
-        for rows in groups.values():
+        for rows in group_rows(jobs):
             try:
-                self._active.append(_Cohort(rows, rows[0].job.sampling, self.model, self.pad_id))
+                self._active.append(Cohort(rows, rows[0].job.sampling, self.model, self.pad_id))
             except Exception as e:  # noqa: BLE001 (reported to the requests, the worker goes on)
                 log.exception("preparing a batch of %d row(s) failed", len(rows))
                 self._fail(rows, e)
             self._beat = time.monotonic()
 
-    def _fail(self, rows: list[_Row], error: BaseException) -> None:
+    def _fail(self, rows: list[Row], error: BaseException) -> None:
         for job in {id(r.job): r.job for r in rows}.values():
             job.emit(("error", error))
 
-    def _round(self, cohort: _Cohort) -> None:
+    def _round(self, cohort: Cohort) -> None:
         """One round of ``cohort``; any exception fails its requests only and drops it with its caches."""
         try:
             self._run_round(cohort)
@@ -471,39 +300,23 @@ class Batcher:
                 row.done = True
             self._active.remove(cohort)
 
-    def _run_round(self, cohort: _Cohort) -> None:
+    def _run_round(self, cohort: Cohort) -> None:
         if self.round_hook is not None:
             self.round_hook(cohort.jobs)
         alive = [r for r in cohort.rows if not r.done]
         steps = min(self.round_tokens, max(r.job.max_new_tokens - len(r.tokens) for r in alive))
         s = cohort.sampling
         kwargs = generation_kwargs(self.processor, max_new_tokens=steps, temperature=s.temperature, top_p=s.top_p)
-        streamer = _RowStreamer(lambda tokens: self._step(cohort.rows, tokens))
+        streamer = RowStreamer(lambda tokens: self._step(cohort.rows, tokens))
         self.max_rows_seen = max(self.max_rows_seen, len(cohort.rows))
-        with torch.random.fork_rng(devices=_rng_devices(cohort.device), enabled=cohort.rng_state is not None):
-            if cohort.rng_state is not None:
-                _restore_rng(cohort.rng_state, cohort.device)
-            out = self.model.generate(
-                input_ids=cohort.input_ids,
-                attention_mask=cohort.attention_mask,
-                media_cache=cohort.media,
-                past_key_values=cohort.cache,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_RowsDone(cohort.rows, lambda: self._stopping)]),
-                **kwargs,
-            )
-            if cohort.rng_state is not None:
-                cohort.rng_state = _capture_rng(cohort.device)
+        stopping = StoppingCriteriaList([RowsDone(cohort.rows, lambda: self._stopping)])
+        cohort.generate(self.model, kwargs, streamer, stopping)
         self.batches_run += 1
-        new = out.shape[1] - cohort.input_ids.shape[1]
-        ones = cohort.attention_mask.new_ones((out.shape[0], new))
-        cohort.attention_mask = torch.cat([cohort.attention_mask, ones], dim=1)  # (R, T + new)
-        cohort.input_ids = out
         if self._stopping:
             return  # the worker's way out answers the rows still running
         for row in cohort.rows:  # rows a round left without reaching a rule (cannot happen, but be safe)
             if not row.done and len(row.tokens) >= row.job.max_new_tokens:
-                self._finish(row, "length")
+                row.finish("length")
         keep = [i for i, r in enumerate(cohort.rows) if not r.done]
         if not keep:
             self._active.remove(cohort)
@@ -511,7 +324,7 @@ class Batcher:
             cohort.keep(keep)
 
     # -- per-token bookkeeping --
-    def _step(self, rows: list[_Row], tokens: list[int]) -> None:
+    def _step(self, rows: list[Row], tokens: list[int]) -> None:
         self._beat = time.monotonic()
         for row, token in zip(rows, tokens):
             if row.done:
@@ -523,38 +336,16 @@ class Batcher:
             row.tokens.append(token)
             if token in self.eos_ids:
                 self._flush(row, final=True)
-                self._finish(row, "stop")
+                row.finish("stop")
                 continue
             if self._flush(row, final=False):
-                self._finish(row, "stop")
+                row.finish("stop")
             elif len(row.tokens) >= row.job.max_new_tokens:
                 self._flush(row, final=True)
-                self._finish(row, "length")
+                row.finish("length")
 
-    def _flush(self, row: _Row, final: bool) -> bool:
+    def _flush(self, row: Row, final: bool) -> bool:
         """Send the row's new text; True when a stop string ended it."""
         with self.tokenizer_lock:
             text = self.processor.decode(row.tokens, skip_special_tokens=True)
-        stopped = False
-        held = 0
-        for stop in row.job.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text, stopped = text[:at], True
-        if not stopped and not final:
-            while held < len(text) and text[len(text) - held - 1] == "\ufffd":
-                held += 1  # an unfinished multi-byte character: wait for its other bytes
-            for stop in row.job.stop:  # a stop string may be starting: hold it back
-                for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                    if text.endswith(stop[:k]):
-                        held = max(held, k)
-                        break
-        ready = text[: len(text) - held]
-        if ready.startswith(row.sent) and len(ready) > len(row.sent):
-            row.job.emit(("delta", row.index, ready[len(row.sent):]))
-            row.sent = ready
-        return stopped
-
-    def _finish(self, row: _Row, reason: str) -> None:
-        row.done = True
-        row.job.emit(("finish", row.index, reason, len(row.tokens)))
+        return row.send(text, final)

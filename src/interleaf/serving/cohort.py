@@ -1,0 +1,189 @@
+"""A cohort: rows generated together over several rounds, with their own caches.
+
+A job with ``n`` choices has ``n`` :class:`Row` s. :func:`group_rows` puts rows that may share a
+``generate`` call together (see :mod:`interleaf.serving.batcher`); each group becomes a
+:class:`Cohort`, one left-padded batch whose images are encoded once::
+
+    prompts (R rows, lengths T_r) ──► left-padded input_ids, attention_mask (R, T)
+    pixels (N_r, 3, S, S) per row ──► zero-padded (R, N_max, 3, S, S) ──► model.prepare_media
+      ──► media cache
+    each round: model.generate(input_ids, attention_mask, media cache, KV cache) ──► (R, T + new)
+
+Between rounds the cohort keeps its KV cache, its media cache and (when seeded) its own random
+state; finished rows are dropped from all of them (:meth:`Cohort.keep`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers import DynamicCache, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+from ..generation import split_at_stop
+from .jobs import Job, Sampling
+
+
+class Row:
+    """One generated sequence: a job's choice ``index``."""
+
+    def __init__(self, job: Job, index: int):
+        self.job = job
+        self.index = index
+        self.tokens: list[int] = []
+        self.sent = ""  # text already handed to the job
+        self.done = False
+
+    def send(self, text: str, final: bool) -> bool:
+        """Hand the job what is new in ``text`` (this row's tokens so far, decoded); True when a stop
+        string ended it. Text that may still become a stop string, or an unfinished multi-byte
+        character, waits for the next tokens unless ``final``."""
+        ready, stopped = split_at_stop(text, self.job.stop, final)
+        if not stopped and not final:
+            ready = ready[: len(text) - _unfinished_chars(text)]
+        if ready.startswith(self.sent) and len(ready) > len(self.sent):
+            self.job.emit(("delta", self.index, ready[len(self.sent):]))
+            self.sent = ready
+        return stopped
+
+    def finish(self, reason: str) -> None:
+        self.done = True
+        self.job.emit(("finish", self.index, reason, len(self.tokens)))
+
+
+def _unfinished_chars(text: str) -> int:
+    """How many replacement characters end ``text``: bytes of a character whose other bytes are still to come."""
+    return len(text) - len(text.rstrip("\ufffd"))
+
+
+def group_rows(jobs: list[Job]) -> list[list[Row]]:
+    """The jobs' rows, grouped by what may run in one ``generate`` call: all greedy rows together,
+    sampled rows by temperature and top_p, and a seeded job alone (so that its seed reproduces it)."""
+    groups: dict[tuple, list[Row]] = {}
+    for job in jobs:
+        s = job.sampling
+        if s.greedy:
+            key: tuple = ("greedy",)
+        elif s.seed is not None:
+            key = ("seeded", id(job))
+        else:
+            key = ("sample", s.temperature, s.top_p)
+        groups.setdefault(key, []).extend(Row(job, i) for i in range(job.n))
+    return list(groups.values())
+
+
+class RowStreamer(BaseStreamer):
+    """Receives each decoding step's tokens (B,) for the whole cohort; skips the prompt."""
+
+    def __init__(self, on_step: Callable[[list[int]], None]):
+        self.on_step = on_step
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt ids (B, T)
+            self.prompt_seen = True
+            return
+        self.on_step(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+class RowsDone(StoppingCriteria):
+    """Tells ``generate`` which rows of the cohort are finished (by our own rules); all of them at shutdown."""
+
+    def __init__(self, rows: list[Row], stopping: Callable[[], bool]):
+        self.rows = rows
+        self.stopping = stopping
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        stop = self.stopping()
+        return torch.tensor([stop or r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
+
+
+class Cohort:
+    """Rows generated together, with their caches, over several rounds."""
+
+    def __init__(self, rows: list[Row], sampling: Sampling, model, pad_id: int):
+        self.rows = rows
+        self.sampling = sampling
+        device = model.device
+        prompts = [r.job.input_ids for r in rows]
+        width = max(len(p) for p in prompts)
+        self.input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (R, T)
+        self.attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (R, T)
+        for i, p in enumerate(prompts):
+            self.input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            self.attention_mask[i, width - len(p):] = 1
+        self.input_ids = self.input_ids.to(device)
+        self.attention_mask = self.attention_mask.to(device)
+        self.media = None
+        pixels = [r.job.pixel_values for r in rows]
+        n_max = max((p.shape[0] for p in pixels if p is not None), default=0)
+        if n_max:
+            shape = next(p for p in pixels if p is not None).shape[1:]
+            batch = torch.zeros((len(rows), n_max, *shape), dtype=torch.float32)  # (R, N_max, 3, S, S)
+            for i, p in enumerate(pixels):
+                if p is not None:
+                    batch[i, : p.shape[0]] = p
+            with torch.no_grad():
+                self.media = model.prepare_media(self.input_ids, batch.to(device))
+        self.cache = DynamicCache()
+        self.device = torch.device(device)
+        self.rng_state: tuple | None = None  # a seeded cohort's own random state, kept between rounds
+        if sampling.seed is not None and not sampling.greedy:
+            with torch.random.fork_rng(devices=_rng_devices(self.device)):
+                torch.manual_seed(sampling.seed)
+                self.rng_state = _capture_rng(self.device)
+
+    def generate(self, model, kwargs: dict, streamer: BaseStreamer, stopping) -> None:
+        """One round: ``model.generate(**kwargs)`` continued from the cohort's caches (and its own random
+        state when seeded); the batch then holds the new tokens too."""
+        with torch.random.fork_rng(devices=_rng_devices(self.device), enabled=self.rng_state is not None):
+            if self.rng_state is not None:
+                _restore_rng(self.rng_state, self.device)
+            out = model.generate(
+                input_ids=self.input_ids,
+                attention_mask=self.attention_mask,
+                media_cache=self.media,
+                past_key_values=self.cache,
+                streamer=streamer,
+                stopping_criteria=stopping,
+                **kwargs,
+            )
+            if self.rng_state is not None:
+                self.rng_state = _capture_rng(self.device)
+        new = out.shape[1] - self.input_ids.shape[1]
+        ones = self.attention_mask.new_ones((out.shape[0], new))
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)  # (R, T + new)
+        self.input_ids = out
+
+    def keep(self, indices: list[int]) -> None:
+        """Drop every row not in ``indices`` from the batch and its caches."""
+        index = torch.tensor(indices, dtype=torch.long, device=self.input_ids.device)
+        self.rows = [self.rows[i] for i in indices]
+        self.input_ids = self.input_ids[index]
+        self.attention_mask = self.attention_mask[index]
+        self.cache.batch_select_indices(index)
+        if self.media is not None:
+            self.media = self.media.select(index)
+
+    @property
+    def jobs(self) -> list[Job]:
+        """The jobs with a row still running (each once)."""
+        return list({id(r.job): r.job for r in self.rows if not r.done}.values())
+
+
+def _rng_devices(device: torch.device) -> list:
+    return [device] if device.type == "cuda" else []
+
+
+def _capture_rng(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _restore_rng(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
