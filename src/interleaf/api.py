@@ -88,28 +88,8 @@ def build(
     """
     sections: dict[str, Any] = {}
     if preset is not None:
-        p = get_preset(preset)
-        if p.unavailable:
-            raise ConfigError(p.unavailable_part, f"preset {p.name!r} cannot be built: {p.unavailable}")
-        sections = dict(
-            vision=dict(p.vision), resampler=dict(p.resampler), cross_attention=dict(p.cross_attention),
-            tokens=dict(p.tokens), freeze=p.freeze,
-        )
-        if lm is None:
-            lm = dict(p.text_config)
-        if tokenizer is None and p.tokenizer in ("tiny", "none"):
-            tokenizer = p.tokenizer
-    for key in ("resampler", "cross_attention", "tokens"):
-        if key in options:
-            sections[key] = {**sections.get(key, {}), **dict(options.pop(key))}
-    for key in ("freeze", "z_loss"):
-        if key in options:
-            sections[key] = options.pop(key)
-    if options:
-        raise ConfigError(
-            next(iter(options)), "unknown option of interleaf.build",
-            "known: vision, lm, tokenizer, resampler, cross_attention, tokens, freeze, z_loss, device, dtype, seed",
-        )
+        sections, lm, tokenizer = _preset_sections(preset, lm, tokenizer)
+    _merge_options(sections, options)
     if lm is None:
         raise ConfigError("lm", "is required without a preset: a local LM directory or a transformers config")
     if seed is not None:
@@ -120,31 +100,8 @@ def build(
     tok = None if tokenizer == "none" else _resolve_tokenizer(tokenizer, lm)
     ctx = torch.device(device) if device is not None else contextlib.nullcontext()
     with ctx:
-        # -- the language model --
-        if isinstance(lm, (str, Path)):
-            lm_dir = _local_dir(lm, "language model")
-            lm_model = AutoModelForCausalLM.from_pretrained(str(lm_dir), local_files_only=True, dtype=dtype)
-        elif isinstance(lm, PreTrainedModel):
-            lm_model = lm
-        else:
-            text_cfg = dict(lm.to_dict() if isinstance(lm, PreTrainedConfig) else lm)
-            if text_cfg.get("vocab_size") is None:
-                if tok is None:
-                    raise ConfigError("text_config.vocab_size", "is required when no tokenizer is given")
-                text_cfg["vocab_size"] = len(tok)
-            text_cfg = InterleafConfig(text_config=text_cfg).text_config
-            lm_model = AutoModelForCausalLM.from_config(text_cfg, dtype=dtype)
-        # -- the vision tower --
-        vision_module = None
-        if isinstance(vision, (str, Path)):
-            from .model.vision import load_vision_tower
-
-            vcfg, vision_module = load_vision_tower(vision)
-            sections["vision"] = {**dataclasses.asdict(vcfg), **{k: v for k, v in sections.get("vision", {}).items() if k in ("feature_layer", "drop_cls_token", "post_layernorm")}}
-        elif isinstance(vision, VisionConfig):
-            sections["vision"] = dataclasses.asdict(vision)
-        elif isinstance(vision, dict):
-            sections["vision"] = {**sections.get("vision", {}), **vision}
+        lm_model = _build_lm(lm, tok, dtype)
+        vision_module = _vision_section(vision, sections)
         tokens = TokensConfig(**sections.pop("tokens", {}))
         if tok is not None:
             tokens = _add_special_tokens(tok, tokens, lm_model.get_input_embeddings().weight.shape[0])
@@ -162,6 +119,70 @@ def build(
         max_length=getattr(config.text_config, "max_position_embeddings", None),
     )
     return model.eval(), processor
+
+
+def _preset_sections(preset: str, lm: Any, tokenizer: Any) -> tuple[dict[str, Any], Any, Any]:
+    """The preset's config sections, and ``lm`` / ``tokenizer`` defaulted from it."""
+    p = get_preset(preset)
+    if p.unavailable:
+        raise ConfigError(p.unavailable_part, f"preset {p.name!r} cannot be built: {p.unavailable}")
+    sections = dict(
+        vision=dict(p.vision), resampler=dict(p.resampler), cross_attention=dict(p.cross_attention),
+        tokens=dict(p.tokens), freeze=p.freeze,
+    )
+    if lm is None:
+        lm = dict(p.text_config)
+    if tokenizer is None and p.tokenizer in ("tiny", "none"):
+        tokenizer = p.tokenizer
+    return sections, lm, tokenizer
+
+
+def _merge_options(sections: dict[str, Any], options: dict[str, Any]) -> None:
+    """Fold ``build``'s keyword sections into ``sections`` (dicts update the preset's); unknown ones are errors."""
+    for key in ("resampler", "cross_attention", "tokens"):
+        if key in options:
+            sections[key] = {**sections.get(key, {}), **dict(options.pop(key))}
+    for key in ("freeze", "z_loss"):
+        if key in options:
+            sections[key] = options.pop(key)
+    if options:
+        raise ConfigError(
+            next(iter(options)), "unknown option of interleaf.build",
+            "known: vision, lm, tokenizer, resampler, cross_attention, tokens, freeze, z_loss, device, dtype, seed",
+        )
+
+
+def _build_lm(lm: Any, tok: Any, dtype: torch.dtype | None) -> PreTrainedModel:
+    """The language model: loaded from a local directory, given, or built from a config (random weights)."""
+    if isinstance(lm, (str, Path)):
+        lm_dir = _local_dir(lm, "language model")
+        return AutoModelForCausalLM.from_pretrained(str(lm_dir), local_files_only=True, dtype=dtype)
+    if isinstance(lm, PreTrainedModel):
+        return lm
+    text_cfg = dict(lm.to_dict() if isinstance(lm, PreTrainedConfig) else lm)
+    if text_cfg.get("vocab_size") is None:
+        if tok is None:
+            raise ConfigError("text_config.vocab_size", "is required when no tokenizer is given")
+        text_cfg["vocab_size"] = len(tok)
+    text_cfg = InterleafConfig(text_config=text_cfg).text_config
+    return AutoModelForCausalLM.from_config(text_cfg, dtype=dtype)
+
+
+def _vision_section(vision: Any, sections: dict[str, Any]):
+    """Set ``sections["vision"]`` from ``vision``; the loaded tower when ``vision`` is a directory, else None."""
+    if isinstance(vision, (str, Path)):
+        from .model.vision import load_vision_tower
+
+        vcfg, vision_module = load_vision_tower(vision)
+        kept = ("feature_layer", "drop_cls_token", "post_layernorm")  # the preset's choices stay
+        sections["vision"] = {**dataclasses.asdict(vcfg),
+                              **{k: v for k, v in sections.get("vision", {}).items() if k in kept}}
+        return vision_module
+    if isinstance(vision, VisionConfig):
+        sections["vision"] = dataclasses.asdict(vision)
+    elif isinstance(vision, dict):
+        sections["vision"] = {**sections.get("vision", {}), **vision}
+    return None
 
 
 def load(
