@@ -44,80 +44,98 @@ def run_chat(
     seed: int | None = None,
 ) -> list[dict]:
     """Run the conversation loop until ``/quit`` or end of input; return the conversation."""
-    out = out or sys.stdout
-
-    def say(text: str = "", end: str = "\n") -> None:
-        out.write(text + end)
-        out.flush()
-
-    history: list[dict] = []
-    pending: list[str] = []
-    say(f"interleaf chat. {HELP}")
+    chat = _Chat(model, processor, out or sys.stdout,
+                 dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
+    chat.say(f"interleaf chat. {HELP}")
     if seed is not None:
         torch.manual_seed(seed)
     while True:
         try:
             line = input_fn("> ")
         except (EOFError, KeyboardInterrupt):
-            say()
+            chat.say()
             break
         line = line.strip()
         if not line:
             continue
         command, _, arg = line.partition(" ")
-        arg = arg.strip()
         if command in ("/quit", "/exit"):
             break
-        if command == "/reset":
-            history.clear()
-            pending.clear()
-            say("(conversation cleared)")
-            continue
-        if command == "/image":
-            if not arg:
-                say("error: /image needs a path, e.g. /image photo.jpg")
-                continue
-            path = Path(arg).expanduser().resolve()
-            try:
-                load_image(path, where=f"/image {arg}", max_pixels=processor.max_pixels)
-            except InterleafError as e:
-                say(f"error: {e}")
-                continue
-            pending.append(str(path))
-            say(f"(image attached to the next message: {path})")
-            continue
-        if command == "/save":
-            if not arg:
-                say("error: /save needs a file name, e.g. /save chat.json")
-                continue
-            try:
-                Path(arg).expanduser().write_text(json.dumps({"messages": history}, indent=2) + "\n", encoding="utf-8")
-            except OSError as e:
-                say(f"error: cannot write {arg!r}: {e}")
-                continue
-            say(f"(saved {len(history)} messages to {arg})")
-            continue
         if command.startswith("/"):
-            say(f"error: unknown command {command!r}; {HELP}")
-            continue
-        user = {"role": "user", "content": [{"type": "image", "image": p} for p in pending]
-                + [{"type": "text", "text": line}]}
+            chat.command(command, arg.strip())
+        else:
+            chat.turn(line)
+    return chat.history
+
+
+class _Chat:
+    """One conversation: its history, the images attached to the next turn, and where it prints."""
+
+    def __init__(self, model, processor, out: TextIO, sampling: dict):
+        self.model, self.processor, self.out, self.sampling = model, processor, out, sampling
+        self.history: list[dict] = []
+        self.pending: list[str] = []
+
+    def say(self, text: str = "", end: str = "\n") -> None:
+        self.out.write(text + end)
+        self.out.flush()
+
+    def command(self, command: str, arg: str) -> None:
+        """``/reset``, ``/image PATH`` or ``/save FILE``; anything else is answered with the help."""
+        if command == "/reset":
+            self.history.clear()
+            self.pending.clear()
+            self.say("(conversation cleared)")
+        elif command == "/image":
+            self.attach(arg)
+        elif command == "/save":
+            self.save(arg)
+        else:
+            self.say(f"error: unknown command {command!r}; {HELP}")
+
+    def attach(self, arg: str) -> None:
+        if not arg:
+            self.say("error: /image needs a path, e.g. /image photo.jpg")
+            return
+        path = Path(arg).expanduser().resolve()
+        try:
+            load_image(path, where=f"/image {arg}", max_pixels=self.processor.max_pixels)
+        except InterleafError as e:
+            self.say(f"error: {e}")
+            return
+        self.pending.append(str(path))
+        self.say(f"(image attached to the next message: {path})")
+
+    def save(self, arg: str) -> None:
+        if not arg:
+            self.say("error: /save needs a file name, e.g. /save chat.json")
+            return
+        try:
+            Path(arg).expanduser().write_text(json.dumps({"messages": self.history}, indent=2) + "\n",
+                                              encoding="utf-8")
+        except OSError as e:
+            self.say(f"error: cannot write {arg!r}: {e}")
+            return
+        self.say(f"(saved {len(self.history)} messages to {arg})")
+
+    def turn(self, text: str) -> None:
+        """Stream the answer to one user message; a failed or interrupted answer is not kept."""
+        user = {"role": "user", "content": [{"type": "image", "image": p} for p in self.pending]
+                + [{"type": "text", "text": text}]}
         pieces: list[str] = []
         try:
-            with contextlib.closing(stream_reply(model, processor, history + [user], max_new_tokens=max_new_tokens,
-                                                 temperature=temperature, top_p=top_p)) as reply:
+            with contextlib.closing(stream_reply(self.model, self.processor, self.history + [user],
+                                                 **self.sampling)) as reply:
                 for piece in reply:
                     pieces.append(piece)
-                    say(piece, end="")
+                    self.say(piece, end="")
         except InterleafError as e:
-            say(f"\nerror: {e}")
-            pending.clear()
-            continue
+            self.say(f"\nerror: {e}")
+            return
         except KeyboardInterrupt:  # Ctrl-C stops this answer (its generation is cancelled), not the chat
-            say("\n(answer interrupted; it is not kept in the conversation)")
-            pending.clear()
-            continue
-        say()
-        pending.clear()
-        history += [user, {"role": "assistant", "content": "".join(pieces)}]
-    return history
+            self.say("\n(answer interrupted; it is not kept in the conversation)")
+            return
+        finally:
+            self.pending.clear()
+        self.say()
+        self.history += [user, {"role": "assistant", "content": "".join(pieces)}]
