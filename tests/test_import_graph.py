@@ -253,7 +253,7 @@ def _imported_modules(tree: ast.Module) -> list[tuple[str, int]]:
     return found
 
 
-def test_module_imports(root: Path) -> list[str]:
+def imports_of_test_modules(root: Path) -> list[str]:
     """``file:line imports module`` for each ``.py`` file under ``root`` that imports a ``test_*``
     module or ``conftest``."""
     problems = []
@@ -265,11 +265,8 @@ def test_module_imports(root: Path) -> list[str]:
     return problems
 
 
-test_module_imports.__test__ = False  # a checker, not a test
-
-
 def test_no_test_module_imports_another_or_conftest():
-    problems = test_module_imports(TESTS)
+    problems = imports_of_test_modules(TESTS)
     assert not problems, "test modules import each other or conftest (move the shared code into tests/helpers/ " \
         "or tests/tiny.py, or make it a fixture in conftest.py):\n  " + "\n  ".join(problems)
 
@@ -284,10 +281,106 @@ def test_the_test_import_checker_finds_each_kind(tmp_path):
                         "def f():\n    return 'import test_a'\n",
         "pkg/__init__.py": "",
     })
-    assert test_module_imports(tmp_path) == [
+    assert imports_of_test_modules(tmp_path) == [
         "helpers/util.py:1 imports test_c.sub",
         "test_a.py:1 imports test_b",
         "test_b.py:2 imports conftest",
         "test_c.py:1 imports test_a",
         "test_c.py:5 imports test_b",
+    ]
+
+
+# -- the import rules docs/ARCHITECTURE.md states --------------------------------------------------
+
+ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
+
+
+def part_of(module: str) -> str:
+    """The part of the tree a dotted ``interleaf...`` module belongs to: its first name below
+    ``interleaf`` (a subpackage or a top-level module), ``__init__`` for the package itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def parts_imported(root: Path) -> dict[str, dict[str, str]]:
+    """``{part: {part it imports: "file:line"}}`` over every import of another part, lazy ones included."""
+    files = module_names(root)
+    found: dict[str, dict[str, str]] = {part_of(m): {} for m in files}
+    for importer, path in files.items():
+        package = importer.split(".") if path.name == "__init__.py" else importer.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - (node.level - 1)] if node.level else []
+                source = ".".join(base + ([node.module] if node.module else []))
+                # "from . import x" inside interleaf/ names the part x; otherwise the module names it
+                targets = [f"{source}.{a.name}" for a in node.names] if source == "interleaf" else [source]
+            else:
+                continue
+            for target in targets:
+                if target.split(".")[0] == "interleaf" and part_of(target) != part_of(importer):
+                    found[part_of(importer)].setdefault(part_of(target), f"{path.relative_to(root.parent)}:{node.lineno}")
+    return found
+
+
+def stated_rules(text: str) -> dict[str, set[str] | None]:
+    """``{part: the parts it may import}`` from the package table (None: anything); the parts one
+    row names may import each other."""
+    table = text.split("## Packages", 1)[1].split("\n## ", 1)[0]
+    rules: dict[str, set[str] | None] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or cells[0] in ("path", "---"):
+            continue
+        allowed = None if cells[1] == "anything" else {n.strip("/").removesuffix(".py") for n in re.findall(r"`([^`]+)`", cells[1])}
+        row = {name.strip("/").removesuffix(".py") for name in re.findall(r"`([^`]+)`", cells[0])}
+        for name in row:
+            rules[name] = None if allowed is None else allowed | row - {name}
+    return rules
+
+
+def rule_breaks(actual: dict[str, dict[str, str]], rules: dict[str, set[str] | None]) -> list[str]:
+    problems = [f"{part}: no row in the package table" for part in sorted(set(actual) - set(rules))]
+    problems += [f"{part}: a row names it, but src/interleaf has no such part" for part in sorted(set(rules) - set(actual))]
+    for part, imported in sorted(actual.items()):
+        allowed = rules.get(part)
+        if allowed is None:  # anything, or no row (reported above)
+            continue
+        problems += [f"{part} imports {other} ({where}), which its row does not list"
+                     for other, where in sorted(imported.items()) if other not in allowed]
+    return problems
+
+
+def test_each_part_imports_only_what_the_architecture_page_says():
+    rules = stated_rules(ARCHITECTURE.read_text(encoding="utf-8"))
+    # the table was read (an empty table would pass vacuously)
+    assert rules["cli"] is None and rules["errors"] == set() and rules["model"] == {"config", "errors", "processing"}
+    problems = rule_breaks(parts_imported(SRC), rules)
+    assert not problems, "docs/ARCHITECTURE.md's package table and the code disagree (change the import, or the " \
+        "table if the new dependency is right):\n  " + "\n  ".join(problems)
+
+
+def test_the_rule_checker_sees_lazy_and_relative_imports_and_missing_rows(tmp_path):
+    pkg = _write(tmp_path, {
+        "interleaf/__init__.py": "from .api import build\n",
+        "interleaf/api.py": "import interleaf.model\n",
+        "interleaf/model/__init__.py": "from ..errors import E\n",
+        "interleaf/model/core.py": "def f():\n    from interleaf.serving import app\n",
+        "interleaf/errors.py": "import interleaf.api\n",
+        "interleaf/serving/__init__.py": "from . import app\n",
+        "interleaf/serving/app.py": "from .. import errors\n",
+    }).parent / "interleaf"
+    rules = stated_rules(
+        "## Packages\n\n| path | may import | what |\n| --- | --- | --- |\n"
+        "| `api.py`, `__init__.py` | `model` | x |\n| `model/` | `errors` | x |\n| `errors.py` | nothing | x |\n"
+        "| `gone/` | nothing | x |\n\n## Next\n| `other/` | nothing | x |\n"
+    )
+    assert rules == {"api": {"model", "__init__"}, "__init__": {"model", "api"}, "model": {"errors"}, "errors": set(),
+                     "gone": set()}
+    assert rule_breaks(parts_imported(pkg), rules) == [
+        "serving: no row in the package table",
+        "gone: a row names it, but src/interleaf has no such part",
+        "errors imports api (interleaf/errors.py:1), which its row does not list",
+        "model imports serving (interleaf/model/core.py:2), which its row does not list",
     ]
