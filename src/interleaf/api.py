@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from .config import InterleafConfig, TokensConfig, VisionConfig
 from .errors import CheckpointError, ConfigError
+from .files import local_dir
 from .model import InterleafForConditionalGeneration
 from .presets import get_preset
 from .processing import ImageTransform, InterleafProcessor, build_tiny_tokenizer
@@ -25,27 +26,13 @@ from .processing.tokenizer import load_tokenizer
 PathLike = str | Path
 
 
-def _local_dir(path: PathLike, what: str, needs: tuple[str, ...] = ("config.json",)) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise CheckpointError(
-            f"{what} {str(path)!r} is not a local directory. interleaf loads weights only from local "
-            "paths (it never downloads): save the model with save_pretrained, or download it yourself, "
-            "then pass the directory"
-        )
-    missing = [n for n in needs if not (p / n).exists()]
-    if missing:
-        raise CheckpointError(f"{what} {str(p)!r} lacks {', '.join(missing)}; it does not look like a save_pretrained directory")
-    return p
-
-
 def _resolve_tokenizer(tokenizer: Any, lm: Any):
     if tokenizer is None and isinstance(lm, (str, Path)):
         tokenizer = lm
     if tokenizer is None or tokenizer == "tiny":
         return build_tiny_tokenizer()
     if isinstance(tokenizer, (str, Path)):
-        return load_tokenizer(_local_dir(tokenizer, "tokenizer", needs=()))
+        return load_tokenizer(tokenizer)
     return tokenizer
 
 
@@ -155,7 +142,7 @@ def _merge_options(sections: dict[str, Any], options: dict[str, Any]) -> None:
 def _build_lm(lm: Any, tok: Any, dtype: torch.dtype | None) -> PreTrainedModel:
     """The language model: loaded from a local directory, given, or built from a config (random weights)."""
     if isinstance(lm, (str, Path)):
-        lm_dir = _local_dir(lm, "language model")
+        lm_dir = local_dir(lm, "language model", ("config.json",))
         return AutoModelForCausalLM.from_pretrained(str(lm_dir), local_files_only=True, dtype=dtype)
     if isinstance(lm, PreTrainedModel):
         return lm
@@ -189,7 +176,7 @@ def load(
     path: PathLike, *, device_map: Any = None, dtype: torch.dtype | str | None = None, **kwargs: Any
 ) -> tuple[InterleafForConditionalGeneration, InterleafProcessor]:
     """Load ``(model, processor)`` from a directory written by :func:`save` (offline)."""
-    p = _local_dir(path, "model", needs=("config.json",))
+    p = local_dir(path, "model", ("config.json",))
     if not any(p.glob("*.safetensors")):
         raise CheckpointError(f"model directory {str(p)!r} has no *.safetensors weights; was it saved with interleaf.save?")
     try:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 
 
 def user_path(path: str | Path, field: str) -> Path:
@@ -33,6 +33,23 @@ def names_a_directory(text: str | Path, field: str = "model") -> bool:
     preset name: an existing directory, or any path with a ``/`` (a run may write it later). Preset
     names hold no ``/``."""
     return "/" in str(text) or user_path(text, field).is_dir()
+
+
+def local_dir(path: str | Path, what: str, needs: tuple[str, ...] = (), *,
+              save_with: str = "save it with save_pretrained") -> Path:
+    """``path`` as an existing local directory holding each file in ``needs``, else a
+    :class:`~interleaf.errors.CheckpointError` naming ``what`` (interleaf never downloads)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise CheckpointError(
+            f"{what} {str(path)!r} is not a local directory. interleaf loads {what}s only from local paths "
+            f"(it never downloads): {save_with}, or download it yourself, then pass the directory"
+        )
+    missing = [n for n in needs if not (p / n).exists()]
+    if missing:
+        raise CheckpointError(f"{what} {str(p)!r} lacks {', '.join(missing)}; it does not look like a "
+                              "save_pretrained directory")
+    return p
 
 
 def _text(p: Path, error, kind: str) -> str:
@@ -117,4 +134,4 @@ def read_jsonl(path: str | Path, what: str = "JSON-lines file", *, field: str | 
     return [value for _, value in iter_jsonl(path, what, field=field)]
 
 
-__all__ = ["iter_jsonl", "names_a_directory", "read_json", "read_jsonl", "read_yaml", "user_path"]
+__all__ = ["iter_jsonl", "local_dir", "names_a_directory", "read_json", "read_jsonl", "read_yaml", "user_path"]

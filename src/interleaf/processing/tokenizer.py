@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..errors import CheckpointError
+from ..files import local_dir
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 CHAT_TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
@@ -54,13 +55,7 @@ def load_tokenizer(path: str | Path):
     Raises :class:`~interleaf.errors.CheckpointError` naming the directory when it is missing or
     holds no loadable tokenizer.
     """
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise CheckpointError(
-            f"tokenizer {str(p)!r} is not a local directory. interleaf loads tokenizers only from local paths "
-            "(it never downloads): save one with tokenizer.save_pretrained(dir), or download it yourself, "
-            "then pass the directory"
-        )
+    p = local_dir(path, "tokenizer", save_with="save one with tokenizer.save_pretrained(dir)")
     try:
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
