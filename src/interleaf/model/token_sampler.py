@@ -21,7 +21,7 @@ projection to the LM's width. The math is xGen-MM (BLIP-3) r-v1.5's ``PerceiverR
 
 A group whose tokens are all padding is valid input, as in the released code: its latents attend
 only to themselves, so every such group yields the same tokens (no NaN). xGen-MM's anyres
-grouping makes them for wide or tall images (a group of stitched-map rows that are all padding).
+grouping makes them whenever a group covers only padded rows (or columns) of the stitched map.
 Masking a token is the same as leaving it out: a masked group gives the tokens of the group
 truncated to its real tokens.
 """
@@ -141,8 +141,8 @@ class TokenSampler(nn.Module):
         g = features.shape[0]
         key_mask = None
         if mask is not None:
-            keep = self._check_mask(mask, features)  # (G, V) bool
-            latent_keys = torch.ones(g, self.num_latents, dtype=torch.bool, device=keep.device)
+            keep = self._check_mask(mask, features).to(features.device)  # (G, V) bool
+            latent_keys = torch.ones(g, self.num_latents, dtype=torch.bool, device=features.device)
             key_mask = torch.cat([keep, latent_keys], dim=1)[:, None, None, :]  # (G, 1, 1, V + L)
         latents = self.latents.to(features.dtype).expand(g, -1, -1)  # (G, L, D)
         for layer in self.layers:
