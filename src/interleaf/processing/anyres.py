@@ -93,7 +93,7 @@ def select_best_resolution(image_size: Size, canvases: Sequence[Size]) -> Size:
 
     For each (W', H'): ``s = min(W'/W, H'/H)``, effective = ``min(int(W*s) * int(H*s), W*H)``, wasted =
     ``W'*H' - effective``. The largest effective wins, ties go to the smaller waste, and strict comparisons
-    keep the first listed on a full tie.
+    keep the first listed on a full tie (also when every canvas keeps nothing of a very thin image).
     """
     width, height = image_size
     best, best_effective, best_wasted = None, 0, math.inf
