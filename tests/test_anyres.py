@@ -264,7 +264,7 @@ def test_empty_images_are_refused(size):
         anyres.plan(size, AnyresConfig(), where="image 2")
 
 
-@pytest.mark.parametrize("size", [(30.5, 10), (True, 10), ("30", 10), (30,), (1, 2, 3)])
+@pytest.mark.parametrize("size", [(30.5, 10), (True, 10), ("30", 10), (30,), (1, 2, 3), 30, None])
 def test_sizes_that_are_not_integer_pairs_are_refused(size):
     with pytest.raises(InputError, match="not a \\(width, height\\) pair of integers"):
         anyres.num_image_tokens(size, AnyresConfig(), num_latents=128)

@@ -21,8 +21,9 @@ Conventions, and where they differ:
 
 - Sizes here are (width, height), as PIL's ``Image.size``. xGen-MM writes its grids (W, H); LLaVA-NeXT writes its
   ``image_grid_pinpoints`` and ``image_sizes`` (H, W): :class:`~interleaf.config.AnyresConfig` keeps each
-  family's grids in its own order and :func:`candidates` turns them into (W, H). With the default grids the
-  two orders break ties differently (xGen-MM tries the tall 1x2 first, LLaVA-NeXT the wide one).
+  family's grids in its own order and :func:`candidates` turns them into (W, H); a row (h, w) of LLaVA-NeXT's
+  ``image_sizes`` is planned as ``plan((w, h), cfg)``. With the default grids the two orders break ties
+  differently (xGen-MM tries the tall 1x2 first, LLaVA-NeXT the wide one).
 - Unpadding: xGen-MM truncates (``int(H * (cols / W))``); LLaVA-NeXT rounds to 7 decimals first
   (``int(round(H * (cols / W), 7))``). Both pad symmetrically, ``(rows - new_rows) // 2`` each side.
 - The per-view transform is the same arithmetic in both (torchvision's ``ToTensor`` / ``Normalize`` and
@@ -118,7 +119,9 @@ def fit_size(image_size: Size, canvas: Size) -> Size:
 
 def check_image_size(image_size: Sequence[int], cfg: AnyresConfig, where: str = "image") -> Size:
     """``image_size`` as a (width, height) pair of positive ints within ``cfg.max_image_pixels``, or an InputError."""
-    items = list(image_size.tolist() if isinstance(image_size, (torch.Tensor, np.ndarray)) else image_size)
+    if isinstance(image_size, (torch.Tensor, np.ndarray)):
+        image_size = image_size.tolist()
+    items = list(image_size) if isinstance(image_size, (list, tuple)) else [image_size]
     if len(items) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
         raise InputError(f"{where}: image size {items!r} is not a (width, height) pair of integers")
     size = (int(items[0]), int(items[1]))
@@ -138,6 +141,7 @@ def plan(image_size: Sequence[int], cfg: AnyresConfig, where: str = "image") -> 
     Refuses (InputError naming ``where``) an empty image, one above ``cfg.max_image_pixels``, and one too thin
     for the grids: whose content, on the chosen canvas, spans less than one vision token across or down
     (the unpadded feature map would hold nothing of it; crop or pad the image towards a squarer shape).
+    The references accept such an image and keep an empty, or all-padding, crop map for it.
     """
     size = check_image_size(image_size, cfg, where)
     canvas = select_best_resolution(size, candidates(cfg))
