@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,11 +22,12 @@ from interleaf.data.mixture import load_mixture
 from interleaf.data.preference import collate_preference, encode_preference, parse_preference
 from interleaf.data.stream import MixtureStream, iter_source
 from interleaf.data.tokenize import IGNORE_INDEX
-from interleaf.errors import ConfigError, InputError
+from interleaf.errors import ConfigError, InputError, TrainingError
 from interleaf.model.loss import dpo_loss, sequence_logps
 from interleaf.training import checkpoint as ckpt
 from interleaf.training import load_recipe, train
 from interleaf.training.dpo import ModelReference, cache_reference
+from interleaf.training.prepare import default_stream
 from interleaf.training.distributed import DistState
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
@@ -133,8 +137,8 @@ def test_policy_logps_are_the_direct_computation(data, tmp_path):
                        pixel_values=batch["pixel_values"]).logits
     logps, counts = sequence_logps(logits, batch["labels"])
     assert logps.tolist() == pytest.approx(chosen + rejected, rel=1e-5)
-    assert counts.tolist() == [sum(1 for x in r["labels"] if x != IGNORE_INDEX) for s in samples
-                               for r in [s["chosen"]]] + [sum(1 for x in s["rejected"]["labels"] if x != IGNORE_INDEX) for s in samples]
+    rows = [s["chosen"] for s in samples] + [s["rejected"] for s in samples]
+    assert counts.tolist() == [sum(1 for x in r["labels"][1:] if x != IGNORE_INDEX) for r in rows]
 
 
 def test_dpo_loss_is_the_formula():
@@ -199,6 +203,53 @@ def test_resume_continues_as_an_uninterrupted_run(data, tmp_path, monkeypatch):
     for a, b in zip(stopped[3:], straight[2:]):
         for k in ("loss", "rewards/margins", "rewards/accuracies"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+
+
+class _Rows:
+    """A stream of given samples (a custom data stream)."""
+
+    def __init__(self, make):
+        self.make, self.bad = make, None
+
+    def take(self, n: int) -> list[dict]:
+        return [self.make(i) for i in range(n)]
+
+
+def test_a_custom_stream_must_give_pairs_the_cache_knows(data, tmp_path):
+    plain = lambda i: {"input_ids": [1, 5, 6], "labels": [-100, 5, 6], "images": [], "key": f"k{i}"}  # noqa: E731
+    with pytest.raises(ConfigError, match=r"not a preference pair.*format: preference"):
+        train(_stage(data, tmp_path / "a", reference="model"), stream_factory=lambda *a: _Rows(plain), progress=False)
+
+    def renamed(stage, processor, rank, world_size):
+        real = default_stream(stage, processor, rank, world_size)
+        return _Rows(lambda i: {**real.take(1)[0], "pair": "elsewhere.json[0]"})
+
+    with pytest.raises(TrainingError, match=r"'elsewhere.json\[0\]'.*no cached reference.*dpo.reference: model"):
+        train(_stage(data, tmp_path / "b", reference="cached"), stream_factory=renamed, progress=False)
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_match_a_single_process(data, tmp_path):
+    """torchrun with 2 processes (gloo on CPU), DDP with the frozen copy and FSDP2 with the cache: the
+    curve of one process with the same global batch (summation order differs: 1e-4 relative)."""
+    stage = {k: v for k, v in _stage(data, tmp_path, max_steps=4).items() if k != "out"}
+    stages = [{"name": "ddp", "distributed": {"strategy": "ddp"}, "dpo": {"beta": 0.5, "reference": "model"}},
+              {"name": "fsdp", "distributed": {"strategy": "fsdp"}, "dpo": {"beta": 0.5, "reference": "cached"}}]
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({**stage, "out": str(tmp_path / "multi"), "stages": stages}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "interleaf", "train", str(config), "--no-progress"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    [single] = train({**stage, "out": str(tmp_path / "single")}, progress=False)
+    expected = _records(single.out)
+    for name in ("ddp", "fsdp"):
+        records = _records(tmp_path / "multi" / name)
+        assert len(records) == len(expected) == 4
+        for a, b in zip(records, expected):
+            for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen"):
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (name, a["step"], k)
+        assert json.loads((tmp_path / "multi" / name / "summary.json").read_text())["processes"] == 2
 
 
 # --------------------------------------------------------------------------- data
@@ -285,6 +336,13 @@ def test_a_file_with_no_usable_pair_is_an_error(data, tmp_path):
 
 
 # --------------------------------------------------------------------------- bad configurations
+
+
+def test_the_data_flag_gives_a_dpo_stage_a_preference_file(data, tmp_path):
+    stage = {k: v for k, v in _stage(data, tmp_path / "run", max_steps=1).items() if k != "data"}
+    [result] = train(stage, data=data / "prefs.json", images=data / "images", progress=False)
+    assert _records(result.out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert yaml.safe_load((result.out / "config.yaml").read_text())["data"]["sources"][0]["format"] == "preference"
 
 
 def test_a_dpo_stage_without_a_reference_is_a_config_error(data, tmp_path):

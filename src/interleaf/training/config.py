@@ -464,9 +464,10 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def llava_mixture(json_path: str | Path, images: str | Path | None = None) -> dict:
-    """An inline one-source mixture for a user's LLaVA-format JSON (absolute paths)."""
-    src: dict[str, Any] = {"name": "llava", "format": "llava", "paths": [str(Path(json_path).expanduser().resolve())]}
+def llava_mixture(json_path: str | Path, images: str | Path | None = None, fmt: str = "llava") -> dict:
+    """An inline one-source mixture for a user's LLaVA-format JSON (absolute paths); ``fmt="preference"``
+    for a preference file in the same conventions (a DPO stage's ``--data``)."""
+    src: dict[str, Any] = {"name": fmt, "format": fmt, "paths": [str(Path(json_path).expanduser().resolve())]}
     if images is not None:
         src["images_root"] = str(Path(images).expanduser().resolve())
     return {"sources": [src]}

@@ -27,7 +27,8 @@ any step or restored checkpoint), in eval mode, without gradients:
 The metrics of each logged step, over its global batch, carry TRL's names: ``rewards/chosen``
 and ``rewards/rejected`` (the mean of ``beta * (pi - ref)`` on each side), ``rewards/margins``
 (their difference), ``rewards/accuracies`` (the share of pairs whose chosen reward is the larger),
-``logps/chosen`` and ``logps/rejected`` (the policy's mean sequence log-probabilities).
+``logps/chosen`` and ``logps/rejected`` (the policy's mean sequence log-probabilities); ``loss`` is
+the step's ``L`` and ``loss_by_source`` each source's mean DPO loss per pair since the last record.
 
 Training, like the rest of the trainer, calls only the processor and the model's ``forward``, so
 it works for every model family.
@@ -36,6 +37,7 @@ it works for every model family.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -178,23 +180,15 @@ def cache_reference(
     model.eval()
     device = next(model.parameters()).device
     local: dict[tuple[str, str], tuple[float, float]] = {}
-    chunk: list[dict] = []
     pairs = iter(_all_pairs(stage, processor, dist.rank, dist.world_size))
     with torch.no_grad():
-        while True:
-            sample = next(pairs, None)
-            if sample is not None:
-                chunk.append(sample)
-            if chunk and (sample is None or len(chunk) == batch_pairs):
-                batch = collate_preference(chunk, processor.pad_token_id)
-                with _autocast(stage, device):
-                    logits = model(**model_inputs(batch, device)).logits
-                logps = sequence_logps(logits, batch["labels"])[0].float().cpu().tolist()
-                for i, s in enumerate(chunk):
-                    local[(s["source"], s["pair"])] = (logps[i], logps[len(chunk) + i])
-                chunk = []
-            if sample is None:
-                break
+        while chunk := list(itertools.islice(pairs, batch_pairs)):
+            batch = collate_preference(chunk, processor.pad_token_id)
+            with _autocast(stage, device):
+                logits = model(**model_inputs(batch, device)).logits
+            logps = sequence_logps(logits, batch["labels"])[0].float().cpu().tolist()
+            for i, s in enumerate(chunk):
+                local[(s["source"], s["pair"])] = (logps[i], logps[len(chunk) + i])
     model.train(was_training)
     table: dict[tuple[str, str], tuple[float, float]] = {}
     for part in gather_objects(local, dist):

@@ -148,7 +148,7 @@ def _apply_flags(recipe: Recipe, *, model: str | Path | None, data: str | Path |
             p = Path(data).expanduser()
             if not p.is_file():
                 raise ConfigError("--data", f"{str(data)!r} is not a file", "pass a LLaVA-format JSON (a list of conversations)")
-            s = dataclasses.replace(s, data=llava_mixture(p, images))
+            s = dataclasses.replace(s, data=llava_mixture(p, images, "preference" if s.objective == "dpo" else "llava"))
         if out is not None:
             s = dataclasses.replace(s, out=str(Path(out) if len(recipe.stages) == 1 else Path(out) / s.name))
         stages.append(s)
@@ -171,7 +171,8 @@ def train(
     """Run a stage or a recipe of stages (YAML path or dict), in order; returns one result per stage.
 
     ``overrides`` are dotted ``key=value`` strings (or a dict); ``model`` starts the first stage
-    from a saved directory; ``data`` (+ ``images``) trains on a LLaVA-format JSON; ``out`` moves
+    from a saved directory; ``data`` (+ ``images``) trains on a LLaVA-format JSON (a DPO stage: a
+    preference JSON, see :mod:`interleaf.data.preference`); ``out`` moves
     the output (a recipe's stages go to ``out/NAME``); ``resume`` continues from the latest
     checkpoints and skips stages that already finished.
 
