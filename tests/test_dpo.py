@@ -300,6 +300,17 @@ def test_prompt_forms_and_earlier_turns(data):
     assert [s["chosen"]["input_ids"] for s in x] == [s["chosen"]["input_ids"] for s in y]
 
 
+def test_data_inspect_shows_both_rows_of_a_pair(data):
+    from typer.testing import CliRunner
+
+    from interleaf.cli import app
+
+    result = CliRunner().invoke(app, ["data", "inspect", str(data / "prefs.json"), "--images-root", str(data / "images"), "-n", "1"])
+    assert result.exit_code == 0, result.output
+    assert "(preference): 8 samples" in result.output
+    assert "chosen: " in result.output and "rejected: " in result.output and "[[red" in result.output
+
+
 def test_bad_samples_are_skipped_and_counted(data, tmp_path):
     _, processor = interleaf.build("tiny-random", seed=0)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
