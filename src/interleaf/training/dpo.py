@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, InterleafError, TrainingError
 from ..model.loss import dpo_loss, sequence_logps
 from .config import StageConfig
 from .distributed import DistState, all_reduce_sum, gather_objects
@@ -59,11 +59,17 @@ def check_stage_data(stage: StageConfig) -> None:
     """A DPO stage reads ``format: preference`` sources only, and only a DPO stage reads them.
 
     Raises :class:`ConfigError` naming the first source that breaks the rule. A stage without
-    ``data`` (a custom stream) is not checked here: the step checks each sample.
+    ``data`` (a custom stream) is not checked here: the step checks each sample. A language-modelling
+    stage whose mixture does not load is left to its stream, which reports it as it always has.
     """
     if stage.data is None:
         return
-    mixture = stage.mixture(check_files=False)
+    try:
+        mixture = stage.mixture(check_files=False)
+    except InterleafError:
+        if stage.objective == "dpo":
+            raise
+        return
     for i, source in enumerate(mixture.sources):
         is_preference = source.format == "preference"
         if stage.objective == "dpo" and not is_preference:
