@@ -319,6 +319,7 @@ def test_bad_samples_are_skipped_and_counted(data, tmp_path):
         {"id": "empty-chosen", "image": "red.png", "prompt": "<image>\nWhat colour?", "chosen": "  ", "rejected": "blue"},
         {"id": "bad-image", "image": str(tmp_path / "broken.png"), "prompt": "<image>\nWhat colour?", "chosen": "red", "rejected": "blue"},
         {"id": "ends-with-answer", "prompt": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}], "chosen": "a", "rejected": "b"},
+        {"id": "user-answer", "prompt": "hi", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
     ]
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(entries))
@@ -328,13 +329,14 @@ def test_bad_samples_are_skipped_and_counted(data, tmp_path):
     found = list(iter_source(mixture.sources[0], processor))
     assert [s["key"] for s, _ in found if s is not None] == ["p0", "p1", "p2", "p3"]
     bad = [b for _, b in found if b is not None]
-    assert [b.reason for b in bad] == ["malformed_json", "empty_text", "unreadable_image", "malformed_json"]
+    assert [b.reason for b in bad] == ["malformed_json", "empty_text", "unreadable_image", "malformed_json", "malformed_json"]
     assert "no 'rejected' answer" in bad[0].detail and "must end with a user turn" in bad[3].detail
+    assert "'chosen' must be the assistant's answer" in bad[4].detail
     # the training stream skips them and counts them by reason
     stream = MixtureStream(mixture, processor, seed=0, epochs=1)
     assert {s["key"] for s in stream} == {"p0", "p1", "p2", "p3"}
     counted = stream.bad.to_dict()["bad"]["p"]
-    assert set(counted) == {"malformed_json", "empty_text", "unreadable_image"} and sum(counted.values()) >= 4
+    assert set(counted) == {"malformed_json", "empty_text", "unreadable_image"} and sum(counted.values()) >= 5
 
 
 def test_a_file_with_no_usable_pair_is_an_error(data, tmp_path):

@@ -199,6 +199,8 @@ def cache_reference(
     table: dict[tuple[str, str], tuple[float, float]] = {}
     for part in gather_objects(local, dist):
         table.update(part)
+    if dist.is_main:
+        print(f"stage {stage.name!r}: reference log-probabilities of {len(table):,} pairs computed and cached", flush=True)
     return CachedReference(table)
 
 
