@@ -92,6 +92,8 @@ def test_llava_files_are_read_by_their_first_character(tmp_path):
     assert load_llava(tmp_path / "empty.jsonl") == []
     with pytest.raises(InputError, match=r"LLaVA file .*none\.json' does not exist; check the source's paths"):
         load_llava(tmp_path / "none.json")
+    with pytest.raises(InputError, match=r"^preference file .*none\.json' does not exist"):  # a DPO source
+        load_llava(tmp_path / "none.json", "preference")
 
 
 def test_the_demo_log_is_empty_when_missing_and_skips_a_torn_line(tmp_path):

@@ -290,20 +290,21 @@ def _starts_like_a_list(path: Path) -> bool:
     return False
 
 
-def load_llava(path: str | Path) -> list[LlavaRecord]:
-    """Every entry of a LLaVA JSON list or JSON-lines file, in order.
+def load_llava(path: str | Path, kind: str = "LLaVA") -> list[LlavaRecord]:
+    """Every entry of a LLaVA JSON list or JSON-lines file, in order (``kind`` names the file in
+    errors: ``"LLaVA"``, ``"preference"``).
 
     A file that is not JSON at all is an :class:`InputError` (the whole source is unusable); a
     broken line of a JSON-lines file becomes a record with ``error`` set (one bad sample).
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"LLaVA file {str(path)!r} does not exist; check the source's paths")
-    what = "LLaVA file (JSON list or JSON lines)"
+        raise InputError(f"{kind} file {str(path)!r} does not exist; check the source's paths")
+    what = f"{kind} file (JSON list or JSON lines)"
     try:
         starts_like_a_list = _starts_like_a_list(path)
     except OSError as e:
-        raise InputError(f"LLaVA file {str(path)!r} cannot be read ({e}); check its permissions") from e
+        raise InputError(f"{kind} file {str(path)!r} cannot be read ({e}); check its permissions") from e
     if starts_like_a_list:
         entries = read_json(path, what)
         return [LlavaRecord(e if isinstance(e, dict) else None, f"{path}[{i}]",

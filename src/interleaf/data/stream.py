@@ -169,13 +169,16 @@ class _SourceStream:
         raise NotImplementedError
 
 
+_FILE_KIND = {"llava": "LLaVA"}  # how errors name a source's file
+
+
 class _LlavaStream(_SourceStream):
     def __init__(self, cfg: SourceConfig, seed: int, rank: int, world_size: int):
         super().__init__(cfg, seed, rank, world_size)
         self.records: list[tuple[LlavaRecord, Path]] = []
         for path in cfg.files():
             root = Path(cfg.images_root) if cfg.images_root else Path(path).parent
-            self.records += [(r, root) for r in load_llava(path)]
+            self.records += [(r, root) for r in load_llava(path, _FILE_KIND.get(cfg.format, cfg.format))]
         self.pos = 0
         self._order: list[int] | None = None
 

@@ -159,7 +159,7 @@ def _all_pairs(stage: StageConfig, processor, rank: int, world_size: int) -> Ite
     for cfg in mixture.sources:
         for path in cfg.files():
             root = Path(cfg.images_root) if cfg.images_root else Path(path).parent
-            for record in load_llava(path):
+            for record in load_llava(path, "preference"):
                 index += 1
                 if (index - 1) % world_size != rank:
                     continue
