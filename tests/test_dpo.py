@@ -386,3 +386,24 @@ def test_wrong_data_for_the_objective_is_a_config_error(data, tmp_path, synth_co
     with pytest.raises(ConfigError, match=r"'data.sources\[0\].format'.*preference pairs.*objective: dpo"):
         train(lm, progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_packaged_dpo_recipe_runs_by_name(data, tmp_path):
+    from typer.testing import CliRunner
+
+    import interleaf
+    from interleaf.cli import app
+
+    model, processor = interleaf.build("tiny-random", seed=0)
+    interleaf.save(model, processor, tmp_path / "start")
+    result = CliRunner().invoke(app, [
+        "train", "dpo", "--model", str(tmp_path / "start"), "--data", str(data / "prefs.json"),
+        "--images", str(data / "images"), "--out", str(tmp_path / "run"),
+        "max_steps=1", "batch_size=2", "max_length=64", "log_every=1",
+    ])
+    assert result.exit_code == 0, result.output
+    [record] = _records(tmp_path / "run")
+    assert record["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == its cached reference at step 1
+    assert {"rewards/margins", "rewards/accuracies"} <= set(record)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["objective"] == "dpo" and saved["dpo"]["reference"] == "cached"
