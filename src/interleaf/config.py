@@ -107,6 +107,11 @@ class VisionConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def num_tokens(self) -> int:
+        """Feature tokens per image: the patches, plus CLIP's class token unless it is dropped."""
+        return self.num_patches + (1 if self.kind == "clip" and not self.drop_cls_token else 0)
+
 
 @dataclass
 class ResamplerConfig:

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..processing.prompt_format import IGNORE_INDEX
 from .loss import causal_lm_loss
 
 __all__ = [
+    "check_config",
     "encode_rows",
     "expand_image_tokens",
     "flat_images",
@@ -47,6 +48,18 @@ def tokens_per_image(model) -> int:
     """V': embeddings one image becomes (the projector's count, else the vision tower's)."""
     count = getattr(model.projector, "num_tokens", None)
     return int(count) if count is not None else int(model.vision_tower.num_tokens)
+
+
+def check_config(model) -> None:
+    """At construction: with ``expand``, the processor's tokens per image must be what the model writes."""
+    cfg = model.config
+    if cfg.insertion_cfg.placement == "expand" and cfg.tokens_cfg.image_seq_length != tokens_per_image(model):
+        raise ConfigError(
+            "tokens.image_seq_length",
+            f"is {cfg.tokens_cfg.image_seq_length} but one image gives {tokens_per_image(model)} embeddings "
+            "(the vision tower's tokens, or the projector's)",
+            f"set tokens.image_seq_length: {tokens_per_image(model)}",
+        )
 
 
 def images_per_row(input_ids: torch.Tensor, image_token_id: int, per_image: int, placement: str) -> list[int]:
