@@ -62,11 +62,10 @@ def check_config(model) -> None:
         )
 
 
-def images_per_row(input_ids: torch.Tensor, image_token_id: int, per_image: int, placement: str) -> list[int]:
-    """How many images each row's image tokens stand for; an error names a row that does not add up."""
+def images_per_row(input_ids: torch.Tensor, image_token_id: int, per_image: int) -> list[int]:
+    """How many images each row's image tokens stand for (``per_image`` tokens each, the ``expand``
+    layout); an error names a row that does not add up."""
     counts = (input_ids == image_token_id).sum(-1).tolist()  # (B,)
-    if placement == "replace":
-        return counts
     bad = [r for r, c in enumerate(counts) if c % per_image]
     if bad:
         r = bad[0]
@@ -113,11 +112,11 @@ def flat_images(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor:
 def encode_rows(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
     """Every image of the batch through the vision tower and the projector once -> ``(B, S, D)``.
 
-    Row ``b`` holds its images' embeddings one after another (``n_b * V'`` of them), then zeros.
+    ``input_ids`` is in the ``expand`` layout (grown first with ``replace``). Row ``b`` holds its
+    images' embeddings one after another (``n_b * V'`` of them), then zeros.
     """
-    placement = model.config.insertion_cfg.placement
     per_image = tokens_per_image(model)
-    counts = images_per_row(input_ids, model.image_token_id, per_image, placement)
+    counts = images_per_row(input_ids, model.image_token_id, per_image)
     flat = flat_images(pixel_values, counts)  # (K, 3, H, W)
     emb = model.get_input_embeddings()
     width, dtype = model.config.text_config.hidden_size, emb.weight.dtype
