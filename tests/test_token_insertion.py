@@ -85,9 +85,26 @@ def test_bad_token_insertion_config_names_the_field(kwargs, field):
     assert f"'{field}'" in str(info.value)
 
 
-def test_cross_attention_freeze_policies_refuse_the_new_ones():
+def test_cross_attention_configs_refuse_the_token_insertion_choices():
     with pytest.raises(ConfigError, match="'freeze'.*projector"):
         InterleafConfig(freeze="projector")
+    with pytest.raises(ConfigError, match="'tokens.prompt_format'.*fusion: token_insertion"):
+        InterleafConfig(tokens={"prompt_format": "llava"})
+
+
+@torch.no_grad()
+def test_build_from_pieces_with_a_linear_projector(tmp_path):
+    model, processor = interleaf.build(
+        lm=dict(LLAMA, vocab_size=None), vision=dict(kind="builtin", image_size=16, patch_size=4, width=24, layers=1,
+                                                     heads=2),
+        fusion="token_insertion", projector={"kind": "linear"}, seed=0,
+    )
+    assert model.config.tokens_cfg.prompt_format == "llava" and processor.tokens.image_seq_length == 16
+    assert model.config.freeze == "projector" and type(model.projector).__name__ == "LinearProjector"
+    batch = processor([["a", RED, "b"], ["no image"]])
+    assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
+    with pytest.raises(InputError, match="prepare_media is for cross-attention models"):
+        model.prepare_media(batch["input_ids"], batch["pixel_values"])
 
 
 def test_token_sampler_is_a_clear_plug_point():

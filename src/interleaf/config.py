@@ -358,6 +358,11 @@ class InterleafConfig(PreTrainedConfig):
     def _check_family(self) -> None:
         """Rules that relate the fusion to the other sections."""
         check_freeze_policy(self.freeze, self.fusion, "freeze")
+        if self.fusion == "cross_attention" and self.tokens_cfg.prompt_format == "llava":
+            raise ConfigError(
+                "tokens.prompt_format", "'llava' writes one <image> per vision token, for token insertion",
+                "set fusion: token_insertion, or use the 'openflamingo' or 'idefics' format",
+            )
         if self.fusion == "token_insertion" and self.tokens_cfg.prompt_format != "llava" and \
                 self.insertion_cfg.placement == "expand":
             raise ConfigError(

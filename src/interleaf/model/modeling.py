@@ -215,6 +215,11 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
 
     def prepare_media(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> MediaCache:
         """Encode this call's images once; each block projects its keys and values at its first call."""
+        if self.config.fusion == "token_insertion":
+            raise InputError(
+                "prepare_media is for cross-attention models; a token-insertion model takes pixel_values, or "
+                "image_embeds from interleaf.model.token_insertion.encode_rows(model, input_ids, pixel_values)"
+            )
         pixel_values = _as_5d(pixel_values)
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise InputError(

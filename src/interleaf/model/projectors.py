@@ -61,7 +61,8 @@ def build_projector(cfg: ProjectorConfig, in_dim: int, out_dim: int) -> nn.Modul
         return MLPProjector(in_dim, out_dim, cfg.activation, cfg.bias)
     if cfg.kind == "linear":
         return LinearProjector(in_dim, out_dim, cfg.bias)
-    # token_sampler: xGen-MM's perceiver lives in its own module; it plugs in here.
+    # token_sampler: xGen-MM's perceiver (model/token_sampler.py, configured by its own section)
+    # plugs in here: it maps (K, V, Dv) -> (K, num_latents, D) and sets num_tokens = num_latents.
     try:
         from . import token_sampler  # noqa: F401
     except ImportError:

@@ -275,9 +275,11 @@ class InterleafProcessor:
         inputs), tokens after an EOS see no image until the next image token.
         """
         b, t = input_ids.shape
-        is_image = torch.zeros((b, t), dtype=torch.bool)  # (B, T): the first token of each image
-        for r in range(b):
-            is_image[r, self.format.image_starts(input_ids[r].tolist())] = True
+        is_image = input_ids == self.image_token_id  # (B, T): the first token of each image
+        if self.format.is_llava:  # an image is a run of image tokens: keep the first of each
+            is_image = torch.zeros((b, t), dtype=torch.bool)
+            for r in range(b):
+                is_image[r, self.format.image_starts(input_ids[r].tolist())] = True
         latest = torch.cumsum(is_image.long(), dim=1) - 1  # (B, T): -1 before the first image
         eos_id = self.tokenizer.eos_token_id
         if isinstance(reset_after_eos, bool):
