@@ -207,8 +207,8 @@ def test_unknown_and_unexpected_weights_are_listed(saved, tmp_path):
         from_llava(src, tmp_path / "out")
     assert "image_newline" in str(info.value)
     with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): projector.linear_3.weight"):
-        from_llava(_edited(saved, tmp_path / "b", lambda s: s.update({"multi_modal_projector.linear_3.weight": torch.zeros(2, 2)})),
-                   tmp_path / "out")
+        extra = {"multi_modal_projector.linear_3.weight": torch.zeros(2, 2)}
+        from_llava(_edited(saved, tmp_path / "b", lambda s: s.update(extra)), tmp_path / "out")
 
 
 def test_missing_tokenizer_and_wrong_model_type_are_explained(saved, tmp_path):

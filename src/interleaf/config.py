@@ -246,8 +246,9 @@ class InsertionConfig:
 
 def freeze_policies(fusion: str) -> tuple[str, ...]:
     """The freeze policies that apply to a fusion family."""
-    own = ("projector", "projector_lm") if fusion == "token_insertion" else ("flamingo", "flamingo_train_vision", "unfreeze_lm")
-    return (*own, "all_trainable")
+    if fusion == "token_insertion":
+        return ("projector", "projector_lm", "all_trainable")
+    return ("flamingo", "flamingo_train_vision", "unfreeze_lm", "all_trainable")
 
 
 def check_freeze_policy(policy: str, fusion: str, field: str) -> None:

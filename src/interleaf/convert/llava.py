@@ -133,7 +133,9 @@ def llava_to_interleaf_config(llava_config, tokenizer=None, preprocessor: dict |
 
 def _require(condition: bool, field: str, problem: str) -> None:
     if not condition:
-        raise ConfigError(field, problem, "only models with LLaVA's architecture convert to LLaVA (e.g. ones made by from_llava)")
+        raise ConfigError(
+            field, problem, "only models with LLaVA's architecture convert to LLaVA (e.g. ones made by from_llava)"
+        )
 
 
 def interleaf_to_llava_config(config: InterleafConfig):

@@ -2,7 +2,7 @@
 
 ::
 
-    pixel_values ──► VisionTower ──► (K, V, Dv) ──► projector ──► (K, V', D)   K images of the batch, once per call
+    pixel_values ──► VisionTower ──► (K, V, Dv) ──► projector ──► (K, V', D)   (K: the batch's images, once per call)
     input_ids (B, T) ──► embeddings (B, T, D), image positions overwritten in order ──► LM ──► logits
 
 Placement (``insertion.placement``):
