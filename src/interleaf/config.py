@@ -131,6 +131,28 @@ class ResamplerConfig:
 
 
 @dataclass
+class TokenSamplerConfig:
+    """xGen-MM's perceiver "token sampler": each group of V vision features -> ``num_latents`` LM tokens.
+
+    A projector of the token-insertion fusion (see :mod:`interleaf.model.token_sampler`). The
+    defaults are xGen-MM r-v1.5's (SigLIP so400m 1152 -> Phi-3-mini 3072: 109,901,568 parameters).
+    Names against the released code: ``head_dim`` is its ``dim_head``, ``out_dim`` its ``dim_inner``.
+    """
+
+    dim: int | None = setting(None, ge=1)  # input feature width; None: given by the model (the vision tower's)
+    out_dim: int | None = setting(None, ge=1)  # width of the tokens made; None: given by the model (the LM's)
+    depth: int = setting(6, ge=1)  # perceiver layers (attention + feed-forward)
+    num_latents: int = setting(128, ge=1)  # tokens per group
+    heads: int = setting(16, ge=1)
+    head_dim: int = setting(96, ge=1)
+    ff_mult: int = setting(4, ge=1)  # feed-forward width = ff_mult * dim
+    norm_eps: float = setting(1e-5, gt=0)  # every LayerNorm's epsilon (PyTorch's default, as released)
+
+    def __post_init__(self):
+        validate(self, "token_sampler")
+
+
+@dataclass
 class CrossAttentionConfig:
     """Gated cross-attention blocks inserted before chosen decoder layers of the LM."""
 

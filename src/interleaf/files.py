@@ -5,14 +5,19 @@ every failure (a missing file, a file that is not UTF-8, broken syntax) is an in
 names the file, the line where the parser knows it, and what to fix. YAML files are config, so
 their errors are :class:`~interleaf.errors.ConfigError` naming ``what`` as the field; JSON and
 JSON-lines files are data, so theirs are :class:`~interleaf.errors.InputError` unless the caller
-passes a config ``field``.
+passes a config ``field``, or another interleaf ``error`` class for files that are not user data
+(a checkpoint's own files raise :class:`~interleaf.errors.CheckpointError`).
+
+A JSON-lines reader that must not stop at a bad line (a stream that counts bad samples, a log
+whose last line an interrupted write tore) passes ``on_bad_line``: each line that does not parse
+is handed to it and skipped.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import CheckpointError, ConfigError, InputError
 
@@ -86,52 +91,84 @@ def read_yaml(path: str | Path, what: str = "config", fix: str | None = None) ->
         raise error(f"{str(p)!r} nests too deeply to read", "write a flatter YAML file") from e
 
 
-def _json_error(what: str, field: str | None):
-    def error(problem: str, advice: str | None = None) -> Exception:
+def _json_error(what: str, field: str | None, error: Callable[[str], Exception]):
+    def make(problem: str, advice: str | None = None) -> Exception:
         if field is not None:
             return ConfigError(field, problem, advice)
-        return InputError(f"{what}: {problem}" + (f" ({advice})" if advice else ""))
+        return error(f"{what}: {problem}" + (f" ({advice})" if advice else ""))
 
-    return error
+    return make
 
 
-def read_json(path: str | Path, what: str = "JSON file", *, field: str | None = None) -> Any:
-    """The parsed JSON file at ``path``; failures name the file, the line and column, and the fix."""
-    error = _json_error(what, field)
+def read_json(path: str | Path, what: str = "JSON file", *, field: str | None = None,
+              error: Callable[[str], Exception] = InputError) -> Any:
+    """The parsed JSON file at ``path``; failures name the file, the line and column, and the fix.
+
+    A failure is ``error(message)`` (an :class:`InputError` unless told), or a :class:`ConfigError`
+    naming ``field`` when one is given; the message starts with ``what``.
+    """
+    make = _json_error(what, field, error)
     p = Path(path).expanduser()
     if not p.is_file():
-        raise error(f"file {str(p)!r} does not exist", "check the path")
-    text = _text(p, error, "JSON")
+        raise make(f"file {str(p)!r} does not exist", "check the path")
+    text = _text(p, make, "JSON")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise error(f"{str(p)!r} is not valid JSON, line {e.lineno}, column {e.colno}: {e.msg}",
-                    "fix the JSON syntax there") from e
+        raise make(f"{str(p)!r} is not valid JSON, line {e.lineno}, column {e.colno}: {e.msg}",
+                   "fix the JSON syntax there") from e
     except RecursionError as e:
-        raise error(f"{str(p)!r} nests too deeply to read", "write flatter JSON") from e
+        raise make(f"{str(p)!r} nests too deeply to read", "write flatter JSON") from e
 
 
-def iter_jsonl(path: str | Path, what: str = "JSON-lines file", *, field: str | None = None) -> Iterator[tuple[int, Any]]:
-    """``(line number, value)`` for each non-blank line of a JSON-lines file."""
-    error = _json_error(what, field)
+BadLine = Callable[[int, Exception], None]
+
+
+def iter_jsonl(path: str | Path, what: str = "JSON-lines file", *, field: str | None = None,
+               error: Callable[[str], Exception] = InputError,
+               on_bad_line: BadLine | None = None) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for each non-blank line of a JSON-lines file.
+
+    A line that does not parse is an error naming the file and the line (raised as
+    :func:`read_json` raises), unless ``on_bad_line`` is given: then it is called with the line
+    number and the parser's exception (a ``json.JSONDecodeError``, or a ``RecursionError`` for a
+    line nested too deeply) and the line is skipped. A missing or unreadable file is an error
+    either way.
+    """
+    make = _json_error(what, field, error)
     p = Path(path).expanduser()
     if not p.is_file():
-        raise error(f"file {str(p)!r} does not exist", "check the path")
-    for n, line in enumerate(_text(p, error, "JSON-lines").splitlines(), 1):
+        raise make(f"file {str(p)!r} does not exist", "check the path")
+    for n, line in enumerate(_text(p, make, "JSON-lines").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise error(f"{str(p)!r} line {n} is not valid JSON (column {e.colno}: {e.msg})",
-                        "write one JSON value per line") from e
-        except RecursionError as e:
-            raise error(f"{str(p)!r} line {n} nests too deeply to read", "write flatter JSON") from e
+            value = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            if on_bad_line is not None:
+                on_bad_line(n, e)
+                continue
+            if isinstance(e, RecursionError):
+                raise make(f"{str(p)!r} line {n} nests too deeply to read", "write flatter JSON") from e
+            raise make(f"{str(p)!r} line {n} is not valid JSON (column {e.colno}: {e.msg})",
+                       "write one JSON value per line") from e
+        yield n, value
 
 
-def read_jsonl(path: str | Path, what: str = "JSON-lines file", *, field: str | None = None) -> list[Any]:
-    """Every value of a JSON-lines file (blank lines skipped); errors name the file and the line."""
-    return [value for _, value in iter_jsonl(path, what, field=field)]
+def read_jsonl(path: str | Path, what: str = "JSON-lines file", *, field: str | None = None,
+               error: Callable[[str], Exception] = InputError, on_bad_line: BadLine | None = None) -> list[Any]:
+    """Every value of a JSON-lines file (blank lines skipped); errors name the file and the line.
+
+    ``error`` and ``on_bad_line`` are :func:`iter_jsonl`'s.
+    """
+    return [value for _, value in iter_jsonl(path, what, field=field, error=error, on_bad_line=on_bad_line)]
 
 
-__all__ = ["iter_jsonl", "local_dir", "names_a_directory", "read_json", "read_jsonl", "read_yaml", "user_path"]
+def skip_bad_line(n: int, e: Exception) -> None:
+    """An ``on_bad_line`` that skips the line and says nothing (for a log an interrupted write may have torn)."""
+
+
+__all__ = [
+    "BadLine", "iter_jsonl", "local_dir", "names_a_directory", "read_json", "read_jsonl", "read_yaml", "skip_bad_line",
+    "user_path",
+]

@@ -9,7 +9,6 @@ that is missing, unexpected or of the wrong shape into one :class:`CheckpointErr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -18,15 +17,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import read_json
 
 _LISTED = 12  # keys named in one error message, per category
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {str(path)!r}: {e}") from e
 
 
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -56,7 +49,8 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     ):
         index = directory / index_name
         if index.is_file():
-            files = sorted(set(read_json(index).get("weight_map", {}).values()))
+            weight_map = read_json(index, "weight index", error=CheckpointError).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
             if not files:
                 raise CheckpointError(f"{str(index)!r} lists no weight files")
             state: dict[str, torch.Tensor] = {}

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..errors import InputError
+from ..files import iter_jsonl, read_json
 
 FORMATS = ("pairs", "interleaved", "llava")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -277,6 +278,16 @@ class LlavaRecord:
     error: str | None = None
 
 
+def _starts_like_a_list(path: Path) -> bool:
+    """Whether the first non-space character of ``path`` is ``[`` (read only as far as that character)."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        while chunk := f.read(1 << 16):
+            rest = chunk.lstrip()
+            if rest:
+                return rest.startswith("[")
+    return False
+
+
 def load_llava(path: str | Path) -> list[LlavaRecord]:
     """Every entry of a LLaVA JSON list or JSON-lines file, in order.
 
@@ -286,40 +297,26 @@ def load_llava(path: str | Path) -> list[LlavaRecord]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"LLaVA file {str(path)!r} does not exist; check the source's paths")
+    what = "LLaVA file (JSON list or JSON lines)"
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(
-            f"LLaVA file {str(path)!r} is not UTF-8 text ({e}); save it as UTF-8 JSON or JSON lines"
-        ) from e
+        starts_like_a_list = _starts_like_a_list(path)
     except OSError as e:
         raise InputError(f"LLaVA file {str(path)!r} cannot be read ({e}); check its permissions") from e
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            entries = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(
-                f"LLaVA file {str(path)!r} starts like a JSON list but does not parse ({e}); "
-                "fix it, or write one JSON object per line (JSON lines)"
-            ) from e
+    if starts_like_a_list:
+        entries = read_json(path, what)
         return [LlavaRecord(e if isinstance(e, dict) else None, f"{path}[{i}]",
                             None if isinstance(e, dict) else f"entry is a {type(e).__name__}, not an object")
                 for i, e in enumerate(entries)]
     records = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            records.append(LlavaRecord(None, where, f"line does not parse as JSON ({e})"))
-            continue
+
+    def bad_line(n: int, e: Exception) -> None:
+        records.append(LlavaRecord(None, f"{path}:{n}", f"line does not parse as JSON ({e})"))
+
+    for n, entry in iter_jsonl(path, what, on_bad_line=bad_line):
         if not isinstance(entry, dict):
-            records.append(LlavaRecord(None, where, f"line is a {type(entry).__name__}, not an object"))
+            records.append(LlavaRecord(None, f"{path}:{n}", f"line is a {type(entry).__name__}, not an object"))
         else:
-            records.append(LlavaRecord(entry, where))
+            records.append(LlavaRecord(entry, f"{path}:{n}"))
     return records
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from ..files import read_json
 from .formats import BadSample, TarSample, count_tar_samples, iter_tar_groups, load_llava
 from .mixture import MixtureConfig, SourceConfig, load_mixture, single_source_mixture
 from .stream import BadSampleCounter, iter_source
@@ -60,8 +61,8 @@ def corpus_images_root(llava_file: str) -> Path | None:
     """A LLaVA file of a corpus written by ``interleaf data synth`` has its images in the corpus's images/."""
     manifest = Path(llava_file).resolve().parent.parent / "corpus.json"
     try:
-        return manifest.parent / json.loads(manifest.read_text())["images_dir"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return manifest.parent / read_json(manifest, "corpus manifest")["images_dir"]
+    except (OSError, ValueError, KeyError, TypeError):  # not a synth corpus: no corpus.json, or another one
         return None
 
 

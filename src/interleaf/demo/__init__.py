@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..files import read_json, read_yaml
 
 RECIPE = "demo"  # the packaged recipe's name (interleaf.recipes)
 CORPUS_ENV = "INTERLEAF_DEMO_CORPUS"
@@ -65,13 +66,13 @@ def write_text_corpus(corpus: Path, qtypes: tuple[str, ...] = TEXT_QA_TYPES) -> 
     """
     from ..data.synth import CAPTION_PROMPT, Scene, caption, located_caption, strip_image_markers
 
-    scenes = json.loads((corpus / "scenes.json").read_text(encoding="utf-8"))
+    scenes = read_json(corpus / "scenes.json", "demo corpus")
     entries = []
     for i, (path, scene) in enumerate(sorted(scenes.items())):
         if path.startswith("train/"):
             entries.append({"id": f"text-caption-{i}", "conversations": [
                 {"from": "human", "value": CAPTION_PROMPT}, {"from": "gpt", "value": caption(Scene.from_dict(scene))}]})
-    for e in json.loads((corpus / "llava" / "vqa_train.json").read_text(encoding="utf-8")):
+    for e in read_json(corpus / "llava" / "vqa_train.json", "demo corpus"):
         if e["qtype"] not in qtypes:
             continue
         located = located_caption(Scene.from_dict(scenes[e["image"]]))
@@ -113,7 +114,7 @@ def _gallery(eval_dir: Path, corpus: Path, n: int = 30) -> list[dict[str, Any]]:
     """Held-out questions with their image, the answer and the model's output (a spread of types)."""
     from .report import read_jsonl
 
-    entries = {e["id"]: e for e in json.loads((corpus / "llava" / "vqa_heldout.json").read_text(encoding="utf-8"))}
+    entries = {e["id"]: e for e in read_json(corpus / "llava" / "vqa_heldout.json", "demo corpus")}
     rows = [r for path in sorted((eval_dir / "samples" / "synth-vqa").glob("*.jsonl")) for r in read_jsonl(path)]
     gallery = []
     for r in rows[:n]:
@@ -201,7 +202,6 @@ def _train_stages(
     recipe_path: Path, out: Path, corpus: Path, overrides: list[str] | None, progress: bool
 ) -> list[Any]:
     """Every stage of the recipe, each started afresh, on the corpus's tokenizer; the stage results."""
-    from ..files import read_yaml
     from ..training import train
 
     recipe_data = read_yaml(recipe_path, "recipe", "pass a recipe YAML")

@@ -8,25 +8,19 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Any, Sequence
+
+from .. import files
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf")
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a run's JSON-lines log; none when it is missing, and a torn line is skipped."""
     if not path.exists():
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    return files.read_jsonl(path, "demo log", on_bad_line=files.skip_bad_line)
 
 
 def loss_curve_svg(curves: dict[str, list[tuple[float, float]]], width: int = 640, height: int = 260) -> str:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from ..data.synth import CAPTION_PROMPT, CORPUS_FILES, Scene, caption, fewshot_episodes
 from ..evaluation.tasks import register_task
-from ..evaluation.tasks.adapters import DataContext, adapter, load_llava, read_json, split_key
+from ..evaluation.tasks.adapters import DataContext, adapter, load_llava, split_key
 from ..evaluation.tasks.builtin import CAPTION_STOP, VQA_STOP
 from ..evaluation.tasks.spec import Example, PromptTemplate, TaskSpec
+from ..files import read_json
 
 
 @adapter("synth_vqa")
@@ -31,13 +32,13 @@ def load_synth_caption(ctx: DataContext, split: str) -> list[Example]:
     """Held-out: ``captions_heldout.json``; train: ``scenes.json`` train images + canonical captions."""
     images = ctx.images_dir or ctx.data_dir / "images"
     if split == "train":
-        scenes = read_json(ctx.path("scenes"))
+        scenes = read_json(ctx.path("scenes"), f"task {ctx.task.name!r}")
         return [
             Example(id=Path(rel).stem, images=[images / rel], fields={"caption": caption(Scene.from_dict(s))},
                     answers=[caption(Scene.from_dict(s))])
             for rel, s in scenes.items() if rel.startswith("train/")
         ]
-    refs = read_json(ctx.path(split_key(ctx, split)))
+    refs = read_json(ctx.path(split_key(ctx, split)), f"task {ctx.task.name!r}")
     return [
         Example(id=key, images=[images / "heldout" / f"{key}.png"], fields={"caption": r[0]}, answers=list(r))
         for key, r in refs.items()

@@ -8,13 +8,13 @@ gives mean and standard deviation (population, ``ddof=0``, as OpenFlamingo repor
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..files import read_json
 from .metrics import (
     caption_scores,
     circular_eval,
@@ -197,10 +197,7 @@ def load_results(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"results file {p} not found; pass the results.json written by `interleaf eval --out DIR`")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p} is not valid JSON: {e}") from e
-    if "results" not in data:
+    data = read_json(p, "results file")
+    if not isinstance(data, dict) or "results" not in data:
         raise InputError(f"{p} is not an interleaf results file (no 'results' key)")
     return data

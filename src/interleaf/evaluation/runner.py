@@ -32,6 +32,7 @@ import torch
 
 from ..distributed import DistState, distributed, gather_objects
 from ..errors import InputError
+from ..files import iter_jsonl, skip_bad_line
 from ..fingerprint import file_hash
 from .fewshot import (
     ZERO_SHOT_TRICK_DEMOS,
@@ -113,16 +114,16 @@ def package_versions() -> dict[str, str]:
 
 
 def _read_records(folder: Path) -> dict[str, dict]:
-    """Finished records of every process's JSONL in ``folder``; a torn last line is ignored."""
+    """Finished records of every process's JSONL in ``folder``; a torn last line is ignored.
+
+    A line that does not parse is what an interrupted write leaves: it is skipped, and its sample
+    runs again.
+    """
     done: dict[str, dict] = {}
     if not folder.is_dir():
         return done
     for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # an interrupted write
+        for _, rec in iter_jsonl(path, "evaluation cache", on_bad_line=skip_bad_line):
             done[rec["id"]] = rec
     return done
 

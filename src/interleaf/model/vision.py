@@ -14,7 +14,6 @@ CLIP / SigLIP model) offline and returns the matching :class:`~interleaf.config.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from interleaf.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VisionConfig
 from interleaf.errors import CheckpointError, ConfigError, InputError
+from interleaf.files import read_json
 from interleaf.model.attention import attend
 
 __all__ = [
@@ -335,13 +335,6 @@ def build_vision_tower(cfg: VisionConfig, model: nn.Module | None = None) -> Vis
     return VisionTower(cfg, model)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-
-
 def _preprocessing(directory: Path, kind: str) -> dict:
     """image_mean / image_std / resize mode from ``preprocessor_config.json``, else family defaults."""
     mean, std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
@@ -352,7 +345,7 @@ def _preprocessing(directory: Path, kind: str) -> dict:
     }
     file = directory / "preprocessor_config.json"
     if file.is_file():
-        pre = _read_json(file)
+        pre = read_json(file, "vision tower directory", error=CheckpointError)
         for key in ("image_mean", "image_std"):
             if pre.get(key) is not None:
                 out[key] = tuple(float(x) for x in pre[key])
@@ -384,7 +377,7 @@ def load_vision_tower(
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{str(directory)!r} has no config.json; expected a transformers CLIP or SigLIP directory")
-    model_type = _read_json(config_file).get("model_type")
+    model_type = read_json(config_file, "vision tower directory", error=CheckpointError).get("model_type")
     if model_type not in _MODEL_TYPES:
         raise CheckpointError(
             f"{config_file}: model_type {model_type!r} is not a supported vision tower; "

@@ -33,6 +33,7 @@ from transformers import BatchFeature
 
 from ..config import TokensConfig
 from ..errors import CheckpointError, ConfigError, InputError
+from ..files import read_json
 from .images import ImageTransform, load_image
 from .prompt_format import PromptFormat
 from .prompts import ImageRef, ParsedPrompt, Text, parse_prompt, split_batch
@@ -354,10 +355,7 @@ class InterleafProcessor:
                 f"{str(path)!r} is not a complete processor directory: missing {', '.join(missing)}; "
                 "save one with processor.save_pretrained(dir)"
             )
-        try:
-            config = json.loads((path / PROCESSOR_CONFIG).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{str(path / PROCESSOR_CONFIG)!r} is not valid JSON ({e})") from e
+        config = read_json(path / PROCESSOR_CONFIG, "processor directory", error=CheckpointError)
         for key in _HUB_LOADING_KWARGS:  # passed by transformers' AutoProcessor; everything here is local
             overrides.pop(key, None)
         unknown = set(overrides) - {"max_images", "max_pixels", "max_length", "images_key"}

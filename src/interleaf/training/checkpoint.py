@@ -54,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..files import read_json
 from ..fingerprint import file_digest
 from .distributed import DistState, all_reduce_sum, barrier
 
@@ -147,11 +148,13 @@ def verify_checkpoint(path: str | Path) -> str | None:
     if not manifest_path.is_file():
         return f"it has no {MANIFEST}, so it was not written completely by this version of interleaf"
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = read_json(manifest_path, MANIFEST, error=CheckpointError)
         files = manifest["files"]
         if not isinstance(files, dict):
             raise TypeError("files is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except CheckpointError as e:  # unreadable, not UTF-8, not JSON: the message names the file
+        return str(e)
+    except (KeyError, TypeError) as e:
         return f"{MANIFEST} cannot be read ({e})"
     unlisted = [n for n in REQUIRED if n != MANIFEST and n not in files]
     if unlisted:
@@ -426,10 +429,7 @@ def read_trainer_state(path: str | Path) -> dict:
     missing = [n for n in REQUIRED if not (p / n).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {str(p)!r} is incomplete: it lacks {', '.join(missing)}")
-    try:
-        return json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {str(p)!r}: trainer_state.json is not valid JSON ({e})") from e
+    return read_json(p / "trainer_state.json", f"checkpoint {str(p)!r}", error=CheckpointError)
 
 
 def load_checkpoint(
@@ -463,8 +463,8 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {str(p)!r} lacks {name}")
     load_trainable_state(model, load_file(str(p / "trainable.safetensors")), str(p))
     load_optimizer_state(model, optimizer, torch.load(p / "optimizer.pt", weights_only=True, map_location="cpu"))
-    set_rng_state(json.loads((p / f"rng_rank{dist.rank}.json").read_text(encoding="utf-8")))
-    data_state = json.loads((p / f"data_rank{dist.rank}.json").read_text(encoding="utf-8"))
+    set_rng_state(read_json(p / f"rng_rank{dist.rank}.json", f"checkpoint {str(p)!r}", error=CheckpointError))
+    data_state = read_json(p / f"data_rank{dist.rank}.json", f"checkpoint {str(p)!r}", error=CheckpointError)
     return state, data_state
 
 

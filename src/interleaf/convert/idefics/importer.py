@@ -16,8 +16,9 @@ import torch
 
 from ...config import CrossAttentionConfig, InterleafConfig, ResamplerConfig, TokensConfig, VisionConfig
 from ...errors import CheckpointError, ConfigError
+from ...files import read_json
 from ...config import CLIP_MEAN, CLIP_STD
-from .._common import fill_meta_model, read_json, read_weights
+from .._common import fill_meta_model, read_weights
 from .keys import cross_layers, idefics_key_map, map_from_idefics
 
 __all__ = ["from_idefics", "idefics_to_interleaf_config"]
@@ -233,10 +234,10 @@ def _image_processor_settings(directory: Path) -> dict | None:
     """IDEFICS' image processor settings: ``preprocessor_config.json`` or ``processor_config.json``."""
     pre = directory / "preprocessor_config.json"
     if pre.is_file():
-        return read_json(pre)
+        return read_json(pre, "IDEFICS checkpoint", error=CheckpointError)
     proc = directory / "processor_config.json"
     if proc.is_file():
-        section = read_json(proc).get("image_processor")
+        section = read_json(proc, "IDEFICS checkpoint", error=CheckpointError).get("image_processor")
         return section if isinstance(section, dict) else None
     return None
 
@@ -256,7 +257,7 @@ def from_idefics(src_dir: PathLike, dst_dir: PathLike, *, tokenizer: Any = None)
     src = Path(src_dir).expanduser()
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{str(src)!r} is not an IDEFICS save_pretrained directory (no config.json)")
-    model_type = read_json(src / "config.json").get("model_type")
+    model_type = read_json(src / "config.json", "IDEFICS checkpoint", error=CheckpointError).get("model_type")
     if model_type != "idefics":
         raise CheckpointError(f"{str(src / 'config.json')!r} has model_type {model_type!r}, expected 'idefics'")
     idefics_config = IdeficsConfig.from_pretrained(str(src), local_files_only=True)

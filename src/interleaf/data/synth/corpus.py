@@ -48,6 +48,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ...errors import InputError
+from ...files import read_json
 from .scenes import (
     COLOURS,
     MIN_SIZE_FOR_SMALL,
@@ -373,7 +374,7 @@ def corpus_text(out_dir: str | Path) -> Iterator[str]:
         raise InputError(
             f"corpus_text: {manifest_path} not found; write the corpus first with write_corpus()"
         )
-    files = json.loads(manifest_path.read_text())["files"]
+    files = read_json(manifest_path, "corpus_text")["files"]
     for rel in files["pairs"]:
         with tarfile.open(out / rel) as tar:
             for m in tar:
@@ -387,5 +388,5 @@ def corpus_text(out_dir: str | Path) -> Iterator[str]:
                     yield " ".join(t for t in doc["texts"] if t is not None)
 
     for key in ("vqa_train", "conv_train"):
-        for entry in json.loads((out / files[key]).read_text()):
+        for entry in read_json(out / files[key], "corpus_text"):
             yield " ".join(strip_image_markers(turn["value"]) for turn in entry["conversations"])

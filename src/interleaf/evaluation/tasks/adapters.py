@@ -29,7 +29,6 @@ from __future__ import annotations
 import ast
 import base64
 import csv
-import json
 import re
 import sys
 from collections import Counter
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import InputError
+from ...files import read_json, read_jsonl
 from ..metrics import index_to_letter
 from .spec import IMAGE_MARK, Example, TaskSpec
 
@@ -95,25 +95,6 @@ def adapter(name: str) -> Callable[[Adapter], Adapter]:
     return wrap
 
 
-def read_json(path: Path) -> Any:
-    """The JSON in ``path``; invalid JSON is an :class:`InputError` naming the file."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON: {e}") from e
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}, line {n}: not valid JSON ({e})") from e
-    return rows
-
-
 def split_key(ctx: DataContext, split: str, suffix: str = "") -> str:
     """The ``files`` key of ``split`` (``f"{split}{suffix}"``); a task without one is an error."""
     key = f"{split}{suffix}"
@@ -131,7 +112,7 @@ def split_key(ctx: DataContext, split: str, suffix: str = "") -> str:
 @adapter("karpathy")
 def load_karpathy(ctx: DataContext, split: str) -> list[Example]:
     """Karpathy-split captions; ``train`` includes ``restval``."""
-    data = read_json(ctx.path("annotations"))
+    data = read_json(ctx.path("annotations"), f"task {ctx.task.name!r}")
     if not isinstance(data, dict) or "images" not in data:
         raise InputError(f"{ctx.read['annotations']} is not a Karpathy-split file: it has no 'images' list")
     wanted = {"train", "restval"} if split == "train" else {split}
@@ -159,7 +140,7 @@ def _most_common(answers: list[str]) -> str:
 def load_vqa(ctx: DataContext, split: str) -> list[Example]:
     """VQA-format questions + annotations paired by question_id; TextVQA / VizWiz single files."""
     qkey = split_key(ctx, split, "_questions")
-    qdata = read_json(ctx.path(qkey))
+    qdata = read_json(ctx.path(qkey), f"task {ctx.task.name!r}")
     pattern = ctx.task.files.get(f"{split}_images", "{image_id}")
     if isinstance(qdata, dict) and "data" in qdata:  # TextVQA: one file with answers
         rows = [
@@ -176,7 +157,7 @@ def load_vqa(ctx: DataContext, split: str) -> list[Example]:
         if "questions" not in qdata:
             raise InputError(f"{ctx.read[qkey]} is not a VQA question file: no 'questions' list")
         akey = split_key(ctx, split, "_annotations")
-        adata = read_json(ctx.path(akey))
+        adata = read_json(ctx.path(akey), f"task {ctx.task.name!r}")
         by_qid = {a["question_id"]: a for a in adata.get("annotations", [])}
         rows = []
         for q in qdata["questions"]:
@@ -204,7 +185,7 @@ def load_vqa(ctx: DataContext, split: str) -> list[Example]:
 @adapter("hateful_memes")
 def load_hateful_memes(ctx: DataContext, split: str) -> list[Example]:
     out = []
-    for row in _read_jsonl(ctx.path(split_key(ctx, split))):
+    for row in read_jsonl(ctx.path(split_key(ctx, split)), f"task {ctx.task.name!r}"):
         label = int(row["label"]) if "label" in row else None
         out.append(Example(
             id=str(row["id"]), images=[ctx.image(row["img"])],
@@ -223,7 +204,7 @@ def load_imagefolder(ctx: DataContext, split: str) -> list[Example]:
         raise InputError(f"{root} holds no class folders; an image-folder split is <split>/<class>/<image files>")
     names = dict(zip(folders, folders))
     if ctx.has("class_names"):
-        mapping = read_json(ctx.path("class_names"))
+        mapping = read_json(ctx.path("class_names"), f"task {ctx.task.name!r}")
         missing = [f for f in folders if f not in mapping]
         if missing:
             raise InputError(f"{ctx.read['class_names']} has no name for the class folders {missing[:5]}")
@@ -250,7 +231,7 @@ def _options_text(options: list[str]) -> str:
 @adapter("scienceqa")
 def load_scienceqa(ctx: DataContext, split: str) -> list[Example]:
     """ScienceQA-IMG: problems with an image; images at ``<split>/<pid>/<image>``."""
-    problems = read_json(ctx.path("problems"))
+    problems = read_json(ctx.path("problems"), f"task {ctx.task.name!r}")
     out = []
     for pid, p in problems.items():
         if p.get("split") != split or not p.get("image"):
@@ -337,7 +318,8 @@ _MMMU_MARK = re.compile(r"<image (\d+)>")
 def load_mmmu(ctx: DataContext, split: str) -> list[Example]:
     """MMMU exported to JSON / JSON lines; images (``image_1``..) interleaved at ``<image k>``."""
     path = ctx.path(split_key(ctx, split))
-    rows = _read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
+    what = f"task {ctx.task.name!r}"
+    rows = read_jsonl(path, what) if path.suffix == ".jsonl" else read_json(path, what)
     out = []
     for row in rows:
         options = row.get("options", [])
@@ -393,7 +375,7 @@ def load_llava(ctx: DataContext, split: str) -> list[Example]:
     """A LLaVA-format JSON: the prompt is the conversation up to the last user turn, the
     reference the last assistant turn; ``qtype`` (if any) groups the results."""
     path = ctx.path(split_key(ctx, split))
-    data = read_json(path)
+    data = read_json(path, f"task {ctx.task.name!r}")
     if not isinstance(data, list):
         raise InputError(f"{path} is not a LLaVA-format file: expected a JSON list of conversations")
     out = []
