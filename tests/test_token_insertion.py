@@ -61,7 +61,8 @@ def test_cross_attention_configs_keep_their_sections_and_token_insertion_round_t
     assert again.projector_cfg == config.projector_cfg and again.insertion_cfg == config.insertion_cfg
     config.save_pretrained(tmp_path)
     loaded = InterleafConfig.from_pretrained(tmp_path)
-    assert loaded.fusion == "token_insertion" and loaded.projector == {"kind": "linear", "bias": False, "activation": "gelu"}
+    assert loaded.fusion == "token_insertion" and loaded.projector == {"kind": "linear", "bias": False, "activation": "gelu",
+                                                            "token_sampler": None}
 
 
 @pytest.mark.parametrize(
@@ -107,9 +108,38 @@ def test_build_from_pieces_with_a_linear_projector(tmp_path):
         model.prepare_media(batch["input_ids"], batch["pixel_values"])
 
 
-def test_token_sampler_is_a_clear_plug_point():
-    with pytest.raises(ConfigError, match="projector.kind.*token_sampler"):
-        interleaf.build("tiny-llava", projector={"kind": "token_sampler"})
+SAMPLER = {"kind": "token_sampler", "token_sampler": {"depth": 1, "num_latents": 4, "heads": 2, "head_dim": 8}}
+
+
+@torch.no_grad()
+def test_token_sampler_projector_in_both_placements_gives_the_same_logits():
+    expand, processor = interleaf.build("tiny-llava", projector=SAMPLER, seed=0)
+    assert processor.tokens.image_seq_length == 4 and expand.projector.num_latents == 4
+    replace = _replace_model(expand)
+    batch = processor([["look", RED, "and", BLUE, "what"], ["text only"], [RED, "red?"]])
+    image = processor.image_token_id
+    rows = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+    one = [[t for p, t in enumerate(row) if t != image or p == 0 or row[p - 1] != image]  # one <image> per image
+           for row in rows]
+    width = max(len(r) for r in one)
+    ids = torch.tensor([[processor.pad_token_id] * (width - len(r)) + r for r in one])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in one])
+    assert [sum(1 for t in r if t == image) for r in one] == [2, 0, 1]
+    want = expand(**batch).logits
+    got = replace(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
+    assert got.shape == want.shape
+    assert (want - got)[batch["attention_mask"].bool()].abs().max() <= 1e-5
+    kwargs = dict(max_new_tokens=3, do_sample=False)
+    new = expand.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(replace.generate(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                                        **kwargs)[:, width:], new)
+
+
+def test_token_sampler_settings_belong_to_the_token_sampler_kind():
+    with pytest.raises(ConfigError, match="'projector.token_sampler'"):
+        interleaf.build("tiny-llava", projector={"kind": "linear", "token_sampler": {"depth": 1}})
+    with pytest.raises(ConfigError, match="'projector.token_sampler.depth'"):
+        interleaf.build("tiny-llava", projector={"kind": "token_sampler", "token_sampler": {"depth": 0}})
 
 
 def test_image_seq_length_must_be_what_the_model_writes():

@@ -245,9 +245,16 @@ class ProjectorConfig:
     kind: Literal["mlp2x_gelu", "linear", "token_sampler"] = "mlp2x_gelu"
     bias: bool = True  # LLaVA's multimodal_projector_bias
     activation: str = setting("gelu", nonempty=True)  # mlp2x_gelu's activation (transformers' ACT2FN name)
+    # kind "token_sampler": its settings (None: xGen-MM r-v1.5's); its widths default to the model's
+    token_sampler: TokenSamplerConfig | None = None
 
     def __post_init__(self):
         validate(self, "projector")
+
+    def _check(self, path: str) -> None:
+        if self.token_sampler is not None and self.kind != "token_sampler":
+            raise ConfigError(f"{path}.token_sampler", f"is set but the projector is {self.kind!r}",
+                              "remove it, or set kind: token_sampler")
 
 
 @dataclass

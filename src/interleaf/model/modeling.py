@@ -101,7 +101,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         if language_model.config._attn_implementation is None:
             language_model.set_attn_implementation("sdpa")
         if inserts:
-            self.projector = build_projector(config.projector_cfg, media_dim, language_model.config.hidden_size)
+            self.projector: nn.Module = build_projector(config.projector_cfg, media_dim, language_model.config.hidden_size)
             token_insertion.check_config(self)
         else:
             attach_cross_attention(self.language_model, config.xattn_cfg, media_dim)

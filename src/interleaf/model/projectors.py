@@ -5,8 +5,8 @@ Every projector maps ``(K, V, Dv)`` (K images, V vision tokens each) to ``(K, V'
 - :class:`MLPProjector` (``mlp2x_gelu``, LLaVA's ``multi_modal_projector``):
   ``linear_1 (Dv -> D) -> activation -> linear_2 (D -> D)``, with bias; V' = V.
 - :class:`LinearProjector` (``linear``): one ``Dv -> D`` map; V' = V.
-- ``token_sampler`` (xGen-MM's perceiver, V' = its number of latents) is built by
-  :func:`build_projector` from its own module when that module is available.
+- :class:`~interleaf.model.token_sampler.TokenSampler` (``token_sampler``, xGen-MM's perceiver):
+  V' = its ``num_latents``, whatever V is.
 
 :func:`build_projector` is the one place a projector is chosen.
 """
@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..config import ProjectorConfig
+from ..config import ProjectorConfig, TokenSamplerConfig
 from ..errors import ConfigError
+from .token_sampler import TokenSampler
 
 __all__ = ["LinearProjector", "MLPProjector", "build_projector"]
 
@@ -33,7 +34,6 @@ class MLPProjector(nn.Module):
         self.linear_1 = nn.Linear(in_dim, out_dim, bias=bias)
         self.act = ACT2FN[activation]
         self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
-        self.num_tokens: int | None = None  # as many as the vision tower gives
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(features)))
@@ -45,7 +45,6 @@ class LinearProjector(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, bias: bool = True):
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim, bias=bias)
-        self.num_tokens: int | None = None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(features)
@@ -54,23 +53,11 @@ class LinearProjector(nn.Module):
 def build_projector(cfg: ProjectorConfig, in_dim: int, out_dim: int) -> nn.Module:
     """The projector of ``cfg`` from vision width ``in_dim`` to LM width ``out_dim``.
 
-    A projector has ``forward(features (K, V, Dv)) -> (K, V', D)`` and ``num_tokens`` (V', or
-    ``None`` when it keeps the vision tower's V).
+    A projector has ``forward(features (K, V, Dv)) -> (K, V', D)``; one that resamples to a fixed
+    number of tokens says how many in ``num_latents`` (the others keep the vision tower's V).
     """
     if cfg.kind == "mlp2x_gelu":
         return MLPProjector(in_dim, out_dim, cfg.activation, cfg.bias)
     if cfg.kind == "linear":
         return LinearProjector(in_dim, out_dim, cfg.bias)
-    # token_sampler: xGen-MM's perceiver (model/token_sampler.py, configured by its own section)
-    # plugs in here: it maps (K, V, Dv) -> (K, num_latents, D) and sets num_tokens = num_latents.
-    try:
-        from . import token_sampler  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            "projector.kind", "'token_sampler' is not available yet in this version of interleaf",
-            "use 'mlp2x_gelu' or 'linear'",
-        ) from None
-    raise ConfigError(
-        "projector.kind", "'token_sampler' is not wired into the projector factory yet",
-        "use 'mlp2x_gelu' or 'linear'",
-    )
+    return TokenSampler(cfg.token_sampler or TokenSamplerConfig(), in_dim, out_dim)

@@ -45,8 +45,8 @@ __all__ = [
 
 
 def tokens_per_image(model) -> int:
-    """V': embeddings one image becomes (the projector's count, else the vision tower's)."""
-    count = getattr(model.projector, "num_tokens", None)
+    """V': embeddings one image becomes (a resampling projector's latents, else the vision tower's tokens)."""
+    count = getattr(model.projector, "num_latents", None)
     return int(count) if count is not None else int(model.vision_tower.num_tokens)
 
 
@@ -204,7 +204,8 @@ def replace_placement(model, input_ids, attention_mask, labels):
     """Grow a batch written with one ``<image>`` per image to the ``expand`` layout (see module docstring)."""
     per_image = tokens_per_image(model)
     counts = (input_ids == model.image_token_id).sum(-1).tolist()
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    pad = getattr(model.config, "pad_token_id", None)
+    pad = pad if pad is not None else 0  # any id: padding is masked out
     lengths = [[per_image] * c for c in counts]
     return expand_image_tokens(input_ids, attention_mask, labels, lengths, model.image_token_id, pad)
 
