@@ -15,12 +15,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
-from .config import InterleafConfig, ProjectorConfig, TokenSamplerConfig, TokensConfig, VisionConfig
+from .config import InterleafConfig, TokensConfig, VisionConfig, image_embeddings_per_image
 from .errors import CheckpointError, ConfigError
 from .files import local_dir
 from .model import InterleafForConditionalGeneration
 from .presets import get_preset
-from .schema import read
 from .processing import ImageTransform, InterleafProcessor, build_tiny_tokenizer
 from .processing.tokenizer import load_tokenizer
 
@@ -156,11 +155,7 @@ def _insertion_tokens(sections: dict[str, Any]) -> dict[str, Any]:
     placement = sections.get("insertion", {}).get("placement", "expand")
     tokens.setdefault("prompt_format", "llava")
     if placement == "expand" and "image_seq_length" not in tokens:
-        projector = read(ProjectorConfig, sections.get("projector", {}), "projector")
-        if projector.kind == "token_sampler":
-            tokens["image_seq_length"] = (projector.token_sampler or TokenSamplerConfig()).num_latents
-        else:
-            tokens["image_seq_length"] = VisionConfig(**sections.get("vision", {})).num_tokens
+        tokens["image_seq_length"] = image_embeddings_per_image(sections.get("projector", {}), sections.get("vision", {}))
     return tokens
 
 

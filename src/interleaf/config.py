@@ -273,6 +273,16 @@ class InsertionConfig:
         validate(self, "insertion")
 
 
+def image_embeddings_per_image(projector: dict | ProjectorConfig, vision: dict | VisionConfig) -> int:
+    """Embeddings one image becomes in a token-insertion model (without anyres): the token
+    sampler's latents, else the vision tower's tokens."""
+    projector = projector if isinstance(projector, ProjectorConfig) else read(ProjectorConfig, projector, "projector")
+    if projector.kind == "token_sampler":
+        return (projector.token_sampler or TokenSamplerConfig()).num_latents
+    vision = vision if isinstance(vision, VisionConfig) else read(VisionConfig, vision, "vision")
+    return vision.num_tokens
+
+
 def freeze_policies(fusion: str) -> tuple[str, ...]:
     """The freeze policies that apply to a fusion family."""
     if fusion == "token_insertion":
