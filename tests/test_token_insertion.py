@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_clip, tiny_llava
+from tiny import LM_FAMILIES, tiny_clip, tiny_llava
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 import interleaf
@@ -235,9 +235,10 @@ def test_replace_placement_matches_llava_on_the_expanded_text(llava):
 # -- batches and generation --
 
 
+@pytest.mark.parametrize("family", list(LM_FAMILIES))
 @torch.no_grad()
-def test_a_row_gives_the_same_logits_alone_and_in_a_mixed_left_padded_batch(tiny):
-    model, processor = tiny
+def test_every_lm_family_gives_rows_alone_the_logits_they_get_in_a_batch(family):
+    model, processor = interleaf.build("tiny-llava", lm=dict(LM_FAMILIES[family], vocab_size=None), seed=0)
     prompts = [["a cat"], ["look", RED, "and", BLUE, "what"], [RED, "red?"]]
     batch = processor(prompts)
     logits = model(**batch).logits
@@ -245,6 +246,8 @@ def test_a_row_gives_the_same_logits_alone_and_in_a_mixed_left_padded_batch(tiny
         alone = processor([prompt])
         t = alone["input_ids"].shape[1]
         assert torch.allclose(model(**alone).logits[0], logits[r, -t:], atol=1e-5)
+    new = model.generate(**batch, max_new_tokens=3, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(model.generate(**processor(prompts[1:2]), max_new_tokens=3, do_sample=False)[0, -3:], new[1])
 
 
 @torch.no_grad()

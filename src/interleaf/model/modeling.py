@@ -75,7 +75,13 @@ class InterleafPreTrainedModel(PreTrainedModel):
 
 
 class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixin):
-    """A Flamingo-style vision-language model around any transformers causal LM."""
+    """A vision-language model around any transformers causal LM, in one of two families.
+
+    ``config.fusion == "cross_attention"`` (Flamingo, OpenFlamingo, IDEFICS): resampler and gated
+    cross-attention blocks. ``"token_insertion"`` (LLaVA, xGen-MM): a ``projector`` whose output is
+    written into the LM's input (:mod:`~interleaf.model.token_insertion`). One class for both, so
+    that training, evaluation and serving call ``forward`` / ``generate`` without asking which.
+    """
 
     def __init__(
         self,

@@ -240,12 +240,13 @@ def forward(
     is_image = input_ids == image_id
     embeds = model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
     embeds = write_image_embeddings(embeds, input_ids, image_embeds, image_id)
-    if position_ids is None and attention_mask is not None:
+    if position_ids is None and attention_mask is not None:  # left padding: positions count real tokens only
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1] :]
+    if model._lm_accepts_position_ids and position_ids is not None:
+        kwargs["position_ids"] = position_ids
     out = model.language_model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
-        position_ids=position_ids,
         past_key_values=past_key_values,
         use_cache=use_cache,
         logits_to_keep=logits_to_keep,
