@@ -299,6 +299,48 @@ def check_freeze_policy(policy: str, fusion: str, field: str) -> None:
         )
 
 
+ANYRES_CONVENTIONS = ("xgenmm", "llava_next")
+# The grids both released families were trained with, as multiples of the base size, in each convention's own
+# order: xGen-MM reads them as (width, height), LLaVA-NeXT's image_grid_pinpoints as (height, width).
+ANYRES_GRID_MULTIPLES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+
+@dataclass
+class AnyresConfig:
+    """Any-resolution tiling: each image becomes a base view plus a grid of crops (:mod:`interleaf.processing.anyres`).
+
+    ``grids`` are the candidate canvases in pixels, each side a multiple of ``base_size``, written in the
+    convention's own order: ``"xgenmm"`` (width, height) as xGen-MM's ``anyres_grids``, ``"llava_next"``
+    (height, width) as LLaVA-NeXT's ``image_grid_pinpoints``. The defaults are xGen-MM r-v1.5's.
+    """
+
+    convention: Literal["xgenmm", "llava_next"] = "xgenmm"
+    base_size: int = setting(384, ge=1)  # side of the base view and of every crop, in px (the tower's input size)
+    patch_size: int = setting(14, ge=1)  # the tower's patch side: a view gives (base_size // patch_size) ** 2 tokens
+    grids: list[tuple[int, int]] | None = setting(None, ge=1, nonempty=True)  # None: ANYRES_GRID_MULTIPLES x base
+    max_crops: int = setting(4, ge=1)  # the most crops a grid may have (4: both released families' 2x2)
+    max_image_pixels: int = setting(50_000_000, ge=1)  # larger images are refused before any resizing
+
+    def __post_init__(self):
+        validate(self, "anyres")
+
+    def _check(self, path: str) -> None:
+        s = self.base_size
+        if self.patch_size > s:
+            raise ConfigError(f"{path}.patch_size", f"{self.patch_size} is larger than base_size {s}")
+        if self.grids is None:
+            self.grids = [(a * s, b * s) for a, b in ANYRES_GRID_MULTIPLES]
+        order = "(width, height)" if self.convention == "xgenmm" else "(height, width)"
+        for i, (a, b) in enumerate(self.grids):
+            if a % s or b % s:
+                raise ConfigError(f"{path}.grids[{i}]", f"{[a, b]} is not a multiple of base_size {s} on each side",
+                                  f"write each grid as {order} in px, e.g. {[s, 2 * s]}")
+            if (a // s) * (b // s) > self.max_crops:
+                raise ConfigError(f"{path}.grids[{i}]",
+                                  f"{[a, b]} has {(a // s) * (b // s)} crops, above max_crops {self.max_crops}",
+                                  "drop that grid or raise max_crops")
+
+
 def _text_config_from_dict(data: dict) -> PreTrainedConfig:
     from transformers import AutoConfig
 

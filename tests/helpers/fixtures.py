@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytest
 import torch
@@ -36,12 +36,18 @@ def fixtures_root() -> Path:
     return root
 
 
-def fixture_dirs(prefix: str = "") -> list[Path]:
-    """Every fixture folder whose name starts with ``prefix``, sorted; fails when there is none."""
+def fixture_dirs(prefix: str = "", has: Sequence[str] = (), lacks: Sequence[str] = ()) -> list[Path]:
+    """Every fixture folder named ``prefix*`` holding all files in ``has`` and none in ``lacks``, sorted
+    by name; fails the test when there is none."""
     root = fixtures_root()
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    dirs = sorted(
+        d for d in root.iterdir()
+        if d.is_dir() and d.name.startswith(prefix)
+        and all((d / f).exists() for f in has) and not any((d / f).exists() for f in lacks)
+    )
     if not dirs:
-        pytest.fail(f"no fixture folder named {prefix}* in {str(root)!r} ({ENV})", pytrace=False)
+        pytest.fail(f"no fixture folder {prefix}* with {list(has)} (and without {list(lacks)}) in {str(root)!r} "
+                    f"({ENV})", pytrace=False)
     return dirs
 
 

@@ -20,7 +20,7 @@ data_app = typer.Typer(
     name="data", help="Write, check and look inside training data.", no_args_is_help=True, add_completion=False
 )
 
-FORMAT_HELP = "pairs | interleaved | llava (default: guessed from the files)"
+FORMAT_HELP = "pairs | interleaved | llava | preference (default: guessed from the files)"
 
 
 def synth_cmd(

@@ -8,6 +8,8 @@
         └─ iter_tar_samples ─► TarSample ─► parse_document ─► Document (items in reading order)
     LLaVA JSON / JSON lines  [{"id", "image": str | [str] | absent, "conversations": [...]}]
         └─ load_llava ─► list of records ─► parse_conversation ─► Conversation
+    preference JSON / JSON lines  [{"id", "image", "prompt", "chosen", "rejected"}]
+        └─ load_llava ─► list of records ─► parse_preference (data/preference.py) ─► Preference
 
 A tar sample is a run of consecutive members sharing a key, as WebDataset groups them: the key is
 the member name up to the first dot of its base name, the field is the rest
@@ -31,7 +33,7 @@ from typing import Any, Union
 from ..errors import InputError
 from ..files import iter_jsonl, read_json
 
-FORMATS = ("pairs", "interleaved", "llava")
+FORMATS = ("pairs", "interleaved", "llava", "preference")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("caption", "text", "txt", "alt", "alt_text")
 LLAVA_IMAGE_PLACEHOLDER = "<image>"

@@ -43,9 +43,14 @@ MAX_BAD_EXAMPLES = 10  # bad samples a report keeps (each one's where and why)
 
 
 def guess_format(files: list[str]) -> str:
-    """llava for JSON files; for tar shards, interleaved if the first sample's JSON has "texts"."""
+    """llava for JSON files (preference if the first entry has "chosen"); for tar shards,
+    interleaved if the first sample's JSON has "texts"."""
     if all(f.endswith((".json", ".jsonl")) for f in files):
-        return "llava"
+        try:
+            first = next((r.data for r in load_llava(files[0]) if r.data is not None), None)
+        except InputError:  # unreadable: reading it as a source reports why
+            first = None
+        return "preference" if isinstance(first, dict) and "chosen" in first else "llava"
     for f in files:
         for sample in iter_tar_groups(f):
             if isinstance(sample, TarSample):
@@ -79,7 +84,7 @@ def mixture_for_source(source: str, fmt: str | None = None, images_root: Path | 
     if not files:
         raise InputError(f"SOURCE {source!r} matches no file; pass a mixture YAML, a tar shard (or glob), or a LLaVA JSON")
     fmt = fmt or guess_format(files)
-    if fmt == "llava" and images_root is None:
+    if fmt in ("llava", "preference") and images_root is None:
         images_root = corpus_images_root(files[0])
     return single_source_mixture(files, fmt, images_root=str(images_root) if images_root else None)
 
@@ -87,7 +92,7 @@ def mixture_for_source(source: str, fmt: str | None = None, images_root: Path | 
 def source_size(cfg: SourceConfig, files: list[str] | None = None) -> int:
     """Samples in a source's files (LLaVA records, or tar samples); ``files`` defaults to ``cfg.files()``."""
     files = cfg.files() if files is None else files
-    return sum(len(load_llava(f)) if cfg.format == "llava" else count_tar_samples(f) for f in files)
+    return sum(len(load_llava(f)) if cfg.format in ("llava", "preference") else count_tar_samples(f) for f in files)
 
 
 @dataclass(frozen=True)
@@ -115,12 +120,14 @@ class SourceReport:
 
 
 def _shown(sample: dict, processor: InterleafProcessor) -> ShownSample:
+    """One sample as text; a preference pair shows its chosen row, then its rejected row."""
+    rows = [("", sample)] if "input_ids" in sample else [(f"{k}: ", sample[k]) for k in ("chosen", "rejected")]
     return ShownSample(
         key=sample["key"],
-        num_tokens=len(sample["input_ids"]),
-        num_trained=sum(1 for label in sample["labels"] if label != IGNORE_INDEX),
-        num_images=len(sample["images"]),
-        rendered=render_sample(processor.tokenizer, sample["input_ids"], sample["labels"]),
+        num_tokens=sum(len(row["input_ids"]) for _, row in rows),
+        num_trained=sum(1 for _, row in rows for label in row["labels"] if label != IGNORE_INDEX),
+        num_images=len(rows[0][1]["images"]),
+        rendered="\n".join(head + render_sample(processor.tokenizer, row["input_ids"], row["labels"]) for head, row in rows),
     )
 
 

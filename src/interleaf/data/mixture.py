@@ -17,7 +17,7 @@ Mixture YAML schema
     samples_per_epoch: null  # epoch length of a weighted mixture (default: the sources' total size)
     sources:
       - name: laion                     # unique; used in logs and the bad-sample table
-        format: pairs                   # pairs | interleaved | llava
+        format: pairs                   # pairs | interleaved | llava | preference
         paths: [pairs/train-*.tar]      # files or globs, relative to this YAML's folder; $VARS expand
                                         # (a path that starts with $VAR is relative to the working directory)
         weight: 1.0                     # sampling weight ...
@@ -27,7 +27,7 @@ Mixture YAML schema
       - name: vqa
         format: llava
         paths: llava/vqa_train.json     # a JSON list or JSON lines
-        images_root: images             # LLaVA image paths are relative to this folder
+        images_root: images             # LLaVA (and preference) image paths are relative to this folder
         image_path_map: {"/data/coco/": "coco/"}   # prefix -> replacement (xGen-MM)
         samples: 50000                  # ... or an absolute count per epoch (more than the source's
                                         # size repeats it, fewer takes part of it; xGen-MM's SFT YAML)
@@ -36,8 +36,8 @@ Every source gives either ``samples`` (all of them) or ``weight`` (default 1 eac
 epoch holds exactly those counts, in a shuffled order; with weights each sample's source is
 drawn by weight. A source that is used up starts a new, re-shuffled pass over itself.
 
-The three formats (ten lines each)
-----------------------------------
+The formats (ten lines each)
+----------------------------
 
 Image-text pairs, ``format: pairs`` (WebDataset tar shards, as LAION / COYO ship)::
 
@@ -73,6 +73,16 @@ LLaVA conversations, ``format: llava`` (a JSON list, or one object per line)::
      {"id": "0002", "image": ["a.png", "b.png"], "conversations": [... two <image> placeholders ...]},
      {"id": "0003", "conversations": [... text only, no "image" ...]}]
     Rendered with the chat template; trained: the assistant turns only, never image tokens.
+
+Preference pairs for DPO, ``format: preference`` (a JSON list, or one object per line; the LLaVA
+conventions for images; see :mod:`interleaf.data.preference`)::
+
+    [{"id": "0001", "image": "train/s0123.png",
+      "prompt": "<image>\\nwhat colour is the circle?",      # or a list of turns ending with the user's
+      "chosen": "red",
+      "rejected": "blue"}]
+    Each sample is two rows, prompt + chosen and prompt + rejected; scored: the answer only.
+    Only a DPO stage (objective: dpo) reads them, and a DPO stage reads nothing else.
 """
 
 from __future__ import annotations
@@ -112,10 +122,10 @@ class SourceConfig:
         for i, p in enumerate(self.paths):
             if not p:
                 raise ConfigError(join(join(path, "paths"), i), "must not be empty", "give a file path or a glob")
-        if self.format != "llava":
+        if self.format not in ("llava", "preference"):
             for key in ("images_root", "image_path_map"):
                 if getattr(self, key):
-                    raise ConfigError(join(path, key), f"applies to llava sources only; {self.format} shards hold their images")
+                    raise ConfigError(join(path, key), f"applies to llava and preference sources only; {self.format} shards hold their images")
         if self.samples is not None and self.weight is not None:
             raise ConfigError(join(path, "samples"), "give either samples (a count per epoch) or weight, not both")
         if self.task_prompt and self.format == "interleaved":

@@ -6,10 +6,12 @@
         pairs / interleaved: shards in a seeded order, read lazily; blocks of ``shuffle_buffer``
                              samples are shuffled; rank r keeps samples whose running index i
                              has i % world_size == r (bytes of the others are never read)
-        llava:               the JSON is loaded once; a seeded permutation per pass; rank r takes
+        llava, preference:   the JSON is loaded once; a seeded permutation per pass; rank r takes
                              every world_size-th entry
     schedule per epoch ──► which source gives the next sample: counts shuffled, or drawn by weight
     ──► {"input_ids", "labels", "images", "source", "loss_weight", "key"}  (collate() batches them)
+        preference: {"chosen": {...}, "rejected": {...}, "source", "loss_weight", "key", "pair"}
+                    (collate_preference() batches them; see interleaf.data.preference)
 
 Everything is a pure function of (seed, epoch, rank, world_size), so :meth:`MixtureStream.state_dict`
 is a few integers per source: a resumed stream re-reads at most one shuffle block and then
@@ -42,6 +44,7 @@ from .formats import (
     parse_pair,
 )
 from .mixture import MixtureConfig, SourceConfig, load_mixture
+from .preference import Preference, encode_preference, parse_preference
 from .tokenize import encode_sample
 
 MIN_SEEN_FOR_BAD_CHECK = 20
@@ -129,6 +132,7 @@ class _SourceStream:
         self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
         self.epoch = 0  # passes over the source completed
         self.good_in_epoch = 0  # usable samples in the current pass (a pass with none is an error)
+        self.last_bad: BadSample | None = None  # the latest skipped sample, named when a pass has none usable
 
     def _rng(self, *parts: Any) -> random.Random:
         return random.Random(":".join(str(p) for p in (self.seed, self.cfg.name, *parts)))
@@ -140,8 +144,10 @@ class _SourceStream:
                 "the files are empty, or there are fewer samples than ranks"
             )
         if self.good_in_epoch == 0:
+            last = self.last_bad
+            why = f" (the last: {last.where}: {last.reason}: {last.detail})" if last is not None else ""
             raise InputError(
-                f"source {self.cfg.name!r}: not one usable sample in a full pass over {raw_in_pass} samples; "
+                f"source {self.cfg.name!r}: not one usable sample in a full pass over {raw_in_pass} samples{why}; "
                 "run `interleaf data inspect` on its files to see why"
             )
         self.epoch += 1
@@ -304,7 +310,26 @@ class _ShardStream(_SourceStream):
         self._block = None
 
 
+class _PreferenceStream(_LlavaStream):
+    """Preference files are read and dealt out as LLaVA files are; each entry is a :class:`Preference`."""
+
+    def parse(self, raw):
+        record, root = raw
+        return parse_preference(
+            record, images_root=root, image_path_map=self.cfg.image_path_map, task_prompt=self.cfg.task_prompt
+        )
+
+
+def _encode(parsed, processor, **settings) -> dict:
+    """A parsed sample -> its training sample: a preference pair's two rows, or one row."""
+    if isinstance(parsed, Preference):
+        return encode_preference(parsed, processor, **settings)
+    return encode_sample(parsed, processor, **settings)
+
+
 def _source_stream(cfg: SourceConfig, seed: int, rank: int, world_size: int, buffer: int) -> _SourceStream:
+    if cfg.format == "preference":
+        return _PreferenceStream(cfg, seed, rank, world_size)
     if cfg.format == "llava":
         return _LlavaStream(cfg, seed, rank, world_size)
     return _ShardStream(cfg, seed, rank, world_size, buffer)
@@ -407,7 +432,7 @@ class MixtureStream(IterableDataset):
         while True:
             raw = stream.next_raw()
             try:
-                sample = encode_sample(
+                sample = _encode(
                     stream.parse(raw), self.processor, source=cfg.name, max_length=self.max_length,
                     max_images=cfg.max_images, task_prompt=cfg.task_prompt if cfg.format == "pairs" else None,
                     loss_weight=cfg.loss_weight,
@@ -415,6 +440,7 @@ class MixtureStream(IterableDataset):
             except BadSample as bad:
                 self.bad.add_bad(cfg.name, bad)
                 self.bad.check(cfg.name)
+                stream.last_bad = bad
                 continue
             self.bad.add_good(cfg.name)
             stream.good_in_epoch += 1
@@ -461,7 +487,7 @@ def iter_source(
         raws = (item for f in stream.files for item in iter_tar_groups(f))
     for raw in raws:
         try:
-            yield encode_sample(
+            yield _encode(
                 stream.parse(raw), processor, source=cfg.name, max_length=max_length, max_images=cfg.max_images,
                 task_prompt=cfg.task_prompt if cfg.format == "pairs" else None, loss_weight=cfg.loss_weight,
             ), None

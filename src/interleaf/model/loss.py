@@ -10,6 +10,9 @@ One rule (the shift and the mask) with two reductions, because the two callers n
 
 With every weight 1 and one batch, ``weighted_token_loss``'s sums divided by the trained-token count
 give ``causal_lm_loss`` (up to float rounding: the two reduce in a different order).
+
+Preference training (DPO) uses the same shift and mask: :func:`sequence_logps` is each row's
+log-probability of its trained tokens, summed, and :func:`dpo_loss` the sigmoid DPO loss on them.
 """
 
 from __future__ import annotations
@@ -73,4 +76,49 @@ def weighted_token_loss(
     return w * ce_rows, w * z.sum(-1), ce_rows, mask.sum(-1)
 
 
-__all__ = ["IGNORE_INDEX", "causal_lm_loss", "shift_for_next_token", "trained_tokens", "weighted_token_loss"]
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its trained tokens: ``(logps (B,), token counts (B,))``.
+
+    ``logps[b] = sum_t log softmax(logits[b, t])[labels[b, t + 1]]`` over positions whose label is
+    not ``IGNORE_INDEX``, in float32 (the negated cross-entropy, which never builds the (B, T, V)
+    log-softmax).
+    """
+    shift_logits, shift_labels = shift_for_next_token(logits, labels)
+    mask = shift_labels != IGNORE_INDEX  # (B, T-1)
+    ce = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view_as(shift_labels)  # (B, T-1), 0 where masked
+    return -ce.sum(-1), mask.sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sigmoid DPO loss per pair, with the implicit rewards: ``(losses, chosen_rewards, rejected_rewards)``, each (B,).
+
+    With the sequence log-probabilities of the policy (``pi``) and the frozen reference (``ref``)::
+
+        h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
+        loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
+        reward_chosen = beta * (pi_chosen - ref_chosen), reward_rejected = beta * (pi_rejected - ref_rejected)
+
+    ``eps = label_smoothing`` is the conservative DPO variant (the preference labels are taken to
+    be flipped with probability eps); 0 gives the original DPO loss. The rewards are detached.
+    """
+    h = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+__all__ = [
+    "IGNORE_INDEX", "causal_lm_loss", "dpo_loss", "sequence_logps", "shift_for_next_token", "trained_tokens",
+    "weighted_token_loss",
+]

@@ -7,6 +7,7 @@
 
 from .config import (
     CheckpointConfig,
+    DPOConfig,
     DistributedConfig,
     ModelSpec,
     OptimConfig,
@@ -24,6 +25,7 @@ from .optim import build_optimizer, lr_factor, param_groups
 
 __all__ = [
     "CheckpointConfig",
+    "DPOConfig",
     "DistributedConfig",
     "ModelSpec",
     "OptimConfig",

@@ -22,6 +22,13 @@ A stage YAML::
     seed: 0
     out: runs/name
     distributed: {strategy: ddp}      # ddp | fsdp (used when launched by torchrun with > 1 process)
+    objective: lm                     # lm: the next-token loss | dpo: preference pairs (needs dpo:)
+
+A DPO stage (``objective: dpo``) trains on ``format: preference`` sources only, with the sigmoid
+DPO loss against a frozen reference, the stage's starting model (see :mod:`interleaf.training.dpo`)::
+
+    objective: dpo
+    dpo: {beta: 0.1, reference: model, label_smoothing: 0.0}   # reference: model | cached (required)
 
 A recipe lists stages (``stages: [...]``); its other top-level keys are defaults for every stage,
 a stage without ``out`` writes to ``{recipe out}/{stage name}``, and ``model: {from_stage: NAME}``
@@ -55,6 +62,8 @@ from ..schema import coerce, fields_of, join, read, reject_unknown, setting, sho
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp")
+OBJECTIVES = ("lm", "dpo")
+REFERENCES = ("model", "cached")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # what YAML 1.1 reads as a string
 _BUILD_OPTIONS = ("vision", "lm", "tokenizer", "resampler", "cross_attention", "tokens")
 
@@ -91,6 +100,30 @@ class CheckpointConfig:
 @dataclass
 class DistributedConfig:
     strategy: Literal[STRATEGIES] = "ddp"  # applies when torchrun starts more than one process
+
+
+@dataclass
+class DPOConfig:
+    """A DPO stage's loss and reference (see :mod:`interleaf.training.dpo`).
+
+    ``reference`` (required) says where the reference log-probabilities come from, both from the
+    stage's starting model: ``model`` keeps a frozen copy of it beside the policy (its weights
+    once more in memory, one extra forward pass per step); ``cached`` scores every pair once
+    before the first step and keeps two numbers per pair (no second model; the pass over the data
+    is repeated when a run resumes).
+    """
+
+    beta: float = setting(0.1, gt=0)  # the KL penalty's strength: rewards are beta * (policy - reference) log-probs
+    reference: Literal[REFERENCES] | None = None
+    label_smoothing: float = setting(0.0, ge=0, le=0.5)  # conservative DPO: the share of labels taken as flipped
+
+    def _check(self, path: str) -> None:
+        if self.reference is None:
+            raise ConfigError(
+                join(path, "reference"), "a DPO stage needs a reference for its log-probabilities",
+                "set dpo.reference: model (a frozen copy of the starting model; its weights twice in memory) "
+                "or cached (the starting model scores every pair once before training)",
+            )
 
 
 @dataclass
@@ -164,6 +197,8 @@ class StageConfig:
     seed: int = setting(0, ge=0)
     out: str = setting("runs/train", nonempty=True)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    objective: Literal[OBJECTIVES] = "lm"  # lm: the next-token loss; dpo: preference pairs
+    dpo: DPOConfig | None = None  # the DPO loss and reference; required with objective: dpo
     base_dir: str = setting(".", internal=True)  # the config file's folder: relative data paths resolve against it
     source: str | None = setting(None, internal=True)  # the file this stage came from (for error messages)
 
@@ -175,6 +210,21 @@ class StageConfig:
                 join(path, "grad_accum"), f"{self.grad_accum} does not divide batch_size {self.batch_size}",
                 "batch_size is the samples per optimiser step over all processes and accumulation steps",
             )
+        self._check_objective(path)
+
+    def _check_objective(self, path: str) -> None:
+        if self.objective != "dpo":
+            if self.dpo is not None:
+                raise ConfigError(join(path, "dpo"), "applies to DPO stages only", "set objective: dpo, or remove dpo:")
+            return
+        if self.dpo is None:
+            raise ConfigError(
+                join(path, "dpo"), "a DPO stage (objective: dpo) needs a dpo section with its reference",
+                "add dpo: {reference: model} (a frozen copy of the starting model) or dpo: {reference: cached} "
+                "(its log-probabilities computed once before training); beta defaults to 0.1",
+            )
+        if self.z_loss:
+            raise ConfigError(join(path, "z_loss"), "applies to objective: lm; the DPO loss has no z-loss term", "set z_loss: 0")
 
     def to_dict(self) -> dict:
         """A plain dict that :func:`parse_stage` reads back (saved next to checkpoints)."""
@@ -183,6 +233,9 @@ class StageConfig:
         d["optim"]["betas"] = list(self.optim.betas)
         for key in ("base_dir", "source"):
             d.pop(key)
+        if self.objective == "lm":  # a language-modelling stage's dict is what it was before DPO existed
+            d.pop("objective")
+            d.pop("dpo")
         return d
 
     def mixture(self, *, check_files: bool = True):
@@ -411,15 +464,16 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def llava_mixture(json_path: str | Path, images: str | Path | None = None) -> dict:
-    """An inline one-source mixture for a user's LLaVA-format JSON (absolute paths)."""
-    src: dict[str, Any] = {"name": "llava", "format": "llava", "paths": [str(Path(json_path).expanduser().resolve())]}
+def llava_mixture(json_path: str | Path, images: str | Path | None = None, fmt: str = "llava") -> dict:
+    """An inline one-source mixture for a user's LLaVA-format JSON (absolute paths); ``fmt="preference"``
+    for a preference file in the same conventions (a DPO stage's ``--data``)."""
+    src: dict[str, Any] = {"name": fmt, "format": fmt, "paths": [str(Path(json_path).expanduser().resolve())]}
     if images is not None:
         src["images_root"] = str(Path(images).expanduser().resolve())
     return {"sources": [src]}
 
 
 __all__ = [
-    "CheckpointConfig", "DistributedConfig", "ModelSpec", "OptimConfig", "Recipe", "StageConfig",
+    "CheckpointConfig", "DPOConfig", "DistributedConfig", "ModelSpec", "OptimConfig", "Recipe", "StageConfig",
     "apply_overrides", "llava_mixture", "load_recipe", "parse_override", "parse_stage",
 ]

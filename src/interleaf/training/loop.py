@@ -11,7 +11,8 @@ with per-sample loss weights ``w_i`` (the source's ``loss_weight``), trained pos
     L = ( sum_i w_i sum_{t in T_i} CE_it  +  z_loss * sum_i w_i sum_{t in T_i} Z_it^2 )
         / sum_i w_i |T_i|
 
-With every ``w_i = 1`` this is the model's own loss (the mean over trained tokens). The
+With every ``w_i = 1`` this is the model's own loss (the mean over trained tokens). (A DPO stage,
+``objective: dpo``, trains on preference pairs with the loss of :mod:`interleaf.training.dpo`.) The
 denominator is summed over processes before the backward pass, and each process's loss is
 multiplied by the number of processes because DDP and FSDP average gradients: the gradient is
 then exactly that of ``L``, whatever the split into processes and accumulation steps.
@@ -42,6 +43,7 @@ from .optim import lr_factor, set_lr
 from .prepare import StreamFactory, default_stream, restore, set_up
 from .progress import save_final, save_step
 from .report import StageReport, nonfinite_stop
+from .dpo import dpo_step
 from .step import optimizer_step
 
 
@@ -104,9 +106,12 @@ def train_stage(
         while counts.step < stage.max_steps:
             lr = stage.optim.lr * lr_factor(counts.step, stage.max_steps, stage.optim)
             set_lr(trainee.optimizer, lr)
-            outcome = optimizer_step(
-                stage, trainee.wrapped, trainee.optimizer, trainee.params, trainee.stream, trainee.micro, pad_id, dist
-            )
+            if stage.objective == "dpo":
+                outcome = dpo_step(stage, trainee, dist)
+            else:
+                outcome = optimizer_step(
+                    stage, trainee.wrapped, trainee.optimizer, trainee.params, trainee.stream, trainee.micro, pad_id, dist
+                )
             counts.advance(outcome, stage.batch_size)
             report.after_step(lr, outcome, counts)
             if counts.nonfinite_run >= stage.max_nonfinite_steps:
@@ -143,7 +148,7 @@ def _apply_flags(recipe: Recipe, *, model: str | Path | None, data: str | Path |
             p = Path(data).expanduser()
             if not p.is_file():
                 raise ConfigError("--data", f"{str(data)!r} is not a file", "pass a LLaVA-format JSON (a list of conversations)")
-            s = dataclasses.replace(s, data=llava_mixture(p, images))
+            s = dataclasses.replace(s, data=llava_mixture(p, images, "preference" if s.objective == "dpo" else "llava"))
         if out is not None:
             s = dataclasses.replace(s, out=str(Path(out) if len(recipe.stages) == 1 else Path(out) / s.name))
         stages.append(s)
@@ -166,7 +171,8 @@ def train(
     """Run a stage or a recipe of stages (YAML path or dict), in order; returns one result per stage.
 
     ``overrides`` are dotted ``key=value`` strings (or a dict); ``model`` starts the first stage
-    from a saved directory; ``data`` (+ ``images``) trains on a LLaVA-format JSON; ``out`` moves
+    from a saved directory; ``data`` (+ ``images``) trains on a LLaVA-format JSON (a DPO stage: a
+    preference JSON, see :mod:`interleaf.data.preference`); ``out`` moves
     the output (a recipe's stages go to ``out/NAME``); ``resume`` continues from the latest
     checkpoints and skips stages that already finished.
 

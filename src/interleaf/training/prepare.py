@@ -1,5 +1,6 @@
 """Setting a stage up: its model (built, loaded or taken from an earlier stage), freezing, the
-wrapped model and optimiser, this process's data stream, and the state a resume restores."""
+wrapped model and optimiser, this process's data stream, a DPO stage's reference, and the state a
+resume restores."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class Trainee:
     micro: int  # samples per micro-batch on this process
     fingerprint: dict  # of the frozen weights, checked at resume
     n_trainable: int
+    reference: Any = None  # a DPO stage's reference (interleaf.training.dpo), made from the starting model
 
 
 def _build_model(stage: StageConfig, finals: dict[str, Path]):
@@ -80,13 +82,20 @@ def default_stream(stage: StageConfig, processor, rank: int, world_size: int):
 def set_up(stage: StageConfig, finals: dict[str, Path], stream_factory: StreamFactory, dist: DistState) -> Trainee:
     """Build the stage's model, optimiser and stream, in the order that keeps runs reproducible.
 
-    The caller seeds the RNGs first: building the model draws from them.
+    The caller seeds the RNGs first: building the model draws from them. A DPO stage's reference
+    is made here from the starting model, before it is wrapped and before a checkpoint is restored.
     """
+    from .dpo import build_reference, check_stage_data
+
+    check_stage_data(stage)
     model, processor = _build_model(stage, finals)
     n_trainable = prepare_model(model, stage)
     fingerprint = ckpt.frozen_fingerprint(model)
     if next(model.parameters()).device != dist.device:
         model.to(dist.device)
+    reference = None
+    if stage.objective == "dpo":
+        reference = build_reference(stage, model, processor, dist, stage.batch_size // (stage.grad_accum * dist.world_size))
     wrapped = wrap_model(model, stage.distributed.strategy, dist)
     inner = unwrap(wrapped)
     optimizer = build_optimizer(inner, stage.optim)
@@ -101,7 +110,7 @@ def set_up(stage: StageConfig, finals: dict[str, Path], stream_factory: StreamFa
         )
     micro = per_rank // dist.world_size
     stream = stream_factory(stage, processor, dist.rank, dist.world_size)
-    return Trainee(model, wrapped, inner, processor, optimizer, params, stream, micro, fingerprint, n_trainable)
+    return Trainee(model, wrapped, inner, processor, optimizer, params, stream, micro, fingerprint, n_trainable, reference)
 
 
 def restore(stage: StageConfig, trainee: Trainee, latest: Path | None, resume: bool, dist: DistState) -> Progress:

@@ -41,8 +41,10 @@ class StageReport:
                 "z_loss": outcome.z_mean, "tokens_seen": progress.tokens_seen, "samples_seen": progress.samples_seen,
                 "elapsed_s": progress.elapsed(),
             }
+            record.update(outcome.metrics)  # the objective's own values (a DPO stage's rewards)
             if not outcome.finite:  # JSON has no NaN: the loss of a skipped step is null
                 record.update(loss=None, grad_norm=None, z_loss=None, skipped=_nonfinite_what(outcome.loss, outcome.grad_norm))
+                record.update({k: None for k in outcome.metrics})
             if per_source:
                 record["loss_by_source"] = per_source
             self.logger.log(record)

@@ -32,6 +32,7 @@ class StepOutcome:
     tokens: int  # attended positions in the global batch
     trained: int  # trained positions in the global batch
     by_source: dict[str, list[float]] = field(default_factory=dict)  # source -> [CE sum, tokens], this process
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's own values (DPO: rewards), logged as they are
 
 
 def _take(stream, n: int) -> list[dict]:
@@ -71,6 +72,20 @@ def _grad_norm(params: list[torch.Tensor], clip: float | None) -> float:
     return float(norm)
 
 
+def apply_update(
+    stage: StageConfig, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], step_loss: float
+) -> tuple[float, bool]:
+    """Clip and update after the backward passes, or skip the update when the loss or the gradient
+    norm is not finite; gradients are zeroed either way. Returns ``(grad_norm, updated)``."""
+    grad_norm = _grad_norm(params, stage.optim.clip_grad_norm) if math.isfinite(step_loss) else math.nan
+    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    # else: skip the update: no optimiser step, gradients dropped
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
 def optimizer_step(
     stage: StageConfig, wrapped: nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
     stream, micro: int, pad_id: int, dist: DistState,
@@ -105,16 +120,11 @@ def optimizer_step(
     # The decision to update rests on the loss summed over every process, so all agree.
     totals = all_reduce_sum(totals, dist)
     step_loss = float((totals[0] + stage.z_loss * totals[1]) / den)
-    grad_norm = _grad_norm(params, stage.optim.clip_grad_norm) if math.isfinite(step_loss) else math.nan
-    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-    if finite:
-        optimizer.step()
-    # else: skip the update: no optimiser step, gradients dropped
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm, finite = apply_update(stage, optimizer, params, step_loss)
     return StepOutcome(
         loss=step_loss, grad_norm=grad_norm, finite=finite, z_mean=float(totals[1] / den),
         tokens=int(totals[2]), trained=int(totals[3]), by_source=by_source,
     )
 
 
-__all__ = ["StepOutcome", "optimizer_step"]
+__all__ = ["StepOutcome", "apply_update", "optimizer_step"]
