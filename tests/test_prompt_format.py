@@ -9,7 +9,7 @@ the training format writes it: consecutive texts joined by a space, and for Open
 
 Examples pin the span rule: two consecutive IDEFICS images share their fake token, and a cut on
 either side of it leaves ``<fake><image><fake>``, as transformers' ``IdeficsProcessor`` writes one
-image.
+image; LLaVA's images are runs of ``image_seq_length`` ``<image>`` tokens, told apart by length.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ texts = st.lists(words, min_size=1, max_size=5).map(" ".join)
 def processors():
     out = {}
     for fmt in PROMPT_FORMATS:
-        tokens = TokensConfig(prompt_format=fmt)
+        tokens = TokensConfig(prompt_format=fmt, image_seq_length=3 if fmt == "llava" else 1)
         tok = build_tiny_tokenizer()
         tok.add_special_tokens({"additional_special_tokens": tokens.required_tokens()})
         out[fmt] = InterleafProcessor(tok, tokens, ImageTransform(4, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize="squash"))
@@ -111,8 +111,10 @@ def assert_same(processor, prompt: list, trained, cut: int, *, chat: bool, add_e
     ids = out["input_ids"][0].tolist()
     assert ids == trained.input_ids
     assert len(trained.labels) == len(ids)
-    positions = [p for p, t in enumerate(ids) if t == processor.image_token_id]
+    positions = processor.format.image_starts(ids)  # each image's (first) image token
     assert image_positions(out) == positions and len(positions) == trained.n_images
+    per_image = processor.format.image_token_count()  # LLaVA: one <image> per vision token
+    assert sum(1 for t in ids if t == processor.image_token_id) == per_image * trained.n_images
     assert (out["pixel_values"].shape[1] if "pixel_values" in out else 0) == trained.n_images
     assert processor.format.image_spans(ids, chat) == processor.format.image_spans(trained.input_ids, chat)
 
@@ -126,8 +128,9 @@ def assert_same(processor, prompt: list, trained, cut: int, *, chat: bool, add_e
         return
     short_ids = short["input_ids"][0].tolist()
     assert short_ids == kept.input_ids
-    assert image_positions(short) == [p for p, t in enumerate(short_ids) if t == processor.image_token_id]
+    assert image_positions(short) == processor.format.image_starts(short_ids)
     assert (short["pixel_values"].shape[1] if "pixel_values" in short else 0) == kept.n_images
+    assert sum(1 for t in short_ids if t == processor.image_token_id) == per_image * kept.n_images  # never cut
 
 
 @pytest.mark.parametrize("fmt", PROMPT_FORMATS)
@@ -189,3 +192,15 @@ def test_an_end_of_chunk_before_an_image_closes_the_previous_chunk_in_plain_prom
     assert right == full[:at] and right[-1] == eoc
     left = processor(prompt, max_length=len(full) - at + 1, truncation=True)["input_ids"][0].tolist()
     assert left == full[:1] + full[at:]  # BOS, then the image with its text
+
+
+def test_llava_images_are_runs_of_image_seq_length_tokens_and_a_cut_keeps_whole_runs(processors):
+    processor = processors["llava"]
+    fmt, img = processor.format, processor.image_token_id
+    assert fmt.image_ids(False, chat=False) == [img] * 3
+    ids = [7, img, img, img, img, img, img, 8]  # two consecutive images of 3 tokens
+    assert fmt.image_spans(ids, chat=False) == [(1, 4), (4, 7)]
+    assert fmt.cut_right(ids, 6, chat=False) == (4, 1) and fmt.cut_left(ids, 6, chat=False) == (4, 1)
+    out = processor([PIXEL, PIXEL, "end"])
+    row = out["input_ids"][0].tolist()
+    assert [t for t in row if t == img] == [img] * 6 and out["pixel_values"].shape[1] == 2

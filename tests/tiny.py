@@ -8,7 +8,8 @@ The one place a test builds a tiny model by hand:
 - ``tiny_preset(...)``: the packaged ``tiny-random`` preset, optionally with open gates and a louder
   resampler (so that an answer depends on the images);
 - ``tiny_clip(...)``: a random CLIP vision tower;
-- ``tiny_idefics(...)``: a random transformers IDEFICS over its options, with the tiny tokenizer.
+- ``tiny_idefics(...)``: a random transformers IDEFICS over its options, with the tiny tokenizer;
+- ``tiny_llava(...)``: a random transformers LLaVA (CLIP tower + LLaMA) with the tiny tokenizer.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from transformers import (
     CLIPVisionModel,
     IdeficsConfig,
     IdeficsForVisionText2Text,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
 )
 
 import interleaf
@@ -171,3 +175,33 @@ def set_gates(model, value: float) -> None:
 def images(batch: int, n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, n, 3, size, size, generator=g)
+
+
+LLAVA_IMAGE_TOKEN = "<image>"
+
+
+def tiny_llava(
+    seed: int = 0, *, feature_layer: int | list[int] = -2, strategy: str = "default", image_size: int = 28,
+    patch_size: int = 14, projector_bias: bool = True, tie_word_embeddings: bool = False, init: float = 0.2,
+):
+    """A random transformers ``LlavaForConditionalGeneration`` (CLIP + LLaMA) and the tiny tokenizer
+    with ``<image>`` added (an ordinary row of the LM's vocabulary, as in llava-hf checkpoints).
+
+    ``init`` is the LM's initializer range: larger than transformers' 0.02 so that the images and
+    the text change the logits clearly and greedy answers are not constant.
+    """
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=patch_size)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       initializer_range=init, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, tie_word_embeddings=tie_word_embeddings)
+    per_image = (image_size // patch_size) ** 2 + (1 if strategy == "full" else 0)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN), image_seq_length=per_image,
+                         vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+                         multimodal_projector_bias=projector_bias, tie_word_embeddings=tie_word_embeddings)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval(), tok

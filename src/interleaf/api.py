@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
-from .config import InterleafConfig, TokensConfig, VisionConfig
+from .config import InterleafConfig, TokensConfig, VisionConfig, image_embeddings_per_image
 from .errors import CheckpointError, ConfigError
 from .files import local_dir
 from .model import InterleafForConditionalGeneration
@@ -72,6 +72,10 @@ def build(
     tokenizer=None, cross_attention={"every_n_layers": 2}, resampler={...}, tokens={...},
     freeze="flamingo")``. ``vision`` and ``lm`` may be local ``save_pretrained`` directories (their
     weights are loaded) or configs (random weights). ``device="meta"`` builds without memory.
+
+    The token-insertion family: ``interleaf.build("tiny-llava")``, or ``fusion="token_insertion"``
+    with ``projector={"kind": "mlp2x_gelu"}`` and ``insertion={"placement": "expand"}``; the
+    prompt format defaults to ``llava`` and ``tokens.image_seq_length`` to the tower's tokens.
     """
     sections: dict[str, Any] = {}
     if preset is not None:
@@ -89,7 +93,7 @@ def build(
     with ctx:
         lm_model = _build_lm(lm, tok, dtype)
         vision_module = _vision_section(vision, sections)
-        tokens = TokensConfig(**sections.pop("tokens", {}))
+        tokens = TokensConfig(**_insertion_tokens(sections))
         if tok is not None:
             tokens = _add_special_tokens(tok, tokens, lm_model.get_input_embeddings().weight.shape[0])
         config = InterleafConfig(text_config=lm_model.config, tokens=dataclasses.asdict(tokens), **sections)
@@ -117,6 +121,8 @@ def _preset_sections(preset: str, lm: Any, tokenizer: Any) -> tuple[dict[str, An
         vision=dict(p.vision), resampler=dict(p.resampler), cross_attention=dict(p.cross_attention),
         tokens=dict(p.tokens), freeze=p.freeze,
     )
+    if p.fusion != "cross_attention":
+        sections.update(fusion=p.fusion, projector=dict(p.projector), insertion=dict(p.insertion))
     if lm is None:
         lm = dict(p.text_config)
     if tokenizer is None and p.tokenizer in ("tiny", "none"):
@@ -126,17 +132,31 @@ def _preset_sections(preset: str, lm: Any, tokenizer: Any) -> tuple[dict[str, An
 
 def _merge_options(sections: dict[str, Any], options: dict[str, Any]) -> None:
     """Fold ``build``'s keyword sections into ``sections`` (dicts update the preset's); unknown ones are errors."""
-    for key in ("resampler", "cross_attention", "tokens"):
+    for key in ("resampler", "cross_attention", "tokens", "projector", "insertion"):
         if key in options:
             sections[key] = {**sections.get(key, {}), **dict(options.pop(key))}
-    for key in ("freeze", "z_loss"):
+    for key in ("freeze", "z_loss", "fusion"):
         if key in options:
             sections[key] = options.pop(key)
     if options:
         raise ConfigError(
             next(iter(options)), "unknown option of interleaf.build",
-            "known: vision, lm, tokenizer, resampler, cross_attention, tokens, freeze, z_loss, device, dtype, seed",
+            "known: vision, lm, tokenizer, fusion, resampler, cross_attention, projector, insertion, tokens, "
+            "freeze, z_loss, device, dtype, seed",
         )
+
+
+def _insertion_tokens(sections: dict[str, Any]) -> dict[str, Any]:
+    """The tokens section; for token insertion with ``expand``, the ``llava`` format and one
+    ``<image>`` per vision token unless the caller says otherwise."""
+    tokens = dict(sections.pop("tokens", {}))
+    if sections.get("fusion") != "token_insertion":
+        return tokens
+    placement = sections.get("insertion", {}).get("placement", "expand")
+    tokens.setdefault("prompt_format", "llava")
+    if placement == "expand" and "image_seq_length" not in tokens:
+        tokens["image_seq_length"] = image_embeddings_per_image(sections.get("projector", {}), sections.get("vision", {}))
+    return tokens
 
 
 def _build_lm(lm: Any, tok: Any, dtype: torch.dtype | None) -> PreTrainedModel:

@@ -1,7 +1,8 @@
 """Typed, validated configuration for an interleaf model.
 
-A model config is five small dataclasses (vision tower, resampler, cross-attention, special
-tokens, freeze policy) plus the language model's own transformers config, carried by
+A model config is small dataclasses (vision tower, resampler, cross-attention, special tokens,
+and for the token-insertion family the projector and the placement) plus the language model's
+own transformers config, carried by
 :class:`InterleafConfig`, a ``transformers.PreTrainedConfig`` so that ``save_pretrained`` /
 ``from_pretrained`` and the ``Auto*`` classes work. Every field is checked at construction by the
 one config reader, :mod:`interleaf.schema` (types, ranges and choices from the type hints), and a
@@ -20,9 +21,13 @@ from transformers import PreTrainedConfig
 from .errors import ConfigError
 from .schema import coerce, read, setting, validate
 
-FREEZE_POLICIES = ("flamingo", "flamingo_train_vision", "unfreeze_lm", "all_trainable")
-FUSIONS = ("cross_attention",)  # "token_insertion" (xGen-MM, LLaVA) plugs in here
-PROMPT_FORMATS = ("openflamingo", "idefics")
+# Cross-attention family: flamingo, flamingo_train_vision, unfreeze_lm; token-insertion family:
+# projector (projector only), projector_lm (projector + LM); both: all_trainable.
+FREEZE_POLICIES = ("flamingo", "flamingo_train_vision", "unfreeze_lm", "all_trainable", "projector", "projector_lm")
+# cross_attention: Flamingo, OpenFlamingo, IDEFICS, InfiMM; token_insertion: LLaVA, xGen-MM.
+FUSIONS = ("cross_attention", "token_insertion")
+PROMPT_FORMATS = ("openflamingo", "idefics", "llava")
+PROJECTORS = ("mlp2x_gelu", "linear", "token_sampler")
 # Image statistics: CLIP's are the default preprocessing of every vision tower; SigLIP's apply to SigLIP towers.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -45,9 +50,15 @@ class VisionConfig:
     conv_stem: bool = False  # strided 3x3 convolutions instead of one patchify conv: learns shapes faster
     # -- transformers towers (CLIP, SigLIP) --
     hf_config: dict | None = None  # the tower's transformers config as a dict
-    feature_layer: int = -1  # which hidden layer's patch features: -1 last, -2 penultimate, ...
-    drop_cls_token: bool = False  # drop the leading class token (CLIP) from the features
-    post_layernorm: bool = False  # apply the tower's final LayerNorm to the chosen layer
+    # Which hidden layer's patch features: -1 last, -2 penultimate (LLaVA), ...; a list of layers
+    # concatenates their features on the channel axis (LLaVA's list-valued vision_feature_layer).
+    feature_layer: int | list[int] = -1
+    # Drop the leading class token (CLIP): LLaVA's vision_feature_select_strategy "default" drops
+    # it, "full" keeps it; a SigLIP tower has none.
+    drop_cls_token: bool = False
+    # Apply the tower's final LayerNorm to the chosen layer(s): SigLIP's last_hidden_state (xGen-MM)
+    # is post-LN, CLIP's hidden states (LLaVA) are not.
+    post_layernorm: bool = False
     # -- preprocessing (defaults: CLIP's statistics) --
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = setting(CLIP_STD, gt=0)
@@ -77,14 +88,29 @@ class VisionConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{path}.hf_config.{key}", f"must be a positive integer, got {value!r}")
             setattr(self, name, value)
-        if not -self.layers - 1 <= self.feature_layer <= self.layers:
-            raise ConfigError(
-                f"{path}.feature_layer", f"{self.feature_layer} is out of range for a tower with {self.layers} layers"
-            )
+        layers = self.feature_layers
+        if not layers:
+            raise ConfigError(f"{path}.feature_layer", "is an empty list", "name at least one layer, e.g. -2")
+        for layer in layers:
+            if not -self.layers - 1 <= layer <= self.layers:
+                raise ConfigError(
+                    f"{path}.feature_layer", f"{layer} is out of range for a tower with {self.layers} layers",
+                    f"use values in [-{self.layers + 1}, {self.layers}]",
+                )
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """``feature_layer`` as a list (one entry for a single layer)."""
+        return list(self.feature_layer) if isinstance(self.feature_layer, (list, tuple)) else [self.feature_layer]
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Feature tokens per image: the patches, plus CLIP's class token unless it is dropped."""
+        return self.num_patches + (1 if self.kind == "clip" and not self.drop_cls_token else 0)
 
 
 @dataclass
@@ -176,12 +202,15 @@ class CrossAttentionConfig:
 class TokensConfig:
     """Special tokens and the prompt format of the model family."""
 
-    prompt_format: Literal["openflamingo", "idefics"] = "openflamingo"
+    prompt_format: Literal["openflamingo", "idefics", "llava"] = "openflamingo"
     image_token: str = setting("<image>", nonempty=True)
     end_of_chunk_token: str = setting("<|endofchunk|>", nonempty=True)  # OpenFlamingo: ends an image's text chunk
     fake_image_token: str = setting("<fake_token_around_image>", nonempty=True)  # IDEFICS: wraps runs of images
     end_of_utterance_token: str = setting("<end_of_utterance>", nonempty=True)  # IDEFICS instruct: ends a turn
     add_end_of_utterance: bool = False  # whether the tokenizer gets <end_of_utterance>
+    # LLaVA ("llava" format, placement "expand"): how many <image> tokens the processor writes for
+    # one image, one per vision token (LLaVA's image_seq_length). Other formats write one.
+    image_seq_length: int = setting(1, ge=1)
     # Filled in when the model is built against a tokenizer. Ids in [extra_start, extra_start +
     # num_extra) are the tokens interleaf added: they get their own trainable embedding and output
     # rows, while the LM's base vocabulary stays frozen.
@@ -194,12 +223,80 @@ class TokensConfig:
 
     def required_tokens(self) -> list[str]:
         """Special tokens this prompt format needs in the vocabulary."""
+        if self.prompt_format == "llava":
+            return [self.image_token]
         if self.prompt_format == "idefics":
             tokens = [self.fake_image_token, self.image_token]
             if self.add_end_of_utterance:
                 tokens.append(self.end_of_utterance_token)
             return tokens
         return [self.image_token, self.end_of_chunk_token]
+
+
+@dataclass
+class ProjectorConfig:
+    """Token insertion: vision features ``(K, V, Dv)`` -> embeddings at the LM's width ``(K, V', D)``.
+
+    ``mlp2x_gelu``: LLaVA's ``linear -> activation -> linear`` (``Dv -> D -> D``); ``linear``: one
+    ``Dv -> D`` map; ``token_sampler``: xGen-MM's perceiver (latents attend to the media and to
+    themselves, a final norm, a linear map to ``D``), configured by its own section.
+    """
+
+    kind: Literal["mlp2x_gelu", "linear", "token_sampler"] = "mlp2x_gelu"
+    bias: bool = True  # LLaVA's multimodal_projector_bias
+    activation: str = setting("gelu", nonempty=True)  # mlp2x_gelu's activation (transformers' ACT2FN name)
+    # kind "token_sampler": its settings (None: xGen-MM r-v1.5's); its widths default to the model's
+    token_sampler: TokenSamplerConfig | None = None
+
+    def __post_init__(self):
+        validate(self, "projector")
+
+    def _check(self, path: str) -> None:
+        if self.token_sampler is not None and self.kind != "token_sampler":
+            raise ConfigError(f"{path}.token_sampler", f"is set but the projector is {self.kind!r}",
+                              "remove it, or set kind: token_sampler")
+
+
+@dataclass
+class InsertionConfig:
+    """Token insertion: where the projected image embeddings go in the LM's input.
+
+    ``expand`` (LLaVA): the processor writes one ``<image>`` token per vision token and the model
+    writes the embeddings over them, so the sequence keeps its length. ``replace`` (xGen-MM): the
+    text holds one ``<image>`` token per image; the model replaces it by the image's whole
+    embedding sequence, and the row grows (:func:`interleaf.model.token_insertion.expand_image_tokens`).
+    """
+
+    placement: Literal["expand", "replace"] = "expand"
+
+    def __post_init__(self):
+        validate(self, "insertion")
+
+
+def image_embeddings_per_image(projector: dict | ProjectorConfig, vision: dict | VisionConfig) -> int:
+    """Embeddings one image becomes in a token-insertion model (without anyres): the token
+    sampler's latents, else the vision tower's tokens."""
+    projector = projector if isinstance(projector, ProjectorConfig) else read(ProjectorConfig, projector, "projector")
+    if projector.kind == "token_sampler":
+        return (projector.token_sampler or TokenSamplerConfig()).num_latents
+    vision = vision if isinstance(vision, VisionConfig) else read(VisionConfig, vision, "vision")
+    return vision.num_tokens
+
+
+def freeze_policies(fusion: str) -> tuple[str, ...]:
+    """The freeze policies that apply to a fusion family."""
+    if fusion == "token_insertion":
+        return ("projector", "projector_lm", "all_trainable")
+    return ("flamingo", "flamingo_train_vision", "unfreeze_lm", "all_trainable")
+
+
+def check_freeze_policy(policy: str, fusion: str, field: str) -> None:
+    """A :class:`ConfigError` when ``policy`` belongs to the other fusion family."""
+    if policy not in freeze_policies(fusion):
+        raise ConfigError(
+            field, f"{policy!r} is not a freeze policy of the {fusion!r} family",
+            f"use one of {list(freeze_policies(fusion))}",
+        )
 
 
 ANYRES_CONVENTIONS = ("xgenmm", "llava_next")
@@ -260,9 +357,10 @@ def _text_config_from_dict(data: dict) -> PreTrainedConfig:
 
 
 _SECTION_TYPES = {"vision": VisionConfig, "resampler": ResamplerConfig, "cross_attention": CrossAttentionConfig,
-                  "tokens": TokensConfig}
+                  "tokens": TokensConfig, "projector": ProjectorConfig, "insertion": InsertionConfig}
 _TYPED_NAMES = {"vision": "vision_cfg", "resampler": "resampler_cfg", "cross_attention": "xattn_cfg",
-                "tokens": "tokens_cfg"}
+                "tokens": "tokens_cfg", "projector": "projector_cfg", "insertion": "insertion_cfg"}
+_TOKEN_INSERTION_SECTIONS = ("projector", "insertion")  # written to config.json for that family only
 
 
 def _section_property(section: str) -> property:
@@ -293,6 +391,8 @@ class InterleafConfig(PreTrainedConfig):
     resampler = _section_property("resampler")
     cross_attention = _section_property("cross_attention")
     tokens = _section_property("tokens")
+    projector = _section_property("projector")
+    insertion = _section_property("insertion")
 
     def __init__(
         self,
@@ -302,16 +402,22 @@ class InterleafConfig(PreTrainedConfig):
         cross_attention: dict | CrossAttentionConfig | None = None,
         tokens: dict | TokensConfig | None = None,
         text_config: dict | PreTrainedConfig | None = None,
-        freeze: str = "flamingo",
+        freeze: str | None = None,
         z_loss: float = 0.0,
+        projector: dict | ProjectorConfig | None = None,
+        insertion: dict | InsertionConfig | None = None,
         **kwargs,
     ):
         self.fusion = coerce(fusion, Literal[FUSIONS], "fusion")
+        if freeze is None:  # the family's default: train what connects the image to the LM
+            freeze = "projector" if fusion == "token_insertion" else "flamingo"
         self.freeze = coerce(freeze, Literal[FREEZE_POLICIES], "freeze")
         self.z_loss = coerce(z_loss, float, "z_loss")
         if self.z_loss < 0:
             raise ConfigError("z_loss", f"must be >= 0, got {z_loss!r}")
         self.vision, self.resampler, self.cross_attention, self.tokens = vision, resampler, cross_attention, tokens
+        self.projector, self.insertion = projector, insertion
+        self._check_family()
         if isinstance(text_config, dict):
             text_config = _text_config_from_dict(text_config)
         elif isinstance(text_config, PreTrainedConfig):
@@ -324,11 +430,27 @@ class InterleafConfig(PreTrainedConfig):
             layers = getattr(text_config, "num_hidden_layers", None)
             if isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0:
                 raise ConfigError("text_config.num_hidden_layers", f"must be a positive integer, got {layers!r}")
-            self.xattn_cfg.layer_indices(layers)  # validates explicit indices
+            if self.fusion == "cross_attention":
+                self.xattn_cfg.layer_indices(layers)  # validates explicit indices
             # Generation defaults come from the LM (pad / bos / eos).
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 if getattr(self, name, None) is None and getattr(text_config, name, None) is not None:
                     setattr(self, name, getattr(text_config, name))
+
+    def _check_family(self) -> None:
+        """Rules that relate the fusion to the other sections."""
+        check_freeze_policy(self.freeze, self.fusion, "freeze")
+        if self.fusion == "cross_attention" and self.tokens_cfg.prompt_format == "llava":
+            raise ConfigError(
+                "tokens.prompt_format", "'llava' writes one <image> per vision token, for token insertion",
+                "set fusion: token_insertion, or use the 'openflamingo' or 'idefics' format",
+            )
+        if self.fusion == "token_insertion" and self.tokens_cfg.prompt_format != "llava" and \
+                self.insertion_cfg.placement == "expand":
+            raise ConfigError(
+                "tokens.prompt_format", f"placement 'expand' needs the 'llava' prompt format, got "
+                f"{self.tokens_cfg.prompt_format!r}", "set tokens.prompt_format: llava",
+            )
 
     def get_text_config_object(self) -> PreTrainedConfig:
         """The LM's config as a transformers config object."""
@@ -338,7 +460,8 @@ class InterleafConfig(PreTrainedConfig):
         out = super().to_dict()
         for section, typed in _TYPED_NAMES.items():
             out.pop(typed, None)
-            out[section] = getattr(self, section)
+            if section not in _TOKEN_INSERTION_SECTIONS or self.fusion == "token_insertion":
+                out[section] = getattr(self, section)
         return out
 
     @property

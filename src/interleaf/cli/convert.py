@@ -3,6 +3,8 @@
     interleaf convert idefics SRC DST          transformers IDEFICS directory -> interleaf
     interleaf convert to-idefics SRC DST       interleaf (IDEFICS architecture) -> transformers IDEFICS
     interleaf convert openflamingo CKPT --lm LM --vision CLIP DST --every N
+    interleaf convert llava SRC DST            transformers LLaVA directory (either hub layout) -> interleaf
+    interleaf convert llava SRC DST --to llava interleaf (LLaVA architecture) -> transformers LLaVA
 """
 
 from __future__ import annotations
@@ -55,6 +57,27 @@ def openflamingo_cmd(
     from ..convert import from_openflamingo
 
     out = from_openflamingo(checkpoint, lm, vision, dst, cross_attn_every_n_layers=every, tokenizer=tokenizer)
+    typer.echo(f"wrote {out}")
+
+
+@convert_app.command("llava")
+def llava_cmd(
+    src: Path = typer.Argument(..., help="LLaVA directory (save_pretrained or a llava-hf download), or with "
+                               "--to llava an interleaf directory."),
+    dst: Path = typer.Argument(..., help="Output directory."),
+    to: str = typer.Option("interleaf", "--to", help="interleaf: LLaVA -> interleaf; llava: interleaf -> LLaVA."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory, if SRC has none."),
+) -> None:
+    """Convert a transformers LLaVA checkpoint to interleaf, or back with --to llava."""
+    from ..convert import from_llava, to_llava
+    from ..errors import InputError
+
+    if to == "interleaf":
+        out = from_llava(src, dst, tokenizer=tokenizer)
+    elif to == "llava":
+        out = to_llava(src, dst)
+    else:
+        raise InputError(f"--to must be 'interleaf' or 'llava', got {to!r}")
     typer.echo(f"wrote {out}")
 
 

@@ -2,6 +2,8 @@
 
 - :func:`from_idefics` / :func:`to_idefics`: transformers ``IdeficsForVisionText2Text``
   directories, both ways, with exact logits parity.
+- :func:`from_llava` / :func:`to_llava`: transformers ``LlavaForConditionalGeneration``
+  directories (either hub key layout), both ways, with exact logits parity.
 - :func:`from_openflamingo`: OpenFlamingo's ``checkpoint.pt`` (trainable weights only) plus its
   base LM and CLIP vision tower as local transformers directories.
 
@@ -10,13 +12,16 @@ an error that lists them. Foreign pickles are read with ``torch.load(weights_onl
 """
 
 from .idefics import from_idefics, idefics_to_interleaf_config, interleaf_to_idefics_config, to_idefics
+from .llava import from_llava, to_llava
 from .openflamingo import from_openflamingo, openflamingo_key_map
 
 __all__ = [
     "from_idefics",
+    "from_llava",
     "from_openflamingo",
     "idefics_to_interleaf_config",
     "interleaf_to_idefics_config",
     "openflamingo_key_map",
     "to_idefics",
+    "to_llava",
 ]

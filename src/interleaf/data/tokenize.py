@@ -159,7 +159,7 @@ def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
             "assistant turns in {% generation %} ... {% endgeneration %} (see processing/chat_templates/chatml.jinja)"
         )
     n_images = len(conversation.images)
-    found = sum(1 for i in ids if i == processor.image_token_id)
+    found = processor.format.count_images(ids, chat=True)
     if found != n_images:
         raise BadSample("image_mismatch", where, f"{found} image tokens for {n_images} images after the chat template")
     labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]

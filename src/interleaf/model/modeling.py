@@ -1,4 +1,7 @@
-"""The assembled model: vision tower -> resampler -> gated cross-attention inside any causal LM.
+"""The assembled model: vision tower -> resampler -> gated cross-attention inside any causal LM,
+or, for ``fusion: token_insertion``, vision tower -> projector -> embeddings in the LM's input
+(:mod:`interleaf.model.token_insertion`). One class serves both families, so training,
+evaluation and serving call ``forward`` / ``generate`` without knowing which one they hold.
 
 ::
 
@@ -32,9 +35,11 @@ from .cross_attention import (
     MediaContext,
     media_context,
 )
+from . import token_insertion
 from .embeddings import DecoupledEmbedding, DecoupledHead
 from .lm import attach_cross_attention, decouple_new_tokens
 from .loss import causal_lm_loss
+from .projectors import build_projector
 from .resampler import PerceiverResampler
 from .vision import VisionTower, build_vision_tower
 
@@ -70,7 +75,13 @@ class InterleafPreTrainedModel(PreTrainedModel):
 
 
 class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixin):
-    """A Flamingo-style vision-language model around any transformers causal LM."""
+    """A vision-language model around any transformers causal LM, in one of two families.
+
+    ``config.fusion == "cross_attention"`` (Flamingo, OpenFlamingo, IDEFICS): resampler and gated
+    cross-attention blocks. ``"token_insertion"`` (LLaVA, xGen-MM): a ``projector`` whose output is
+    written into the LM's input (:mod:`~interleaf.model.token_insertion`). One class for both, so
+    that training, evaluation and serving call ``forward`` / ``generate`` without asking which.
+    """
 
     def __init__(
         self,
@@ -86,15 +97,20 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
             vision_model if isinstance(vision_model, VisionTower) else build_vision_tower(vcfg, vision_model)
         )
         media_dim = self.vision_tower.out_dim
+        inserts = config.fusion == "token_insertion"
         rcfg = config.resampler_cfg
-        self.resampler = PerceiverResampler(rcfg, media_dim) if rcfg.enabled else None
+        self.resampler = PerceiverResampler(rcfg, media_dim) if rcfg.enabled and not inserts else None
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.get_text_config_object())
         self.language_model = language_model
         config.text_config = language_model.config  # one LM config object, with its attention implementation
         if language_model.config._attn_implementation is None:
             language_model.set_attn_implementation("sdpa")
-        attach_cross_attention(self.language_model, config.xattn_cfg, media_dim)
+        if inserts:
+            self.projector: nn.Module = build_projector(config.projector_cfg, media_dim, language_model.config.hidden_size)
+            token_insertion.check_config(self)
+        else:
+            attach_cross_attention(self.language_model, config.xattn_cfg, media_dim)
         tcfg = config.tokens_cfg
         if tcfg.extra_start is not None and tcfg.num_extra:
             decouple_new_tokens(self.language_model, tcfg.extra_start, tcfg.num_extra)
@@ -137,15 +153,28 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         - ``flamingo_train_vision``: as ``flamingo`` plus the vision tower, for a tower trained
           from scratch (the demo) rather than a pretrained CLIP.
         - ``unfreeze_lm``: as ``flamingo`` plus the whole LM (InfiMM's instruction stage).
+        - ``projector`` (token insertion): the projector and the added token rows (LLaVA's
+          pre-training stage).
+        - ``projector_lm`` (token insertion): as ``projector`` plus the whole LM (LLaVA's
+          instruction tuning).
         - ``all_trainable``: everything, vision tower included.
         """
         policy = policy or self.config.freeze
-        from ..config import FREEZE_POLICIES
+        from ..config import FREEZE_POLICIES, freeze_policies
 
         if policy not in FREEZE_POLICIES:
             raise InputError(f"unknown freeze policy {policy!r}; choose one of {list(FREEZE_POLICIES)}")
+        if policy not in freeze_policies(self.config.fusion):
+            raise InputError(
+                f"freeze policy {policy!r} does not apply to a {self.config.fusion!r} model; "
+                f"choose one of {list(freeze_policies(self.config.fusion))}"
+            )
         for p in self.parameters():
             p.requires_grad_(policy == "all_trainable")
+        if policy in ("projector", "projector_lm"):
+            self.projector.requires_grad_(True)
+            if policy == "projector_lm":
+                self.language_model.requires_grad_(True)
         if policy != "all_trainable":
             if policy == "unfreeze_lm":
                 self.language_model.requires_grad_(True)
@@ -192,6 +221,11 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
 
     def prepare_media(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> MediaCache:
         """Encode this call's images once; each block projects its keys and values at its first call."""
+        if self.config.fusion == "token_insertion":
+            raise InputError(
+                "prepare_media is for cross-attention models; a token-insertion model takes pixel_values, or "
+                "image_embeds from interleaf.model.token_insertion.encode_rows(model, input_ids, pixel_values)"
+            )
         pixel_values = _as_5d(pixel_values)
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise InputError(
@@ -249,8 +283,18 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         image_attention_mask: torch.Tensor | None = None,  # IDEFICS-style; may only take images away
         batch_images: torch.Tensor | None = None,  # InfiMM's name for pixel_values, (B, N_img, 1, 3, H, W)
         return_dict: bool | None = None,
+        image_embeds: torch.Tensor | None = None,  # token insertion: images already encoded (generate)
         **kwargs,
     ) -> InterleafOutput:
+        if self.config.fusion == "token_insertion":
+            if input_ids is None:
+                raise InputError("input_ids is required (interleaf finds images in the text by the image token)")
+            return token_insertion.forward(
+                self, input_ids, attention_mask, pixel_values, image_embeds, past_key_values, position_ids,
+                labels, use_cache, logits_to_keep, **kwargs,
+            )
+        if image_embeds is not None:
+            raise InputError("image_embeds is for token-insertion models; pass pixel_values")
         if batch_images is not None:
             if pixel_values is not None:
                 raise InputError("pass either pixel_values or batch_images, not both")
@@ -312,6 +356,11 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         kwargs.pop("image_attention_mask", None)
         if input_ids is None:
             raise InputError("generate needs input_ids: run the prompt through the interleaf processor first")
+        if self.config.fusion == "token_insertion":
+            embeds = kwargs.pop("image_embeds", None)
+            return token_insertion.generate(
+                self, super().generate, input_ids, attention_mask, pixel_values, embeds, kwargs
+            )
         if pixel_values is not None:
             if media_cache is not None:
                 raise InputError("pass either pixel_values or media_cache, not both")

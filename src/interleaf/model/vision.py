@@ -181,7 +181,10 @@ class HFVisionAdapter(nn.Module):
 
     ``feature_layer`` indexes ``hidden_states`` as transformers returns them with
     ``output_hidden_states=True`` (entry 0 is the embedding output, entry ``i`` the output of
-    layer ``i``; -1 is the last layer, -2 the penultimate, as LLaVA uses).
+    layer ``i``; -1 is the last layer, -2 the penultimate, as LLaVA uses); a list of layers gives
+    their features concatenated on the channel axis, each with the class token dropped and the
+    final LayerNorm applied as configured (SigLIP's ``last_hidden_state`` is ``feature_layer=-1``
+    with ``post_layernorm``; CLIP's hidden states are pre-LN).
 
     The tower is kept whole as the submodule ``tower``, so its state dict is exactly the
     transformers model's (prefixed ``tower.``) and loads strictly from a full checkpoint. Instead
@@ -211,14 +214,17 @@ class HFVisionAdapter(nn.Module):
         self.kind = cfg.kind
         self.tower = model
         num_layers = len(model.encoder.layers)
-        index = cfg.feature_layer if cfg.feature_layer >= 0 else num_layers + 1 + cfg.feature_layer
-        if not 0 <= index <= num_layers:
-            raise ConfigError(
-                "vision.feature_layer",
-                f"{cfg.feature_layer} is out of range for a tower with {num_layers} layers",
-                f"use a value in [-{num_layers + 1}, {num_layers}]",
-            )
-        self.layers_to_run = index
+        self.feature_indices: list[int] = []  # entries of hidden_states, concatenated in this order
+        for layer in cfg.feature_layers:
+            index = layer if layer >= 0 else num_layers + 1 + layer
+            if not 0 <= index <= num_layers:
+                raise ConfigError(
+                    "vision.feature_layer",
+                    f"{layer} is out of range for a tower with {num_layers} layers",
+                    f"use a value in [-{num_layers + 1}, {num_layers}]",
+                )
+            self.feature_indices.append(index)
+        self.layers_to_run = max(self.feature_indices)
         has_cls = cfg.kind == "clip"
         if cfg.drop_cls_token and not has_cls:
             raise ConfigError("vision.drop_cls_token", "a SigLIP tower has no class token to drop", "set it to false")
@@ -227,7 +233,7 @@ class HFVisionAdapter(nn.Module):
         hf_cfg = model.config
         grid = hf_cfg.image_size // hf_cfg.patch_size
         self.num_tokens = grid * grid + (1 if has_cls and not cfg.drop_cls_token else 0)
-        self.out_dim = hf_cfg.hidden_size
+        self.out_dim = hf_cfg.hidden_size * len(self.feature_indices)
         self.image_size = hf_cfg.image_size
 
     def unused_parameters(self) -> list[nn.Parameter]:
@@ -248,8 +254,15 @@ class HFVisionAdapter(nn.Module):
         pre = getattr(self.tower, "pre_layrnorm", None)  # CLIP only
         if pre is not None:
             hidden = pre(hidden)
-        for layer in self.tower.encoder.layers[: self.layers_to_run]:
+        chosen = {0: hidden} if 0 in self.feature_indices else {}
+        for i, layer in enumerate(self.tower.encoder.layers[: self.layers_to_run], start=1):
             hidden = layer(hidden, None)
+            if i in self.feature_indices:
+                chosen[i] = hidden
+        features = [self._select(chosen[i]) for i in self.feature_indices]
+        return features[0] if len(features) == 1 else torch.cat(features, dim=-1)  # (B', V, Dv * layers)
+
+    def _select(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.drop_cls_token:
             hidden = hidden[:, 1:]
         if self.post_layernorm:

@@ -25,6 +25,11 @@ class Preset:
     tokenizer: str = "tiny"  # "tiny": interleaf's built-in byte-level tokenizer
     freeze: str = "flamingo"
     note: str = ""
+    # The token-insertion family (LLaVA, xGen-MM): fusion "token_insertion" with its projector and
+    # insertion sections (the cross_attention and resampler sections are then unused).
+    fusion: str = "cross_attention"
+    projector: dict[str, Any] = field(default_factory=dict)
+    insertion: dict[str, Any] = field(default_factory=dict)
     # Why a part of this architecture cannot be built here, and what to do instead ("" = it builds).
     # ``interleaf.build`` refuses such a preset with this text rather than building half of it.
     unavailable: str = ""

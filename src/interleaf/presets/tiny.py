@@ -1,4 +1,9 @@
-"""Tiny presets: ``tiny-random`` builds in milliseconds with random weights, for tests and quick trials."""
+"""Tiny presets, built in milliseconds with random weights, for tests and quick trials.
+
+``tiny-random``: the cross-attention family. ``tiny-llava``: the token-insertion family, LLaVA's
+architecture (a CLIP tower read at its penultimate layer without the class token, a two-layer
+MLP projector, one ``<image>`` per vision token).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,34 @@ register(
         vision=dict(kind="builtin", image_size=32, patch_size=8, width=32, layers=1, heads=2),
         resampler=dict(depth=1, num_latents=8, heads=2, head_dim=16),
         cross_attention=dict(every_n_layers=1),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=None,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        ),
+    )
+)
+
+register(
+    Preset(
+        name="tiny-llava",
+        description="random weights, LLaVA's architecture: CLIP (32 px, 16 tokens) + MLP projector + 2-layer LLaMA",
+        vision=dict(kind="clip", feature_layer=-2, drop_cls_token=True,
+                    hf_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=32, patch_size=8)),
+        resampler={},
+        cross_attention={},
+        fusion="token_insertion",
+        projector=dict(kind="mlp2x_gelu"),
+        insertion=dict(placement="expand"),
+        tokens=dict(prompt_format="llava"),
+        freeze="projector",
         text_config=dict(
             model_type="llama",
             vocab_size=None,

@@ -8,6 +8,8 @@ training tokeniser uses too:
 
 - ``"openflamingo"``: each image becomes ``<image>``; text is inserted as is. In chat
   conversations (InfiMM style) each image becomes ``<|endofchunk|><image>``.
+- ``"llava"`` (token insertion): each image becomes ``tokens.image_seq_length`` ``<image>`` tokens,
+  one per vision token the model writes there (``PromptFormat.image_token_count``).
 - ``"idefics"``: BOS first; each image becomes ``<fake_token_around_image><image>
   <fake_token_around_image>`` with consecutive images sharing the fake token between them,
   exactly as transformers' ``IdeficsProcessor`` builds it (text items stripped of spaces,
@@ -202,8 +204,9 @@ class InterleafProcessor:
     def _fit(self, ids, row: ParsedPrompt, r: int, max_length, truncation: bool, side: str):
         """Check one encoded row's image tokens, and fit it into ``max_length`` -> (ids, images)."""
         images = row.images
-        found = sum(1 for i in ids if i == self.image_token_id)
-        if found != len(images):  # a template or tokenizer quirk; never silently misalign images
+        found = self.format.count_images(ids, row.is_chat)
+        if found != len(images) or (self.format.is_llava and sum(1 for i in ids if i == self.image_token_id)
+                                    != len(images) * self.format.image_token_count()):  # a template or tokenizer quirk; never silently misalign images
             raise InputError(
                 f"batch row {r}: {found} image tokens for {len(images)} images after tokenization; "
                 "check that the chat template keeps every message and that the tokenizer keeps "
@@ -273,7 +276,11 @@ class InterleafProcessor:
         inputs), tokens after an EOS see no image until the next image token.
         """
         b, t = input_ids.shape
-        is_image = input_ids == self.image_token_id  # (B, T)
+        is_image = input_ids == self.image_token_id  # (B, T): the first token of each image
+        if self.format.is_llava:  # an image is a run of image tokens: keep the first of each
+            is_image = torch.zeros((b, t), dtype=torch.bool)
+            for r in range(b):
+                is_image[r, self.format.image_starts(input_ids[r].tolist())] = True
         latest = torch.cumsum(is_image.long(), dim=1) - 1  # (B, T): -1 before the first image
         eos_id = self.tokenizer.eos_token_id
         if isinstance(reset_after_eos, bool):

@@ -9,6 +9,10 @@ Images, by family (``tokens.prompt_format``):
 - ``"openflamingo"``: an image is ``<image>``; in a chat conversation (InfiMM style)
   ``<|endofchunk|><image>``. In training documents (MMC4) ``<|endofchunk|>`` also closes the text
   chunk that follows each image (:attr:`PromptFormat.closes_chunks`).
+- ``"llava"`` (token insertion, ``expand`` placement): an image is ``<image>`` written once per
+  vision token the model puts there (:meth:`PromptFormat.image_token_count`: the fixed
+  ``tokens.image_seq_length`` today; the one place a per-image count is decided). With
+  ``image_seq_length`` 1 it is one ``<image>`` per image, which the model grows (``replace``).
 - ``"idefics"``: an image is ``<fake_token_around_image><image><fake_token_around_image>``;
   consecutive images share the fake token between them (``<fake><image><fake><image><fake>``), as
   transformers' ``IdeficsProcessor`` writes them. Plain-prompt text is stripped of spaces at both
@@ -20,7 +24,8 @@ part had in the message, written as above.
 
 Image spans (:meth:`PromptFormat.image_spans`): ``[start, end)`` of the tokens the format writes
 for one image: ``<image>``, with the ``<|endofchunk|>`` before it in a chat conversation, and for
-IDEFICS both fake tokens. A fake token shared by two consecutive IDEFICS images belongs to both
+IDEFICS both fake tokens, for LLaVA its run of ``<image>`` tokens (consecutive images' runs are told
+apart by their length). A fake token shared by two consecutive IDEFICS images belongs to both
 spans (they overlap by that token): a row cut right after the first image ends
 ``<fake><image><fake>``, and a row cut right before the second starts ``<fake><image><fake>``,
 which is what ``IdeficsProcessor`` writes for either image alone. An ``<|endofchunk|>`` before an
@@ -77,6 +82,18 @@ class PromptFormat:
         return self.tokens.prompt_format == "idefics"
 
     @property
+    def is_llava(self) -> bool:
+        return self.tokens.prompt_format == "llava"
+
+    def image_token_count(self, image: object = None) -> int:
+        """How many ``<image>`` tokens one image is written as: the one place this is decided.
+
+        ``image`` is the image being written (or ``None`` where it is not at hand); every image
+        takes ``tokens.image_seq_length`` tokens in the ``llava`` format and one token elsewhere.
+        """
+        return self.tokens.image_seq_length if self.is_llava else 1
+
+    @property
     def closes_chunks(self) -> bool:
         """Whether training documents close each image's text chunk with ``<|endofchunk|>``."""
         return self.tokens.prompt_format == "openflamingo"
@@ -102,16 +119,20 @@ class PromptFormat:
         return self.is_idefics and not chat
 
     # -- spelling --
-    def image_text(self, last_was_image: bool, chat: bool) -> str:
+    def image_text(self, last_was_image: bool, chat: bool, image: object = None) -> str:
         """The text of one image; ``last_was_image``: the token before it ends another image."""
         t = self.tokens
+        if self.is_llava:
+            return t.image_token * self.image_token_count(image)
         if self.is_idefics:
             fake = t.fake_image_token
             return t.image_token + fake if last_was_image else fake + t.image_token + fake
         return t.end_of_chunk_token + t.image_token if chat else t.image_token
 
-    def image_ids(self, last_was_image: bool, chat: bool) -> list[int]:
+    def image_ids(self, last_was_image: bool, chat: bool, image: object = None) -> list[int]:
         """The token ids of :meth:`image_text`."""
+        if self.is_llava:
+            return [self.image_token_id] * self.image_token_count(image)
         image = self.image_token_id
         if self.is_idefics:
             fake = self.fake_image_token_id
@@ -138,7 +159,7 @@ class PromptFormat:
         for i, seg in enumerate(segments):
             last_was_text = i > 0 and not last_was_image
             if not isinstance(seg, str):
-                out.append(self.image_text(last_was_image, chat))
+                out.append(self.image_text(last_was_image, chat, seg))
                 last_was_image = True
                 continue
             text = seg
@@ -160,6 +181,8 @@ class PromptFormat:
     def image_spans(self, ids: Sequence[int], chat: bool) -> list[tuple[int, int]]:
         """``[start, end)`` of each image's tokens (see the module docstring: IDEFICS spans of
         consecutive images share their fake token)."""
+        if self.is_llava:
+            return self._run_spans(ids)
         image, fake = self.image_token_id, self.fake_image_token_id
         before = fake if self.is_idefics else (self.end_of_chunk_token_id if chat else None)
         spans = []
@@ -170,6 +193,30 @@ class PromptFormat:
             end = p + 2 if fake is not None and p + 1 < len(ids) and ids[p + 1] == fake else p + 1
             spans.append((start, end))
         return spans
+
+    def _run_spans(self, ids: Sequence[int]) -> list[tuple[int, int]]:
+        """LLaVA: each run of ``<image>`` tokens, cut into images of :meth:`image_token_count` tokens."""
+        image, n = self.image_token_id, self.image_token_count()
+        spans, run_start = [], None
+        for p, tok in enumerate([*ids, None]):
+            if tok == image:
+                if run_start is None:
+                    run_start = p
+                if (p - run_start) % n == n - 1:
+                    spans.append((p - n + 1, p + 1))
+            else:
+                run_start = None
+        return spans
+
+    def count_images(self, ids: Sequence[int], chat: bool) -> int:
+        """The number of images a row's tokens hold (one per span)."""
+        return len(self.image_spans(ids, chat))
+
+    def image_starts(self, ids: Sequence[int]) -> list[int]:
+        """The position of each image's first image token (where a token starts seeing that image)."""
+        if self.is_llava:
+            return [s for s, _ in self._run_spans(ids)]
+        return [p for p, tok in enumerate(ids) if tok == self.image_token_id]
 
     def cut_right(self, ids: Sequence[int], budget: int, chat: bool) -> tuple[int, int]:
         """Keep ``ids[:cut]`` with ``cut <= budget``, never through an image -> (cut, images kept)."""

@@ -1,0 +1,283 @@
+"""Token insertion (LLaVA, xGen-MM): image embeddings written into the LM's input sequence.
+
+::
+
+    pixel_values ──► VisionTower ──► (K, V, Dv) ──► projector ──► (K, V', D)   (K: the batch's images, once per call)
+    input_ids (B, T) ──► embeddings (B, T, D), image positions overwritten in order ──► LM ──► logits
+
+Placement (``insertion.placement``):
+
+- ``expand`` (LLaVA): the processor wrote one ``<image>`` token per vision token, so the text
+  already has the image's length; the embeddings go over those tokens, row by row, image by image.
+- ``replace`` (xGen-MM): the text holds one ``<image>`` token per image. :func:`expand_image_tokens`
+  first replaces each by as many ``<image>`` tokens as the image has embeddings (attention mask 1,
+  label -100), re-padding the batch; then the ``expand`` rule applies. Logits (and the returned
+  sequence positions) are those of the grown sequence.
+
+Images per row: a row with ``n`` images has ``n * V'`` image tokens (expand) or ``n`` (replace);
+rows may have 0..k images. ``pixel_values`` comes as LLaVA gives it, ``(K, 3, H, W)`` with the
+batch's images in reading order, or as the interleaf processor gives it, ``(B, N, 3, H, W)`` with
+each row's images first and zero padding after. Image token labels are never trained.
+
+Generation: the images are encoded once, before the first step (:func:`encode_rows`, the
+``image_embeds`` argument); later steps feed only new text tokens and the LM's own KV cache holds
+the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError, InputError
+from ..processing.prompt_format import IGNORE_INDEX
+from .loss import causal_lm_loss
+
+__all__ = [
+    "check_config",
+    "encode_rows",
+    "expand_image_tokens",
+    "flat_images",
+    "forward",
+    "images_per_row",
+    "tokens_per_image",
+    "write_image_embeddings",
+]
+
+
+def tokens_per_image(model) -> int:
+    """V': embeddings one image becomes (a resampling projector's latents, else the vision tower's tokens)."""
+    count = getattr(model.projector, "num_latents", None)
+    return int(count) if count is not None else int(model.vision_tower.num_tokens)
+
+
+def check_config(model) -> None:
+    """At construction: with ``expand``, the processor's tokens per image must be what the model writes."""
+    cfg = model.config
+    if cfg.insertion_cfg.placement == "expand" and cfg.tokens_cfg.image_seq_length != tokens_per_image(model):
+        raise ConfigError(
+            "tokens.image_seq_length",
+            f"is {cfg.tokens_cfg.image_seq_length} but one image gives {tokens_per_image(model)} embeddings "
+            "(the vision tower's tokens, or the projector's)",
+            f"set tokens.image_seq_length: {tokens_per_image(model)}",
+        )
+
+
+def images_per_row(input_ids: torch.Tensor, image_token_id: int, per_image: int) -> list[int]:
+    """How many images each row's image tokens stand for (``per_image`` tokens each, the ``expand``
+    layout); an error names a row that does not add up."""
+    counts = (input_ids == image_token_id).sum(-1).tolist()  # (B,)
+    bad = [r for r, c in enumerate(counts) if c % per_image]
+    if bad:
+        r = bad[0]
+        raise InputError(
+            f"batch row {r} has {counts[r]} image tokens, not a multiple of {per_image} (the tokens one image "
+            "takes): each image needs exactly that many <image> tokens; use the interleaf processor (or the "
+            "model's LlavaProcessor), which writes them"
+        )
+    return [c // per_image for c in counts]
+
+
+def flat_images(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The batch's images in reading order, ``(K, 3, H, W)``, checked against the images each row's text names."""
+    if not torch.is_tensor(pixel_values):
+        raise InputError(f"pixel_values must be a tensor, got {type(pixel_values).__name__}")
+    total = sum(counts)
+    if pixel_values.dim() == 4:  # LLaVA's layout: every image of the batch, in order
+        if pixel_values.shape[0] != total:
+            raise InputError(
+                f"pixel_values holds {pixel_values.shape[0]} images but the text of the batch names {total} "
+                f"(images per row: {counts}): pass one image per image in the prompts, in order"
+            )
+        return pixel_values
+    if pixel_values.dim() == 5:  # the interleaf processor's layout: (B, N, 3, H, W), zero-padded rows
+        if pixel_values.shape[0] != len(counts):
+            raise InputError(
+                f"pixel_values has {pixel_values.shape[0]} rows but input_ids has {len(counts)}: "
+                "process images and text together with the interleaf processor"
+            )
+        n = pixel_values.shape[1]
+        for r, c in enumerate(counts):
+            if c > n:
+                raise InputError(
+                    f"batch row {r} names {c} images in its text but pixel_values holds {n} per row: "
+                    "every image in the text needs its pixels (the interleaf processor adds both)"
+                )
+        return torch.cat([pixel_values[r, :c] for r, c in enumerate(counts)]) if total else pixel_values[:0, 0]
+    raise InputError(
+        "pixel_values must be (images, 3, height, width) as LLaVA's processor gives it, or (batch, images, 3, "
+        f"height, width) as interleaf's does; got shape {tuple(pixel_values.shape)}"
+    )
+
+
+def encode_rows(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Every image of the batch through the vision tower and the projector once -> ``(B, S, D)``.
+
+    ``input_ids`` is in the ``expand`` layout (grown first with ``replace``). Row ``b`` holds its
+    images' embeddings one after another (``n_b * V'`` of them), then zeros.
+    """
+    per_image = tokens_per_image(model)
+    counts = images_per_row(input_ids, model.image_token_id, per_image)
+    flat = flat_images(pixel_values, counts)  # (K, 3, H, W)
+    emb = model.get_input_embeddings()
+    width, dtype = model.config.text_config.hidden_size, emb.weight.dtype
+    rows = torch.zeros(len(counts), max(counts, default=0) * per_image, width, dtype=dtype, device=input_ids.device)
+    if flat.shape[0] == 0:
+        return rows
+    features = model.vision_tower(flat[None])[0]  # (K, V, Dv)
+    projected = model.projector(features).to(device=input_ids.device, dtype=dtype)  # (K, V', D)
+    start = 0
+    for r, c in enumerate(counts):
+        rows[r, : c * per_image] = projected[start : start + c].reshape(-1, width)
+        start += c
+    return rows
+
+
+def write_image_embeddings(
+    inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, image_token_id: int
+) -> torch.Tensor:
+    """Each row's image positions get that row's embeddings, in order. ``(B, T, D)`` -> ``(B, T, D)``."""
+    mask = input_ids == image_token_id  # (B, T)
+    if not bool(mask.any()):
+        return inputs_embeds
+    counts = mask.sum(-1)  # (B,)
+    if image_embeds is None:
+        r = int(counts.nonzero()[0])
+        raise InputError(
+            f"batch row {r} has {int(counts[r])} image tokens but no images were given: pass pixel_values "
+            "(the processor returns them with the text)"
+        )
+    if image_embeds.shape[0] != input_ids.shape[0] or image_embeds.shape[1] < int(counts.max()):
+        raise InputError(
+            f"image_embeds {tuple(image_embeds.shape)} does not cover the image tokens of input_ids "
+            f"{tuple(input_ids.shape)}: compute them with the same input_ids"
+        )
+    valid = torch.arange(image_embeds.shape[1], device=counts.device)[None, :] < counts[:, None]  # (B, S)
+    values = image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)[valid.to(image_embeds.device)]
+    return inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), values)
+
+
+def expand_image_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    lengths: list[list[int]],
+    image_token_id: int,
+    pad_token_id: int,
+    padding_side: str = "left",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """xGen-MM's placement: each image token becomes ``lengths[b][k]`` image tokens (k-th image of row b).
+
+    Returns ``(input_ids, attention_mask, labels)`` of the grown batch, padded again on
+    ``padding_side``: the inserted positions attend (mask 1) and are never trained (label -100);
+    padding has mask 0 and label -100. Position ids follow from the mask (``cumsum - 1``).
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    rows = []
+    for b in range(input_ids.shape[0]):
+        keep = attention_mask[b].bool()
+        ids, mask = input_ids[b][keep].tolist(), [1] * int(keep.sum())
+        lab = labels[b][keep.to(labels.device)].tolist() if labels is not None else [IGNORE_INDEX] * len(ids)
+        positions = [p for p, t in enumerate(ids) if t == image_token_id]
+        if len(positions) != len(lengths[b]):
+            raise InputError(
+                f"batch row {b} has {len(positions)} image tokens but {len(lengths[b])} images: "
+                "every <image> token needs exactly one image"
+            )
+        for p, n in reversed(list(zip(positions, lengths[b]))):
+            ids[p : p + 1] = [image_token_id] * n
+            mask[p : p + 1] = [1] * n
+            lab[p : p + 1] = [IGNORE_INDEX] * n
+        rows.append((ids, mask, lab))
+    longest = max(len(ids) for ids, _, _ in rows)
+    new_ids = torch.full((len(rows), longest), pad_token_id, dtype=input_ids.dtype)
+    new_mask = torch.zeros((len(rows), longest), dtype=attention_mask.dtype)
+    new_labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    for b, (ids, mask, lab) in enumerate(rows):
+        sl = slice(longest - len(ids), longest) if padding_side == "left" else slice(0, len(ids))
+        new_ids[b, sl], new_mask[b, sl], new_labels[b, sl] = torch.tensor(ids), torch.tensor(mask), torch.tensor(lab)
+    device = input_ids.device
+    return new_ids.to(device), new_mask.to(device), (new_labels.to(labels.device) if labels is not None else None)
+
+
+def replace_placement(model, input_ids, attention_mask, labels):
+    """Grow a batch written with one ``<image>`` per image to the ``expand`` layout (see module docstring)."""
+    per_image = tokens_per_image(model)
+    counts = (input_ids == model.image_token_id).sum(-1).tolist()
+    pad = getattr(model.config, "pad_token_id", None)
+    pad = pad if pad is not None else 0  # any id: padding is masked out
+    lengths = [[per_image] * c for c in counts]
+    return expand_image_tokens(input_ids, attention_mask, labels, lengths, model.image_token_id, pad)
+
+
+def forward(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pixel_values: torch.Tensor | None,
+    image_embeds: torch.Tensor | None,
+    past_key_values,
+    position_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    use_cache: bool | None,
+    logits_to_keep,
+    **kwargs,
+):
+    """The token-insertion forward: ``(loss, logits, past_key_values)`` as an ``InterleafOutput``."""
+    from .modeling import InterleafOutput
+
+    past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+    if pixel_values is not None:
+        if image_embeds is not None:
+            raise InputError("pass either pixel_values or image_embeds, not both")
+        if past_length:
+            raise InputError("new images cannot be added after a cached prefix; run the whole prompt with its images")
+        if model.config.insertion_cfg.placement == "replace":
+            input_ids, attention_mask, labels = replace_placement(model, input_ids, attention_mask, labels)
+            position_ids = None
+        image_embeds = encode_rows(model, input_ids, pixel_values)
+    image_id = model.image_token_id
+    is_image = input_ids == image_id
+    embeds = model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
+    embeds = write_image_embeddings(embeds, input_ids, image_embeds, image_id)
+    if position_ids is None and attention_mask is not None:  # left padding: positions count real tokens only
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1] :]
+    if model._lm_accepts_position_ids and position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    out = model.language_model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        logits_to_keep=logits_to_keep,
+        return_dict=True,
+        **kwargs,
+    )
+    loss = z = None
+    if labels is not None:
+        labels = labels.masked_fill(is_image.to(labels.device), IGNORE_INDEX)  # an image token is never a target
+        loss, z = causal_lm_loss(out.logits, labels, model.config.z_loss)
+    return InterleafOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values, z_loss=z)
+
+
+def generate(model, generate_fn, input_ids, attention_mask, pixel_values, image_embeds, kwargs):
+    """``generate`` for token insertion: images encoded once; then ``generate_fn`` (transformers') runs.
+
+    With ``replace`` placement the prompt is grown first; the returned rows are the caller's
+    prompt followed by the new tokens, as for every other model.
+    """
+    prompt = None  # the caller's rows, when the model grows them
+    if pixel_values is not None:
+        if image_embeds is not None:
+            raise InputError("pass either pixel_values or image_embeds, not both")
+        if model.config.insertion_cfg.placement == "replace":
+            prompt = input_ids
+            input_ids, attention_mask, _ = replace_placement(model, input_ids, attention_mask, None)
+        image_embeds = encode_rows(model, input_ids, pixel_values)
+    if image_embeds is not None:
+        kwargs["image_embeds"] = image_embeds
+    out = generate_fn(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    if prompt is None or not torch.is_tensor(out):
+        return out
+    prompt = prompt.to(out.device).repeat_interleave(out.shape[0] // prompt.shape[0], dim=0)
+    return torch.cat([prompt, out[:, input_ids.shape[1] :]], dim=1)
