@@ -257,48 +257,6 @@ class ProjectorConfig:
                               "remove it, or set kind: token_sampler")
 
 
-@dataclass
-class InsertionConfig:
-    """Token insertion: where the projected image embeddings go in the LM's input.
-
-    ``expand`` (LLaVA): the processor writes one ``<image>`` token per vision token and the model
-    writes the embeddings over them, so the sequence keeps its length. ``replace`` (xGen-MM): the
-    text holds one ``<image>`` token per image; the model replaces it by the image's whole
-    embedding sequence, and the row grows (:func:`interleaf.model.token_insertion.expand_image_tokens`).
-    """
-
-    placement: Literal["expand", "replace"] = "expand"
-
-    def __post_init__(self):
-        validate(self, "insertion")
-
-
-def image_embeddings_per_image(projector: dict | ProjectorConfig, vision: dict | VisionConfig) -> int:
-    """Embeddings one image becomes in a token-insertion model (without anyres): the token
-    sampler's latents, else the vision tower's tokens."""
-    projector = projector if isinstance(projector, ProjectorConfig) else read(ProjectorConfig, projector, "projector")
-    if projector.kind == "token_sampler":
-        return (projector.token_sampler or TokenSamplerConfig()).num_latents
-    vision = vision if isinstance(vision, VisionConfig) else read(VisionConfig, vision, "vision")
-    return vision.num_tokens
-
-
-def freeze_policies(fusion: str) -> tuple[str, ...]:
-    """The freeze policies that apply to a fusion family."""
-    if fusion == "token_insertion":
-        return ("projector", "projector_lm", "all_trainable")
-    return ("flamingo", "flamingo_train_vision", "unfreeze_lm", "all_trainable")
-
-
-def check_freeze_policy(policy: str, fusion: str, field: str) -> None:
-    """A :class:`ConfigError` when ``policy`` belongs to the other fusion family."""
-    if policy not in freeze_policies(fusion):
-        raise ConfigError(
-            field, f"{policy!r} is not a freeze policy of the {fusion!r} family",
-            f"use one of {list(freeze_policies(fusion))}",
-        )
-
-
 ANYRES_CONVENTIONS = ("xgenmm", "llava_next")
 # The grids both released families were trained with, as multiples of the base size, in each convention's own
 # order: xGen-MM reads them as (width, height), LLaVA-NeXT's image_grid_pinpoints as (height, width).
@@ -339,6 +297,51 @@ class AnyresConfig:
                 raise ConfigError(f"{path}.grids[{i}]",
                                   f"{[a, b]} has {(a // s) * (b // s)} crops, above max_crops {self.max_crops}",
                                   "drop that grid or raise max_crops")
+
+
+@dataclass
+class InsertionConfig:
+    """Token insertion: where the projected image embeddings go in the LM's input.
+
+    ``expand`` (LLaVA): the processor writes one ``<image>`` token per vision token and the model
+    writes the embeddings over them, so the sequence keeps its length. ``replace`` (xGen-MM): the
+    text holds one ``<image>`` token per image; the model replaces it by the image's whole
+    embedding sequence, and the row grows (:func:`interleaf.model.token_insertion.expand_image_tokens`).
+    """
+
+    placement: Literal["expand", "replace"] = "expand"
+    # Any-resolution tiling (LLaVA-NeXT, xGen-MM): each image becomes a base view plus crops, and
+    # takes as many embeddings as :func:`interleaf.processing.anyres.num_image_tokens` says. None: one view.
+    anyres: AnyresConfig | None = None
+
+    def __post_init__(self):
+        validate(self, "insertion")
+
+
+def image_embeddings_per_image(projector: dict | ProjectorConfig, vision: dict | VisionConfig) -> int:
+    """Embeddings one image becomes in a token-insertion model (without anyres): the token
+    sampler's latents, else the vision tower's tokens."""
+    projector = projector if isinstance(projector, ProjectorConfig) else read(ProjectorConfig, projector, "projector")
+    if projector.kind == "token_sampler":
+        return (projector.token_sampler or TokenSamplerConfig()).num_latents
+    vision = vision if isinstance(vision, VisionConfig) else read(VisionConfig, vision, "vision")
+    return vision.num_tokens
+
+
+def freeze_policies(fusion: str) -> tuple[str, ...]:
+    """The freeze policies that apply to a fusion family."""
+    if fusion == "token_insertion":
+        return ("projector", "projector_lm", "all_trainable")
+    return ("flamingo", "flamingo_train_vision", "unfreeze_lm", "all_trainable")
+
+
+def check_freeze_policy(policy: str, fusion: str, field: str) -> None:
+    """A :class:`ConfigError` when ``policy`` belongs to the other fusion family."""
+    if policy not in freeze_policies(fusion):
+        raise ConfigError(
+            field, f"{policy!r} is not a freeze policy of the {fusion!r} family",
+            f"use one of {list(freeze_policies(fusion))}",
+        )
 
 
 def _text_config_from_dict(data: dict) -> PreTrainedConfig:
