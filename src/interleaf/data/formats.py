@@ -353,8 +353,29 @@ def parse_conversation(
     turns = data.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise BadSample("malformed_json", where, "needs a non-empty 'conversations' list")
-    raw_images = data.get("image")
-    names = [] if raw_images is None else [raw_images] if isinstance(raw_images, str) else raw_images
+    images = _llava_images(data.get("image"), where, images_root, image_path_map)
+    messages, placeholders = _llava_messages(turns, images, where)
+    users = [m for m in messages if m["role"] == "user"]
+    if not users:
+        raise BadSample("malformed_json", where, "no human turn")
+    if not placeholders and images:
+        users[0]["content"] = list(images) + users[0]["content"]
+    if task_prompt:
+        content = users[0]["content"]
+        if content and isinstance(content[-1], str):
+            content[-1] = f"{content[-1]}\n{task_prompt}"
+        else:
+            content.append(task_prompt)
+    answers = ["".join(p for p in m["content"] if isinstance(p, str)) for m in messages if m["role"] == "assistant"]
+    if not answers or not any(a.strip() for a in answers):
+        raise BadSample("empty_text", where, "no assistant answer to train on")
+    return Conversation(messages, key)
+
+
+def _llava_images(raw: Any, where: str, images_root: str | Path | None,
+                  image_path_map: dict[str, str] | None) -> list[ImageSource]:
+    """The entry's ``image`` (a path or a list of paths) as local files that exist."""
+    names = [] if raw is None else [raw] if isinstance(raw, str) else raw
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise BadSample("malformed_json", where, "'image' must be a path string or a list of path strings")
     images = []
@@ -372,7 +393,12 @@ def parse_conversation(
         if not usable:
             raise BadSample("missing_file", img_where, f"image file {str(mapped)!r} does not exist")
         images.append(ImageSource(mapped, img_where))
+    return images
 
+
+def _llava_messages(turns: list, images: list[ImageSource], where: str) -> tuple[list[dict], int]:
+    """Chat messages for LLaVA's ``{"from", "value"}`` turns, each ``<image>`` replaced by the next
+    image; and how many placeholders there were (0, or exactly one per image)."""
     messages: list[dict] = []
     placeholders = 0
     for t, turn in enumerate(turns):
@@ -403,21 +429,7 @@ def parse_conversation(
         messages.append({"role": role, "content": content})
     if placeholders and placeholders != len(images):
         raise BadSample("image_mismatch", where, f"{placeholders} <image> placeholders for {len(images)} images")
-    users = [m for m in messages if m["role"] == "user"]
-    if not users:
-        raise BadSample("malformed_json", where, "no human turn")
-    if not placeholders and images:
-        users[0]["content"] = list(images) + users[0]["content"]
-    if task_prompt:
-        content = users[0]["content"]
-        if content and isinstance(content[-1], str):
-            content[-1] = f"{content[-1]}\n{task_prompt}"
-        else:
-            content.append(task_prompt)
-    answers = ["".join(p for p in m["content"] if isinstance(p, str)) for m in messages if m["role"] == "assistant"]
-    if not answers or not any(a.strip() for a in answers):
-        raise BadSample("empty_text", where, "no assistant answer to train on")
-    return Conversation(messages, key)
+    return messages, placeholders
 
 
 __all__ = [
