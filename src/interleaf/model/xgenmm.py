@@ -139,19 +139,19 @@ def split_images(
             where = f"batch row {r}, image {k}"
             if not torch.is_tensor(views):
                 raise InputError(f"{where}: pixel_values must be tensors, got {type(views).__name__}")
+            original = views
             if views.dim() == 5 and views.shape[0] == 1:
                 views = views[0]  # the released processor's (1, V, 3, S, S)
             tiles = anyres.plan(size, cfg, where)
-            if views.dim() != 4 or views.shape[0] < tiles.num_views or views.shape[1] != 3:
+            n = tiles.num_views
+            padded = views.dim() == 4 and views.shape[0] > n and bool(views[n:].any())  # extra views: zeros only
+            if views.dim() != 4 or views.shape[0] < n or views.shape[1] != 3 or padded:
                 raise InputError(
                     f"{where}: an image of {tiles.image_size[0]} x {tiles.image_size[1]} px takes a "
-                    f"{tiles.grid[0]} x {tiles.grid[1]} grid, {tiles.num_views} views (the base view first), but its "
-                    f"pixel_values have shape {tuple(views.shape)}; pass the size (width, height) the pixels were "
+                    f"{tiles.grid[0]} x {tiles.grid[1]} grid, {n} views (the base view first), but its "
+                    f"pixel_values have shape {tuple(original.shape)}; pass the size (width, height) the pixels were "
                     "made from, and the views as (views, 3, height, width)"
                 )
-            if views.shape[0] > tiles.num_views and bool(views[tiles.num_views :].any()):
-                raise InputError(f"{where}: {views.shape[0]} views given for a {tiles.num_views}-view image and the "
-                                 "extra ones are not zero padding; pass the image size its pixels were made from")
             row.append((views[: tiles.num_views], tiles))
         out.append(row)
     return out
