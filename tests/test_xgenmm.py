@@ -61,7 +61,8 @@ def base_fixtures() -> list[Path]:
 
 def per_image(inputs: dict, prefix: str) -> list[list]:
     """``{prefix}.{row}.{image}`` tensors as a list per row, in order."""
-    keys = sorted((tuple(int(i) for i in n[len(prefix) + 1:].split(".")), n) for n in inputs if n.startswith(prefix + "."))
+    names = [n for n in inputs if n.startswith(prefix + ".")]
+    keys = sorted((tuple(int(i) for i in n[len(prefix) + 1:].split(".")), n) for n in names)
     rows: list[list] = []
     for (r, _), name in keys:
         while len(rows) <= r:
@@ -363,7 +364,8 @@ def released_shapes() -> dict[str, tuple[int, ...]]:
             shapes.update({p + f"self_attn.{proj}.weight": (w, w), p + f"self_attn.{proj}.bias": (w,)})
     shapes.update({v + "post_layernorm.weight": (w,), v + "post_layernorm.bias": (w,)})
     h = v + "head."  # SigLIP's MAP head: in the checkpoint, never used by xGen-MM
-    shapes.update({h + "probe": (1, 1, w), h + "attention.in_proj_weight": (3 * w, w), h + "attention.in_proj_bias": (3 * w,),
+    shapes.update({h + "probe": (1, 1, w), h + "attention.in_proj_weight": (3 * w, w),
+                   h + "attention.in_proj_bias": (3 * w,),
                    h + "attention.out_proj.weight": (w, w), h + "attention.out_proj.bias": (w,),
                    h + "layernorm.weight": (w,), h + "layernorm.bias": (w,), h + "mlp.fc1.weight": (mlp, w),
                    h + "mlp.fc1.bias": (mlp,), h + "mlp.fc2.weight": (w, mlp), h + "mlp.fc2.bias": (w,)})
@@ -378,7 +380,8 @@ def released_shapes() -> dict[str, tuple[int, ...]]:
     shapes.update({s + "norm.weight": (w,), s + "norm.bias": (w,), s + "projection.weight": (d, w),
                    s + "projection.bias": (d,)})
     lm, vocab = "vlm.lang_model.", 32064
-    shapes.update({lm + "model.embed_tokens.weight": (vocab, d), lm + "model.embed_tokens.additional_embedding.weight": (3, d),
+    shapes.update({lm + "model.embed_tokens.weight": (vocab, d),
+                   lm + "model.embed_tokens.additional_embedding.weight": (3, d),
                    lm + "model.norm.weight": (d,), lm + "lm_head.weight": (vocab, d), lm + "lm_head.bias": (vocab,),
                    lm + "lm_head.additional_fc.weight": (3, d), lm + "lm_head.additional_fc.bias": (3,)})
     for i in range(32):
@@ -506,3 +509,28 @@ def test_from_xgenmm_with_a_tokenizer_that_lacks_the_added_ids_is_refused(tmp_pa
 
     with pytest.raises(CheckpointError, match="initial_tokenizer_len"):
         from_xgenmm(folder, tmp_path / "out", tokenizer=build_tiny_tokenizer())
+
+
+def _word_tokenizer(size: int, pad: int):
+    """A word-level tokenizer of exactly ``size`` tokens (``w0``.., ``<pad>`` at ``pad``): a stand-in for
+    Phi-3's, whose length is xGen-MM's initial_tokenizer_len."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(size)}
+    vocab["<pad>"] = vocab.pop(f"w{pad}")
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="w0")
+
+
+def test_with_a_tokenizer_the_converted_directory_loads_with_its_processor(tmp_path):
+    folder = instruct_fixtures()[0]
+    cfg = config(folder)
+    initial = cfg["initial_tokenizer_len"]
+    out = from_xgenmm(folder, tmp_path / "out", tokenizer=_word_tokenizer(initial, initial - 1))
+    model, processor = interleaf.load(out)
+    ids = processor.tokenizer.convert_tokens_to_ids(["<image>", "<image placeholder>", "<|endofchunk|>"])
+    assert ids == [cfg["special_token_ids"][k] for k in ("media", "placeholder", "eoc")]
+    for key, value in model_of(folder).state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key

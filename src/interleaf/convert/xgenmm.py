@@ -82,7 +82,8 @@ def _sections(data: dict) -> tuple[dict, dict, dict, int, str, list | None]:
         ratio = vision_enc.get("image_aspect_ratio", "anyres")
         grids = vision_enc.get("anyres_grids")
         return dict(SIGLIP_SO400M_384), sampler, text, int(text.get("initial_tokenizer_len", 32012)), ratio, grids
-    missing = [k for k in ("vision_encoder", "vision_tokenizer", "text_config", "initial_tokenizer_len") if k not in data]
+    needed = ("vision_encoder", "vision_tokenizer", "text_config", "initial_tokenizer_len")
+    missing = [k for k in needed if k not in data]
     if missing:
         raise ConfigError(
             missing[0], "is missing from the xGen-MM config",

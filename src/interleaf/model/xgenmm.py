@@ -104,7 +104,8 @@ def _per_row(value: Any, counts: list[int], name: str, leaf_dims: int) -> list[l
         value = list(value)
     if not isinstance(value, (list, tuple)):
         raise InputError(f"{name} must be a list or a tensor, got {type(value).__name__}")
-    nested = len(value) > 0 and isinstance(value[0], (list, tuple)) and not (name == "image_sizes" and _is_pair(value[0]))
+    first = value[0] if len(value) else None
+    nested = isinstance(first, (list, tuple)) and not (name == "image_sizes" and _is_pair(first))
     if nested:
         if len(value) != rows:
             raise InputError(f"{name} has {len(value)} rows but input_ids has {rows}: pass one list of images per row")

@@ -164,8 +164,8 @@ def _xgenmm(name: str) -> Preset:
         tokenizer="none",
         freeze="projector_lm",
         fusion="token_insertion",
-        projector=dict(kind="token_sampler", token_sampler=dict(dim=1152, out_dim=3072, depth=6, num_latents=128, heads=16, head_dim=96,
-                                                                ff_mult=4)),
+        projector=dict(kind="token_sampler", token_sampler=dict(dim=1152, out_dim=3072, depth=6, num_latents=128,
+                                                                heads=16, head_dim=96, ff_mult=4)),
         insertion=dict(placement="replace", anyres=dict(convention="xgenmm", base_size=384, patch_size=14)),
         note="Real weights: download a released checkpoint (Salesforce/xgen-mm-phi3-mini-instruct-interleave-r-v1.5, "
         "-instruct-singleimg-, -instruct-dpo- or -base-r-v1.5: config.json, the model*.safetensors shards with their "
