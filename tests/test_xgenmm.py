@@ -534,3 +534,15 @@ def test_with_a_tokenizer_the_converted_directory_loads_with_its_processor(tmp_p
     assert ids == [cfg["special_token_ids"][k] for k in ("media", "placeholder", "eoc")]
     for key, value in model_of(folder).state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_base_mode_also_takes_the_llava_layout_of_the_same_positions():
+    folder = base_fixtures()[0]
+    model, inputs = model_of(folder), tensors(folder / "inputs.safetensors")
+    tokens = model.config.tokens_cfg
+    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["vision_x"][:, :, 0]
+    llava_ids = ids.masked_fill(ids == tokens.image_placeholder_token_id, tokens.image_token_id)
+    with torch.no_grad():
+        same = model(input_ids=llava_ids, attention_mask=mask, pixel_values=pixels).logits
+        reference = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert torch.equal(same, reference)

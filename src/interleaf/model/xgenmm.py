@@ -240,8 +240,10 @@ def overwrite_spans(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """Base mode: each ``<image>`` and the ``L - 1`` placeholders after it become ``L`` image positions.
 
     Returns ``input_ids`` with those placeholders written as the image token (so the ``expand`` rule
-    overwrites the whole span); unchanged when the model has no placeholder token. An ``<image>`` whose
-    span is cut short (by other tokens or the row's end) or a placeholder outside every span is an error.
+    overwrites the whole span); unchanged when the model has no placeholder token. A span may also hold
+    ``<image>`` tokens (``L`` of them per image is the ``llava`` prompt format's layout, the same
+    positions). An ``<image>`` whose span is cut short (by other tokens or the row's end) or a placeholder
+    outside every span is an error.
     """
     placeholder = model.config.tokens_cfg.image_placeholder_token_id
     if placeholder is None:
@@ -252,11 +254,12 @@ def overwrite_spans(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     for r, (ids, real) in enumerate(zip(input_ids.tolist(), keep.tolist())):
         covered = [False] * len(ids)
         for p, token in enumerate(ids):
-            if token != image_id or not real[p]:
+            if token != image_id or not real[p] or covered[p]:
                 continue
             run = ids[p + 1 : p + span]
-            if len(run) != span - 1 or any(t != placeholder for t in run) or not all(real[p : p + span]):
-                got = next((i for i, t in enumerate(run) if t != placeholder), len(run))
+            fits = [t in (placeholder, image_id) for t in run]  # the processor's "llava" layout writes <image>s
+            if len(run) != span - 1 or not all(fits) or not all(real[p : p + span]):
+                got = next((i for i, ok in enumerate(fits) if not ok), len(run))
                 raise InputError(
                     f"batch row {r}: the <image> at position {p} is followed by {got} <image placeholder> "
                     f"tokens, but an image takes {span} positions: write '<image>' + '<image placeholder>' x "
