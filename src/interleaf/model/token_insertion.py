@@ -14,6 +14,9 @@ Placement (``insertion.placement``):
   label -100), re-padding the batch; then the ``expand`` rule applies. Logits (and the returned
   sequence positions) are those of the grown sequence.
 
+xGen-MM's own cases (images of any resolution, whose lengths follow from ``image_sizes``; the base
+format's ``<image>`` + placeholders) are in :mod:`interleaf.model.xgenmm`, called from here.
+
 Images per row: a row with ``n`` images has ``n * V'`` image tokens (expand) or ``n`` (replace);
 rows may have 0..k images. ``pixel_values`` comes as LLaVA gives it, ``(K, 3, H, W)`` with the
 batch's images in reading order, or as the interleaf processor gives it, ``(B, N, 3, H, W)`` with
