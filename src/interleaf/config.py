@@ -217,6 +217,13 @@ class TokensConfig:
     extra_start: int | None = None
     num_extra: int = 0
     image_token_id: int | None = None
+    # xGen-MM's base format (placement "expand"): an image's positions are its <image> token followed by
+    # <image placeholder> tokens, image_seq_length in all, all overwritten. None: only <image> tokens.
+    image_placeholder_token_id: int | None = None
+    # The output rows of the added tokens: "lm" adds them to the LM's head (which keeps its own bias, if
+    # any); "xgenmm" is xGen-MM's DecoupledLinear: a bias on the base rows and on the added rows, and the
+    # logits end after the added rows: cat((h W^T + b)[..., :extra_start], h A^T + a).
+    decoupled_head: Literal["lm", "xgenmm"] = "lm"
 
     def __post_init__(self):
         validate(self, "tokens")

@@ -5,6 +5,7 @@
     interleaf convert openflamingo CKPT --lm LM --vision CLIP DST --every N
     interleaf convert llava SRC DST            transformers LLaVA directory (either hub layout) -> interleaf
     interleaf convert llava SRC DST --to llava interleaf (LLaVA architecture) -> transformers LLaVA
+    interleaf convert xgen-mm SRC DST          released xGen-MM (BLIP-3) r-v1.5 folder -> interleaf
 """
 
 from __future__ import annotations
@@ -79,6 +80,28 @@ def llava_cmd(
     else:
         raise InputError(f"--to must be 'interleaf' or 'llava', got {to!r}")
     typer.echo(f"wrote {out}")
+
+
+@convert_app.command("xgen-mm")
+def xgenmm_cmd(
+    src: Path = typer.Argument(..., help="Released xGen-MM folder: config.json, model.safetensors (or shards with "
+                               "model.safetensors.index.json), tokenizer files if present."),
+    dst: Path = typer.Argument(..., help="Output interleaf directory."),
+    mode: str = typer.Option("auto", "--mode", help="instruct: one <image> per image, anyres; base: <image> + "
+                             "placeholders, one view; auto: the config's image_aspect_ratio decides."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory, if SRC has none."),
+) -> None:
+    """Convert a released xGen-MM (BLIP-3) checkpoint to interleaf (safetensors only)."""
+    from ..convert.xgenmm import from_xgenmm
+    from ..errors import InputError
+
+    if mode not in ("auto", "instruct", "base"):
+        raise InputError(f"--mode must be 'auto', 'instruct' or 'base', got {mode!r}")
+    out = from_xgenmm(src, dst, tokenizer=tokenizer, mode=mode)
+    typer.echo(f"wrote {out}")
+    if not (out / "tokenizer_config.json").is_file():
+        typer.echo("note: no tokenizer was found, so the directory holds the model without a processor; "
+                   "pass --tokenizer <the checkpoint's tokenizer folder> for one that interleaf.load reads")
 
 
 def register(app: typer.Typer) -> None:

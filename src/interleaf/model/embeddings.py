@@ -67,31 +67,47 @@ class DecoupledEmbedding(nn.Module):
 
 
 class DecoupledHead(nn.Module):
-    """An output ``nn.Linear`` with ``num_extra`` trainable rows for the added ids."""
+    """An output ``nn.Linear`` with ``num_extra`` trainable rows for the added ids.
 
-    def __init__(self, base: nn.Linear, extra_start: int, num_extra: int):
+    By default the extra logits go after (or over) the base ones and the base head keeps its own
+    bias, if any. ``bias=True`` is xGen-MM's ``DecoupledLinear``: the base rows get a bias
+    (``bias``, created when the LM's head has none), the extra rows one of their own
+    (``extra_bias``), and the logits end after the added rows::
+
+        logits = cat((h W^T + b)[..., :extra_start], h A^T + a)      (B, T, extra_start + num_extra)
+    """
+
+    def __init__(self, base: nn.Linear, extra_start: int, num_extra: int, bias: bool = False):
         super().__init__()
         self.weight = base.weight  # (V_base, D), the LM's parameter (or the tied embedding)
         self.bias = base.bias
         self.extra_start = extra_start
         self.num_extra = num_extra
         self.in_features = base.weight.shape[1]
-        self.extra = nn.Parameter(
-            torch.zeros(num_extra, self.in_features, dtype=base.weight.dtype, device=base.weight.device)
-        )
+        self.ends_at_extra = bias
+        device, dtype = base.weight.device, base.weight.dtype
+        self.extra = nn.Parameter(torch.zeros(num_extra, self.in_features, dtype=dtype, device=device))
+        self.extra_bias = nn.Parameter(torch.zeros(num_extra, dtype=dtype, device=device)) if bias else None
+        if bias and self.bias is None:
+            self.bias = nn.Parameter(torch.zeros(base.weight.shape[0], dtype=dtype, device=device))
         if self.extra.device.type != "meta":
             with torch.no_grad():
                 nn.init.normal_(self.extra, std=0.02)
 
     @property
     def out_features(self) -> int:
+        if self.ends_at_extra:
+            return self.extra_start + self.num_extra
         return max(self.weight.shape[0], self.extra_start + self.num_extra)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight, self.bias)  # (B, T, V_base)
         if not self.num_extra:
             return logits
-        extra = F.linear(hidden, self.extra.to(hidden.dtype))  # (B, T, num_extra)
+        extra_bias = self.extra_bias.to(hidden.dtype) if self.extra_bias is not None else None
+        extra = F.linear(hidden, self.extra.to(hidden.dtype), extra_bias)  # (B, T, num_extra)
+        if self.ends_at_extra:
+            return torch.cat([logits[..., : self.extra_start], extra.to(logits.dtype)], dim=-1)
         end = self.extra_start + self.num_extra
         v_base = logits.shape[-1]
         if self.extra_start == v_base:
@@ -103,4 +119,5 @@ class DecoupledHead(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"base={tuple(self.weight.shape)}, extra_start={self.extra_start}, num_extra={self.num_extra}"
+        return (f"base={tuple(self.weight.shape)}, extra_start={self.extra_start}, num_extra={self.num_extra}"
+                + (", bias=True (logits end after the added rows)" if self.ends_at_extra else ""))

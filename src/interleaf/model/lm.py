@@ -69,8 +69,9 @@ def attach_cross_attention(
     return blocks
 
 
-def decouple_new_tokens(lm: nn.Module, extra_start: int, num_extra: int) -> None:
-    """Give ids >= ``extra_start`` their own trainable embedding and output rows."""
+def decouple_new_tokens(lm: nn.Module, extra_start: int, num_extra: int, head_bias: bool = False) -> None:
+    """Give ids >= ``extra_start`` their own trainable embedding and output rows (``head_bias``: xGen-MM's
+    biased head whose logits end after the added rows, see :class:`DecoupledHead`)."""
     emb = lm.get_input_embeddings()
     head = lm.get_output_embeddings()
     if not isinstance(emb, nn.Embedding):
@@ -86,4 +87,4 @@ def decouple_new_tokens(lm: nn.Module, extra_start: int, num_extra: int) -> None
     if head is not None:
         if not isinstance(head, nn.Linear):
             raise ConfigError("text_config", f"the LM's output head is a {type(head).__name__}, not an nn.Linear")
-        lm.set_output_embeddings(DecoupledHead(head, extra_start, num_extra))
+        lm.set_output_embeddings(DecoupledHead(head, extra_start, num_extra, bias=head_bias))

@@ -113,7 +113,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
             attach_cross_attention(self.language_model, config.xattn_cfg, media_dim)
         tcfg = config.tokens_cfg
         if tcfg.extra_start is not None and tcfg.num_extra:
-            decouple_new_tokens(self.language_model, tcfg.extra_start, tcfg.num_extra)
+            decouple_new_tokens(self.language_model, tcfg.extra_start, tcfg.num_extra, tcfg.decoupled_head == "xgenmm")
         self._lm_accepts_position_ids = "position_ids" in inspect.signature(self.language_model.forward).parameters
         self.post_init()
 
@@ -188,6 +188,8 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
             for module in self.modules():
                 if isinstance(module, (DecoupledEmbedding, DecoupledHead)):
                     module.extra.requires_grad_(True)
+                    if getattr(module, "extra_bias", None) is not None:
+                        module.extra_bias.requires_grad_(True)
         n = self.num_trainable_parameters()
         logger.info("freeze policy %s: %s trainable of %s parameters", policy, f"{n:,}", f"{self.num_parameters():,}")
         return n

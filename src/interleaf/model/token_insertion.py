@@ -14,6 +14,9 @@ Placement (``insertion.placement``):
   label -100), re-padding the batch; then the ``expand`` rule applies. Logits (and the returned
   sequence positions) are those of the grown sequence.
 
+xGen-MM's own cases (images of any resolution, whose lengths follow from ``image_sizes``; the base
+format's ``<image>`` + placeholders) are in :mod:`interleaf.model.xgenmm`, called from here.
+
 Images per row: a row with ``n`` images has ``n * V'`` image tokens (expand) or ``n`` (replace);
 rows may have 0..k images. ``pixel_values`` comes as LLaVA gives it, ``(K, 3, H, W)`` with the
 batch's images in reading order, or as the interleaf processor gives it, ``(B, N, 3, H, W)`` with
@@ -30,6 +33,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..processing.prompt_format import IGNORE_INDEX
+from . import xgenmm
 from .loss import causal_lm_loss
 
 __all__ = [
@@ -60,6 +64,7 @@ def check_config(model) -> None:
             "(the vision tower's tokens, or the projector's)",
             f"set tokens.image_seq_length: {tokens_per_image(model)}",
         )
+    xgenmm.check_config(model)
 
 
 def images_per_row(input_ids: torch.Tensor, image_token_id: int, per_image: int) -> list[int]:
@@ -227,11 +232,20 @@ def forward(
     from .modeling import InterleafOutput
 
     past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+    image_sizes = xgenmm.sizes_from_kwargs(kwargs)
+    if not past_length:  # xGen-MM's base format: <image> + placeholders are the image's positions
+        input_ids = xgenmm.overwrite_spans(model, input_ids, attention_mask)
     if pixel_values is not None:
         if image_embeds is not None:
             raise InputError("pass either pixel_values or image_embeds, not both")
         if past_length:
             raise InputError("new images cannot be added after a cached prefix; run the whole prompt with its images")
+    if pixel_values is not None and xgenmm.is_anyres(model):
+        input_ids, attention_mask, labels, image_embeds = xgenmm.prepare_replace(
+            model, input_ids, attention_mask, labels, pixel_values, image_sizes
+        )
+        position_ids = None
+    elif pixel_values is not None:
         if model.config.insertion_cfg.placement == "replace":
             input_ids, attention_mask, labels = replace_placement(model, input_ids, attention_mask, labels)
             position_ids = None
@@ -267,13 +281,20 @@ def generate(model, generate_fn, input_ids, attention_mask, pixel_values, image_
     prompt followed by the new tokens, as for every other model.
     """
     prompt = None  # the caller's rows, when the model grows them
+    image_sizes = xgenmm.sizes_from_kwargs(kwargs)
     if pixel_values is not None:
         if image_embeds is not None:
             raise InputError("pass either pixel_values or image_embeds, not both")
-        if model.config.insertion_cfg.placement == "replace":
+        if xgenmm.is_anyres(model):
+            prompt = input_ids
+            input_ids, attention_mask, _, image_embeds = xgenmm.prepare_replace(
+                model, input_ids, attention_mask, None, pixel_values, image_sizes
+            )
+        elif model.config.insertion_cfg.placement == "replace":
             prompt = input_ids
             input_ids, attention_mask, _ = replace_placement(model, input_ids, attention_mask, None)
-        image_embeds = encode_rows(model, input_ids, pixel_values)
+        if image_embeds is None:
+            image_embeds = encode_rows(model, xgenmm.overwrite_spans(model, input_ids, attention_mask), pixel_values)
     if image_embeds is not None:
         kwargs["image_embeds"] = image_embeds
     out = generate_fn(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -15,6 +15,12 @@ Dimensions (REFERENCE.md and the released configs):
   perceiver 6 x 64 latents, 8 heads x 64; cross-attention 8 heads x 64, LayerNorm, GELU x4; 3B:
   MPT-1B every layer, 4B: RedPajama-INCITE-3B (GPT-NeoX) every 2nd, 9B: MPT-7B every 4th. The
   embedding is resized to the tokenizer plus ``<|endofchunk|>``, ``<image>``, ``<PAD>`` (50280).
+- xGen-MM (BLIP-3) r-v1.5 (``xgen-mm-phi3-mini``: base, instruct and DPO share it): SigLIP so400m/14 at
+  384 px (post-LN ``last_hidden_state``, all 729 tokens), the perceiver token sampler (6 layers, 128
+  latents, 16 heads x 96, 1152 -> 3072), Phi-3-mini; 3 decoupled rows (``<image>`` 32012, ``<image
+  placeholder>`` 32013, ``<|endofchunk|>`` 32014) and xGen-MM's biased head; anyres with the (W, H) grids
+  (1,2), (2,1), (2,2), (3,1), (1,3) x 384. The preset is the instruct form (one ``<image>`` per image,
+  replaced by its anyres tokens); the base checkpoint's format is ``interleaf convert xgen-mm --mode base``.
 - InfiMM: EVA-CLIP at 336 px with Zephyr-7B (Mistral), LLaMA2-13B or Vicuna-13B, cross-attention
   every 2nd layer, perceiver 6 x 64 latents, 16 heads x 96. transformers has no EVA-CLIP, so
   these presets declare the tower unavailable (``Preset.unavailable``) and
@@ -115,6 +121,60 @@ def _openflamingo(name: str, text: dict, every: int, lm: str, note: str) -> Pres
     )
 
 
+# -- xGen-MM (BLIP-3) r-v1.5 --
+
+SIGLIP_SO400M_384 = dict(  # google/siglip-so400m-patch14-384's vision config
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, num_channels=3,
+    image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, attention_dropout=0.0,
+    vision_use_head=True,
+)
+PHI3_MINI_4K = dict(  # microsoft/Phi-3-mini-4k-instruct, as xGen-MM's config holds it (Phi3Config's defaults)
+    model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=4096,
+    original_max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=2047,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+)
+XGENMM_INITIAL_TOKENIZER_LEN = 32012  # Phi-3's tokenizer with <pad>; xGen-MM's 3 tokens follow
+# The instruct checkpoints' chat template (VLMEvalKit, LAVIS conv_phi_3), one "<image> " per image in the
+# user's content, no BOS; generation stops at <|end|> (id 32007), padding on the left with <pad> (32011).
+XGENMM_INSTRUCT_TEMPLATE = (
+    "<|system|>\nA chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions.<|end|>\n<|user|>\n{content}<|end|>\n"
+    "<|assistant|>\n"
+)
+XGENMM_STOP_TOKEN = "<|end|>"
+XGENMM_STOP_TOKEN_ID = 32007
+XGENMM_PAD_TOKEN_ID = 32011
+
+
+def _xgenmm(name: str) -> Preset:
+    return Preset(
+        name=name,
+        description="xGen-MM (BLIP-3) r-v1.5 architecture: SigLIP so400m/14 (384 px, anyres) + perceiver token "
+        "sampler (128 tokens per view) + Phi-3-mini (random weights; convert the released ones with "
+        "`interleaf convert xgen-mm`)",
+        vision=dict(kind="siglip", hf_config=SIGLIP_SO400M_384, feature_layer=-1, post_layernorm=True,
+                    image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), resize="squash"),
+        resampler={},
+        cross_attention={},
+        text_config=PHI3_MINI_4K,
+        tokens=dict(prompt_format="llava", image_token="<image>", image_seq_length=1,
+                    extra_start=XGENMM_INITIAL_TOKENIZER_LEN, num_extra=3,
+                    image_token_id=XGENMM_INITIAL_TOKENIZER_LEN, decoupled_head="xgenmm"),
+        tokenizer="none",
+        freeze="projector_lm",
+        fusion="token_insertion",
+        projector=dict(kind="token_sampler", token_sampler=dict(dim=1152, out_dim=3072, depth=6, num_latents=128,
+                                                                heads=16, head_dim=96, ff_mult=4)),
+        insertion=dict(placement="replace", anyres=dict(convention="xgenmm", base_size=384, patch_size=14)),
+        note="Real weights: download a released checkpoint (Salesforce/xgen-mm-phi3-mini-instruct-interleave-r-v1.5, "
+        "-instruct-singleimg-, -instruct-dpo- or -base-r-v1.5: config.json, the model*.safetensors shards with their "
+        "index, the tokenizer files) and run `interleaf convert xgen-mm <that folder> <output>` (add --mode base "
+        "for the base model). The instruct prompt is XGENMM_INSTRUCT_TEMPLATE, generation stops at <|end|> "
+        "(32007). The SigLIP MAP head is built and counted (the checkpoint holds it) but never used.",
+    )
+
+
 EVA_CLIP_UNAVAILABLE = (
     "this preset's vision tower is EVA-CLIP (EVA02-CLIP-L/14 at 336 px), which transformers does not implement "
     "(and interleaf never loads timm or open_clip); build it with your own tower: interleaf.build(vision=<local "
@@ -154,6 +214,7 @@ for _preset in (
         "openflamingo-9b", MPT_7B, 4, "MPT-7B",
         "MPT-7B is transformers' MPT; its 50432-row embedding is resized to 50280 as OpenFlamingo does.",
     ),
+    _xgenmm("xgen-mm-phi3-mini"),
     _infimm("infimm-zephyr-7b", MISTRAL_7B, "Zephyr-7B"),
     _infimm("infimm-llama2-13b", LLAMA2_13B, "LLaMA2-13B"),
     _infimm("infimm-vicuna-13b", LLAMA2_13B, "Vicuna-13B"),
