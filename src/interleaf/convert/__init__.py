@@ -4,6 +4,8 @@
   directories, both ways, with exact logits parity.
 - :func:`from_llava` / :func:`to_llava`: transformers ``LlavaForConditionalGeneration``
   directories (either hub key layout), both ways, with exact logits parity.
+- :func:`from_xgenmm`: the released xGen-MM (BLIP-3) layout (``vlm.vision_encoder.*``,
+  ``vlm.vision_tokenizer.*``, ``vlm.lang_model.*``, safetensors only), base or instruct.
 - :func:`from_openflamingo`: OpenFlamingo's ``checkpoint.pt`` (trainable weights only) plus its
   base LM and CLIP vision tower as local transformers directories.
 
@@ -14,11 +16,13 @@ an error that lists them. Foreign pickles are read with ``torch.load(weights_onl
 from .idefics import from_idefics, idefics_to_interleaf_config, interleaf_to_idefics_config, to_idefics
 from .llava import from_llava, to_llava
 from .openflamingo import from_openflamingo, openflamingo_key_map
+from .xgenmm import from_xgenmm
 
 __all__ = [
     "from_idefics",
     "from_llava",
     "from_openflamingo",
+    "from_xgenmm",
     "idefics_to_interleaf_config",
     "interleaf_to_idefics_config",
     "openflamingo_key_map",
