@@ -5,6 +5,9 @@
     interleaf convert openflamingo CKPT --lm LM --vision CLIP DST --every N
     interleaf convert llava SRC DST            transformers LLaVA directory (either hub layout) -> interleaf
     interleaf convert llava SRC DST --to llava interleaf (LLaVA architecture) -> transformers LLaVA
+    interleaf convert llava-next SRC DST       transformers LLaVA-NeXT directory (either hub layout) -> interleaf
+    interleaf convert llava-next SRC DST --to llava-next
+                                               interleaf (LLaVA-NeXT architecture) -> transformers LLaVA-NeXT
 """
 
 from __future__ import annotations
@@ -78,6 +81,28 @@ def llava_cmd(
         out = to_llava(src, dst)
     else:
         raise InputError(f"--to must be 'interleaf' or 'llava', got {to!r}")
+    typer.echo(f"wrote {out}")
+
+
+@convert_app.command("llava-next")
+def llava_next_cmd(
+    src: Path = typer.Argument(..., help="LLaVA-NeXT directory (save_pretrained or a llava-hf download), or with "
+                               "--to llava-next an interleaf directory."),
+    dst: Path = typer.Argument(..., help="Output directory."),
+    to: str = typer.Option("interleaf", "--to",
+                           help="interleaf: LLaVA-NeXT -> interleaf; llava-next: interleaf -> LLaVA-NeXT."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory, if SRC has none."),
+) -> None:
+    """Convert a transformers LLaVA-NeXT checkpoint to interleaf, or back with --to llava-next."""
+    from ..convert.llava_next import from_llava_next, to_llava_next
+    from ..errors import InputError
+
+    if to == "interleaf":
+        out = from_llava_next(src, dst, tokenizer=tokenizer)
+    elif to == "llava-next":
+        out = to_llava_next(src, dst)
+    else:
+        raise InputError(f"--to must be 'interleaf' or 'llava-next', got {to!r}")
     typer.echo(f"wrote {out}")
 
 

@@ -1,0 +1,336 @@
+"""LLaVA-NeXT <-> interleaf: transformers' ``LlavaNextForConditionalGeneration`` is the reference.
+
+A tiny random LLaVA-NeXT (CLIP + LLaMA, LLaVA-v1.6's five grids at the tiny tower's size;
+``tests/tiny.py``) is saved in each hub key layout, converted with ``from_llava_next`` and
+compared: logits at every attended position within 1e-5 and identical greedy generations on a
+left-padded batch whose rows hold 0, 2 and 1 images of different aspect ratios (so different
+grids, unpadding and token counts); ``to_llava_next`` gives the reference's weights back bit for
+bit; what transformers' ``LlavaNextProcessor`` returns is accepted as is, and interleaf's own
+processor writes the same placeholders. Each image's token count comes from the reference
+(its ``get_image_features``), never from interleaf. Bad checkpoints and bad inputs are refused
+with errors that name the keys or the item.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tiny import tiny_llava_next
+from transformers import LlavaNextForConditionalGeneration
+
+import interleaf
+from interleaf.convert.llava_next import from_llava_next, to_llava_next
+from interleaf.errors import CheckpointError, ConfigError, InputError
+
+# original sizes (height, width): a wide image (2x1 grid... as LLaVA-NeXT picks), a square one, a tall one
+SIZES = [(30, 100), (40, 40), (120, 35)]
+CASES = {
+    "layer-2": dict(),
+    "layers-list-tied": dict(feature_layer=[-2, -1], tie_word_embeddings=True),
+}
+
+
+def _layout(state: dict, layout: str) -> dict:
+    """The reference's weights under one of the hub key layouts transformers reads."""
+    if layout == "transformers5":  # module names: model.language_model.*, model.vision_tower.*, model.image_newline
+        return dict(state)
+    out = {}
+    for key, value in state.items():  # llava-hf: language_model.model.*, vision_tower.vision_model.*, image_newline
+        if key.startswith("model.language_model."):
+            key = "language_model.model." + key[len("model.language_model."):]
+        elif key.startswith("lm_head."):
+            key = "language_model." + key
+        elif key.startswith("model.vision_tower."):
+            key = "vision_tower.vision_model." + key[len("model.vision_tower."):]
+        elif key.startswith("model."):  # model.multi_modal_projector.*, model.image_newline
+            key = key[len("model."):]
+        out[key] = value
+    return out
+
+
+def _save(reference, tok, directory, layout: str) -> None:
+    reference.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    if layout != "save_pretrained":
+        state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+        if reference.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file(_layout(state, layout), str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
+def pair(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    reference, tok = tiny_llava_next(**CASES[request.param])
+    _save(reference, tok, root / "next", "save_pretrained")
+    from_llava_next(root / "next", root / "interleaf")
+    model, processor = interleaf.load(root / "interleaf")
+    return reference, model, processor, root
+
+
+@torch.no_grad()
+def reference_counts(reference, sizes) -> list[int]:
+    """Each image's token count, as the reference model computes it."""
+    s = reference.config.vision_config.image_size
+    pixels = torch.zeros(len(sizes), 5, 3, s, s)
+    features = reference.model.get_image_features(pixels, torch.tensor(sizes), return_dict=True).pooler_output
+    return [f.shape[0] for f in features]
+
+
+def batch(reference, tok, seed=0):
+    """Left-padded rows with 0, 2 and 1 images; placeholders expanded as LlavaNextProcessor writes them."""
+    n = reference_counts(reference, SIZES)
+    image, pad = reference.config.image_token_id, tok.pad_token_id
+    rows = [[1, 5, 6, 7], [1, 9] + [image] * n[0] + [10, 11] + [image] * n[1] + [12], [1] + [image] * n[2] + [13, 14]]
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    s = reference.config.vision_config.image_size
+    pixels = torch.randn(3, 5, 3, s, s, generator=torch.Generator().manual_seed(seed))  # (K, max views, 3, S, S)
+    return ids, mask, pixels, torch.tensor(SIZES)
+
+
+def test_batch_has_different_grids(pair):
+    reference, *_ = pair
+    counts = reference_counts(reference, SIZES)
+    assert len(set(counts)) == 3, counts  # three aspect ratios, three token counts
+
+
+@torch.no_grad()
+def test_logits_match_transformers_at_every_position(pair):
+    reference, model, processor, _ = pair
+    ids, mask, pixels, sizes = batch(reference, processor.tokenizer)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    want = reference(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes,
+                     position_ids=positions).logits
+    got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes).logits
+    assert (want - got)[mask.bool()].abs().max() <= 1e-5
+    other = model(input_ids=ids, attention_mask=mask, pixel_values=pixels.flip(1), image_sizes=sizes).logits
+    assert (other - got)[1:][mask[1:].bool()].abs().max() > 1e-3  # the views matter
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("beams", [1, 2])
+def test_greedy_generation_is_identical(pair, beams):
+    reference, model, processor, _ = pair
+    ids, mask, pixels, sizes = batch(reference, processor.tokenizer)
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=beams, pad_token_id=processor.pad_token_id)
+    want = reference.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, **kwargs)
+    got = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, **kwargs)
+    assert torch.equal(want, got)
+
+
+def test_round_trip_back_to_llava_next_is_bit_identical(pair, tmp_path):
+    reference, _, _, root = pair
+    to_llava_next(root / "interleaf", tmp_path / "back")
+    back = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "back")
+    want, got = reference.state_dict(), back.state_dict()
+    assert want.keys() == got.keys()
+    for key, tensor in want.items():
+        assert torch.equal(got[key], tensor), key
+    assert back.config.image_grid_pinpoints == reference.config.image_grid_pinpoints
+    assert back.config.vision_feature_layer == reference.config.vision_feature_layer
+
+
+@pytest.mark.parametrize("layout", ["transformers5", "llava-hf"])
+@torch.no_grad()
+def test_both_hub_key_layouts_load(layout, tmp_path):
+    reference, tok = tiny_llava_next(seed=3)
+    _save(reference, tok, tmp_path / "next", layout)
+    keys = load_file(str(tmp_path / "next" / "model.safetensors"))
+    assert ("model.image_newline" if layout == "transformers5" else "image_newline") in keys
+    from_llava_next(tmp_path / "next", tmp_path / "interleaf")
+    model, _ = interleaf.load(tmp_path / "interleaf")
+    ids, mask, pixels, sizes = batch(reference, tok)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    want = reference(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes,
+                     position_ids=positions).logits
+    got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes).logits
+    assert (want - got)[mask.bool()].abs().max() <= 1e-5
+
+
+def _hf_processor(reference, tok):
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    cfg = reference.config
+    s = cfg.vision_config.image_size
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=cfg.image_grid_pinpoints)
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=cfg.vision_config.patch_size,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def _images():
+    return [Image.new("RGB", (100, 30), (200, 30, 30)), Image.new("RGB", (35, 120), (30, 30, 200)),
+            Image.effect_noise((40, 40), 60).convert("RGB")]
+
+
+@torch.no_grad()
+def test_what_llava_next_processor_returns_is_accepted(pair):
+    reference, model, processor, _ = pair
+    hf = _hf_processor(reference, processor.tokenizer)
+    images = _images()
+    texts = ["[INST] <image>\nWhat is it? [/INST]", "[INST] a question with no image [/INST]",
+             "[INST] <image> and <image> [/INST]"]
+    processor.tokenizer.padding_side = "left"
+    inputs = hf(images=[images[0], images[1], images[2]], text=texts, padding=True, return_tensors="pt")
+    assert inputs["pixel_values"].dim() == 5 and inputs["image_sizes"].shape == (3, 2)
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    want = reference(**inputs, position_ids=positions).logits
+    got = model(**inputs).logits
+    assert (want - got)[inputs["attention_mask"].bool()].abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_interleaf_processor_writes_what_llava_next_processor_writes(pair):
+    reference, model, processor, _ = pair
+    hf = _hf_processor(reference, processor.tokenizer)
+    images = _images()
+    for image in images:
+        ours = processor(["[INST] ", image, "\nWhat is it? [/INST]"], add_bos=True)
+        theirs = hf(images=[image], text=["[INST] <image>\nWhat is it? [/INST]"], return_tensors="pt")
+        assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
+        assert ours["image_sizes"].tolist() == theirs["image_sizes"].tolist()
+        views = theirs["pixel_values"].shape[1]
+        assert ours["pixel_values"].shape == theirs["pixel_values"].shape
+        assert (ours["pixel_values"] - theirs["pixel_values"])[:, :views].abs().max() < 0.05  # resampling rounding
+    # a batch with 0, 2 and 1 images of different aspect ratios, left padding: the reference agrees on it
+    prompts = [["[INST] no image here [/INST]"], ["[INST] ", images[0], " and ", images[1], " [/INST]"],
+               ["[INST] ", images[2], " what? [/INST]"]]
+    inputs = processor(prompts, add_bos=True)
+    assert inputs["pixel_values"].shape[0] == 3 and inputs["image_sizes"].shape == (3, 2)
+    mask = inputs["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    want = reference(input_ids=inputs["input_ids"], attention_mask=mask, pixel_values=inputs["pixel_values"],
+                     image_sizes=inputs["image_sizes"], position_ids=positions).logits
+    got = model(**{k: v for k, v in inputs.items() if k != "image_attention_mask"}).logits
+    assert (want - got)[mask.bool()].abs().max() <= 1e-5
+
+
+def test_truncation_never_cuts_an_image(pair):
+    _, _, processor, _ = pair
+    image = _images()[0]
+    full = processor(["[INST] ", image, " what is it? [/INST]"], add_bos=True)["input_ids"][0].tolist()
+    n = sum(1 for t in full if t == processor.image_token_id)
+    start = full.index(processor.image_token_id)
+    for budget in (start + n // 2, start + n - 1):  # budgets that end inside the image: the image goes whole
+        out = processor(["[INST] ", image, " what is it? [/INST]"], add_bos=True, max_length=budget,
+                        truncation=True, truncation_side="right")
+        assert processor.image_token_id not in out["input_ids"][0].tolist()
+        assert "pixel_values" not in out
+    kept = processor(["[INST] ", image, " what is it? [/INST]"], add_bos=True, max_length=start + n,
+                     truncation=True, truncation_side="right")
+    assert kept["input_ids"][0].tolist() == full[: start + n] and kept["pixel_values"].shape[0] == 1
+
+
+# -- bad input --
+
+
+def test_bad_images_are_refused_by_name(pair):
+    _, _, processor, _ = pair
+    thin = Image.new("RGB", (2000, 2), (1, 2, 3))  # too thin for the grids
+    with pytest.raises(InputError, match=r"batch row 0.*too thin for the anyres grids"):
+        processor(["look: ", thin])
+    processor.anyres.max_image_pixels, limit = 100, processor.anyres.max_image_pixels
+    try:
+        with pytest.raises(InputError, match=r"batch row 0.*larger than the anyres limit"):
+            processor(["look: ", Image.new("RGB", (20, 20))])
+    finally:
+        processor.anyres.max_image_pixels = limit
+
+
+@torch.no_grad()
+def test_image_count_not_matching_placeholders_is_refused(pair):
+    reference, model, processor, _ = pair
+    ids, mask, pixels, sizes = batch(reference, processor.tokenizer)
+    with pytest.raises(InputError, match="batch row 2 has 22 image tokens but its images take 0"):  # one image short
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels[:2], image_sizes=sizes[:2])
+    with pytest.raises(InputError, match="image_sizes has 2 rows but pixel_values holds 3"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes[:2])
+    with pytest.raises(InputError, match="needs image_sizes"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    with pytest.raises(InputError, match=r"image 0: its size .* calls for 4 views .* holds 2"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels[:, :2], image_sizes=sizes)
+
+
+def test_crop_count_above_the_limit_is_refused(pair):
+    _, _, processor, _ = pair
+    with pytest.raises(ConfigError, match=r"anyres.grids\[2\].*above max_crops 3"):
+        interleaf.config.AnyresConfig(convention="llava_next", base_size=28, patch_size=14, max_crops=3,
+                                      grids=[[28, 56], [56, 28], [56, 56]])
+    processor.anyres.max_crops, limit = 3, processor.anyres.max_crops  # a limit lowered after the config was read
+    try:
+        with pytest.raises(ConfigError, match=r"batch row 0, .* picks \[56, 56\], which has 4 crops, above max_crops 3"):
+            processor(["look: ", Image.new("RGB", (40, 40))])
+    finally:
+        processor.anyres.max_crops = limit
+
+
+# -- bad checkpoints --
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("next-bad")
+    reference, tok = tiny_llava_next(seed=1)
+    _save(reference, tok, root / "next", "save_pretrained")
+    return root / "next"
+
+
+def _edited(saved, tmp_path, edit):
+    dst = tmp_path / "edited"
+    shutil.copytree(saved, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    edit(state)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_missing_and_extra_weights_are_listed(saved, tmp_path):
+    newline = next(k for k in load_file(str(saved / "model.safetensors")) if k.endswith("image_newline"))
+    src = _edited(saved, tmp_path, lambda s: s.pop(newline))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): projector.image_newline"):
+        from_llava_next(src, tmp_path / "out")
+    with pytest.raises(CheckpointError, match=r"does not know \(1\): something_else"):
+        from_llava_next(_edited(saved, tmp_path / "b", lambda s: s.update(something_else=torch.zeros(1))),
+                        tmp_path / "out")
+    extra = {"multi_modal_projector.linear_3.weight": torch.zeros(2, 2)}
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): projector.linear_3.weight"):
+        from_llava_next(_edited(saved, tmp_path / "c", lambda s: s.update(extra)), tmp_path / "out")
+
+
+def test_wrong_model_type_is_explained(saved, tmp_path):
+    from tiny import tiny_llava
+
+    reference, tok = tiny_llava()
+    reference.save_pretrained(tmp_path / "llava")
+    tok.save_pretrained(tmp_path / "llava")
+    with pytest.raises(CheckpointError, match="expected 'llava_next'; use `interleaf convert llava`"):
+        from_llava_next(tmp_path / "llava", tmp_path / "out")
+    model, processor = interleaf.build("tiny-llava", seed=0)
+    interleaf.save(model, processor, tmp_path / "plain")
+    with pytest.raises(ConfigError, match="insertion.anyres"):
+        to_llava_next(tmp_path / "plain", tmp_path / "out")
+
+
+def test_command_line_both_ways(saved, tmp_path):
+    from interleaf.cli import main
+
+    reference = LlavaNextForConditionalGeneration.from_pretrained(saved)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "llava-next", str(saved), str(tmp_path / "ours")])
+    assert exit_info.value.code == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "llava-next", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "llava-next"])
+    assert exit_info.value.code == 0
+    back = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "back")
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(back.state_dict()[key], tensor), key
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "llava-next", str(saved), str(tmp_path / "x"), "--to", "nowhere"])
+    assert exit_info.value.code == 2
