@@ -334,3 +334,80 @@ def test_command_line_both_ways(saved, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "llava-next", str(saved), str(tmp_path / "x"), "--to", "nowhere"])
     assert exit_info.value.code == 2
+
+
+# -- presets --
+
+# The released configs, written out: llava-hf/llava-v1.6-mistral-7b-hf and llava-hf/llava-v1.6-vicuna-7b-hf
+# config.json (text_config as the LLM's own config.json: mistralai/Mistral-7B-Instruct-v0.2, lmsys/vicuna-7b-v1.5;
+# vision_config: openai/clip-vit-large-patch14-336). Fields not written are transformers' defaults, which are
+# the released values (e.g. Mistral's 32 layers and heads, hidden 4096).
+RELEASED_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+RELEASED_TEXT = {
+    "llava-v1.6-mistral-7b": dict(model_type="mistral", vocab_size=32064, hidden_size=4096, intermediate_size=14336,
+                                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                  max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6,
+                                  sliding_window=None),
+    "llava-v1.6-vicuna-7b": dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                                 num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=4096,
+                                 rms_norm_eps=1e-5, pad_token_id=0),
+}
+RELEASED_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# transformers' LlavaNextForConditionalGeneration built on the meta device from the values above (computed in
+# the test below, pinned here); they agree with the checkpoints' shard sizes (bf16) to 3 significant figures.
+RELEASED_PARAMETERS = {"llava-v1.6-mistral-7b": 7_566_747_648, "llava-v1.6-vicuna-7b": 7_063_431_168}
+
+
+@pytest.mark.parametrize("name", list(RELEASED_TEXT))
+def test_llava_next_presets_have_the_released_parameter_counts(name):
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaNextConfig
+
+    text = dict(RELEASED_TEXT[name])
+    released = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**RELEASED_VISION), text_config=AutoConfig.for_model(text.pop("model_type"), **text),
+        image_token_index=32000, projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_grid_pinpoints=RELEASED_PINPOINTS, tie_word_embeddings=False)
+    with torch.device("meta"):
+        reference = LlavaNextForConditionalGeneration(released)
+    assert reference.num_parameters() == RELEASED_PARAMETERS[name]
+    model, _ = interleaf.build(name, device="meta")
+    assert next(model.parameters()).is_meta
+    assert model.num_parameters() == RELEASED_PARAMETERS[name]
+    # the preset is what the converter makes of the released config
+    from interleaf.convert.llava_next import llava_next_to_interleaf_config
+
+    converted = llava_next_to_interleaf_config(released)
+    assert model.config.insertion == converted.insertion
+    assert model.config.projector == converted.projector
+    assert model.config.vision_cfg.image_size == 336 and model.config.vision_cfg.image_mean == converted.vision_cfg.image_mean
+    assert model.config.tokens_cfg.image_token_id == 32000
+    from interleaf.presets.seeds import LLAVA_NEXT_CHAT_TEMPLATES
+
+    assert name in LLAVA_NEXT_CHAT_TEMPLATES
+
+
+@torch.no_grad()
+def test_tiny_preset_end_to_end_mixed_batch():
+    """tiny-llava-next: a left-padded batch of 0, 2 and 1 images of different shapes through the
+    processor; greedy generation with the LM's KV cache equals re-running the whole sequence."""
+    model, processor = interleaf.build("tiny-llava-next", seed=0)
+    with torch.no_grad():
+        model.projector.image_newline.mul_(20)  # a louder newline, so that it changes the answer
+    images = [Image.effect_noise((90, 40), 80).convert("RGB"), Image.effect_noise((30, 30), 80).convert("RGB"),
+              Image.effect_noise((20, 70), 80).convert("RGB")]
+    inputs = processor([["no image"], [images[0], "and", images[1], "?"], ["what is", images[2]]])
+    assert inputs["image_sizes"].tolist() == [[40, 90], [30, 30], [70, 20]]
+    counts = (inputs["input_ids"] == processor.image_token_id).sum(-1).tolist()
+    assert counts[0] == 0 and counts[1] > 2 * 16 and counts[2] > 16
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=processor.pad_token_id)
+    ids, mask = out, torch.cat([inputs["attention_mask"], torch.ones(3, 4, dtype=torch.long)], dim=1)
+    logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], pixel_values=inputs["pixel_values"],
+                   image_sizes=inputs["image_sizes"]).logits
+    start = inputs["input_ids"].shape[1]
+    assert torch.equal(logits[:, start - 1 :].argmax(-1), ids[:, start:])
+    newline = model.projector.image_newline.clone()
+    model.projector.image_newline.zero_()
+    changed = model(**{k: v for k, v in inputs.items() if k != "image_attention_mask"}).logits
+    model.projector.image_newline.copy_(newline)
+    assert (changed[1:, -1] - logits[1:, start - 1]).abs().max() > 1e-4  # the newline is used
