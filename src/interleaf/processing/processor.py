@@ -163,22 +163,9 @@ class InterleafProcessor:
         for r, row in enumerate(parsed):
             self._validate(row, r)
         sized = self.format.sized_images  # LLaVA-NeXT: images are loaded first, their sizes set their tokens
-        loaded = [self._load_row(row, allow_urls) for row in parsed] if sized else [row.images for row in parsed]
-        texts = []
-        for row, images in zip(parsed, loaded):
-            pending = iter(images)
-            segments = [s.text if isinstance(s, Text) else next(pending) for s in row.segments]
-            texts.append(self.format.render(segments, row.is_chat, add_bos, add_eos, add_end_of_utterance_token))
-        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-        all_ids, all_images, all_counts = [], [], []
-        for r, (ids, row, images) in enumerate(zip(encoded, parsed, loaded)):
-            counts = [self.format.image_token_count(img) for img in images] if sized else None
-            ids, images, counts = self._fit(ids, row, images, counts, r, max_length, truncation, truncation_side)
-            all_ids.append(ids)
-            all_images.append(images)
-            all_counts.append(counts)
-
+        all_ids, all_images, all_counts = self._encode(
+            parsed, (add_bos, add_eos, add_end_of_utterance_token), max_length, truncation, truncation_side, allow_urls
+        )
         input_ids, attention_mask = self._pad(all_ids, padding, padding_side, max_length)
         n_max = max(len(images) for images in all_images)
         reset_after_eos = [self.format.resets_image_after_eos(row.is_chat) for row in parsed]
@@ -200,6 +187,27 @@ class InterleafProcessor:
         return BatchFeature(data=data)
 
     # -- steps --
+    def _encode(self, parsed: list[ParsedPrompt], flags, max_length, truncation: bool, side: str, allow_urls: bool):
+        """Render, tokenise and fit every row -> (ids, images, counts) per row; ``flags``: (add_bos,
+        add_eos, add_end_of_utterance). ``counts``: each image's token count when it depends on the
+        image (LLaVA-NeXT, whose images are loaded here to read their sizes), else None."""
+        sized = self.format.sized_images
+        loaded = [self._load_row(row, allow_urls) for row in parsed] if sized else [row.images for row in parsed]
+        texts = []
+        for row, images in zip(parsed, loaded):
+            pending = iter(images)
+            segments = [s.text if isinstance(s, Text) else next(pending) for s in row.segments]
+            texts.append(self.format.render(segments, row.is_chat, *flags))
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        all_ids, all_images, all_counts = [], [], []
+        for r, (ids, row, images) in enumerate(zip(encoded, parsed, loaded)):
+            counts = [self.format.image_token_count(img) for img in images] if sized else None
+            ids, images, counts = self._fit(ids, row, images, counts, r, max_length, truncation, side)
+            all_ids.append(ids)
+            all_images.append(images)
+            all_counts.append(counts)
+        return all_ids, all_images, all_counts
+
     def _validate(self, row: ParsedPrompt, r: int) -> None:
         typed = row.typed_texts()
         if not row.images and not any(t.text.strip() for t in typed):
