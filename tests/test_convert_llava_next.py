@@ -264,6 +264,12 @@ def test_image_count_not_matching_placeholders_is_refused(pair):
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     with pytest.raises(InputError, match=r"image 0: its size .* calls for 4 views .* holds 2"):
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels[:, :2], image_sizes=sizes)
+    no_last = ids.masked_fill((ids == model.image_token_id) & (torch.arange(3) == 2)[:, None], 13)
+    with pytest.raises(InputError, match="3 images were given but the text of the batch has <image> tokens for 2"):
+        model(input_ids=no_last, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    plain, _ = interleaf.build("tiny-llava", seed=0)
+    with pytest.raises(InputError, match="image_sizes is for LLaVA-NeXT models"):
+        plain(input_ids=torch.tensor([[1, 2]]), pixel_values=torch.zeros(0, 3, 32, 32), image_sizes=sizes)
 
 
 def test_crop_count_above_the_limit_is_refused(pair):
@@ -420,3 +426,13 @@ def test_tiny_preset_end_to_end_mixed_batch():
     changed = model(**{k: v for k, v in inputs.items() if k != "image_attention_mask"}).logits
     model.projector.image_newline.copy_(newline)
     assert (changed[1:, -1] - logits[1:, start - 1]).abs().max() > 1e-4  # the newline is used
+
+
+def test_tiling_that_does_not_fit_the_tower_is_refused():
+    tiles = dict(convention="llava_next", base_size=64, patch_size=8)
+    with pytest.raises(ConfigError, match="insertion.anyres.base_size.*takes 32 px"):
+        interleaf.build("tiny-llava-next", insertion={"anyres": tiles})
+    with pytest.raises(ConfigError, match="insertion.anyres.patch_size.*drop CLIP's class token"):
+        interleaf.build("tiny-llava-next", vision={"drop_cls_token": False})
+    with pytest.raises(ConfigError, match="projector.kind.*resampling projector"):
+        interleaf.build("tiny-llava-next", projector={"kind": "token_sampler", "token_sampler": {"depth": 1}})
