@@ -45,11 +45,13 @@ from .loss import causal_lm_loss
 
 __all__ = [
     "check_config",
+    "check_llava_next",
     "encode_rows",
     "expand_image_tokens",
     "flat_images",
     "forward",
     "images_per_row",
+    "llava_next_anyres",
     "llava_next_image_features",
     "llava_next_rows",
     "tokens_per_image",
