@@ -205,3 +205,34 @@ def tiny_llava(
                          multimodal_projector_bias=projector_bias, tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval(), tok
+
+
+def tiny_llava_next(
+    seed: int = 0, *, feature_layer: int | list[int] = -2, image_size: int = 28, patch_size: int = 14,
+    pinpoints: list[list[int]] | None = None, tie_word_embeddings: bool = False, init: float = 0.2,
+):
+    """A random transformers ``LlavaNextForConditionalGeneration`` (CLIP + LLaMA, pinpoints (height,
+    width) in multiples of ``image_size``) and the tiny tokenizer with ``<image>`` added.
+
+    The default pinpoints are LLaVA-v1.6's five grids (1x2, 2x1, 2x2, 3x1, 1x3 crops) at the tiny
+    tower's size. ``init``: as :func:`tiny_llava`.
+    """
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
+    s = image_size
+    pinpoints = pinpoints or [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=patch_size)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       initializer_range=init, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, tie_word_embeddings=tie_word_embeddings)
+    config = LlavaNextConfig(vision_config=vision, text_config=text,
+                             image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                             image_seq_length=(image_size // patch_size) ** 2, vision_feature_layer=feature_layer,
+                             vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
+                             tie_word_embeddings=tie_word_embeddings)
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(config).eval(), tok

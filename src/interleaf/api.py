@@ -108,6 +108,7 @@ def build(
         config.tokens_cfg,
         ImageTransform.from_vision_config(config.vision_cfg),
         max_length=getattr(config.text_config, "max_position_embeddings", None),
+        anyres=config.insertion_cfg.anyres if config.fusion == "token_insertion" else None,
     )
     return model.eval(), processor
 

@@ -6,6 +6,9 @@
     interleaf convert llava SRC DST            transformers LLaVA directory (either hub layout) -> interleaf
     interleaf convert llava SRC DST --to llava interleaf (LLaVA architecture) -> transformers LLaVA
     interleaf convert xgen-mm SRC DST          released xGen-MM (BLIP-3) r-v1.5 folder -> interleaf
+    interleaf convert llava-next SRC DST       transformers LLaVA-NeXT directory (either hub layout) -> interleaf
+    interleaf convert llava-next SRC DST --to llava-next
+                                               interleaf (LLaVA-NeXT architecture) -> transformers LLaVA-NeXT
 """
 
 from __future__ import annotations
@@ -102,6 +105,28 @@ def xgenmm_cmd(
     if not (out / "tokenizer_config.json").is_file():
         typer.echo("note: no tokenizer was found, so the directory holds the model without a processor; "
                    "pass --tokenizer <the checkpoint's tokenizer folder> for one that interleaf.load reads")
+
+
+@convert_app.command("llava-next")
+def llava_next_cmd(
+    src: Path = typer.Argument(..., help="LLaVA-NeXT directory (save_pretrained or a llava-hf download), or with "
+                               "--to llava-next an interleaf directory."),
+    dst: Path = typer.Argument(..., help="Output directory."),
+    to: str = typer.Option("interleaf", "--to",
+                           help="interleaf: LLaVA-NeXT -> interleaf; llava-next: interleaf -> LLaVA-NeXT."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory, if SRC has none."),
+) -> None:
+    """Convert a transformers LLaVA-NeXT checkpoint to interleaf, or back with --to llava-next."""
+    from ..convert.llava_next import from_llava_next, to_llava_next
+    from ..errors import InputError
+
+    if to == "interleaf":
+        out = from_llava_next(src, dst, tokenizer=tokenizer)
+    elif to == "llava-next":
+        out = to_llava_next(src, dst)
+    else:
+        raise InputError(f"--to must be 'interleaf' or 'llava-next', got {to!r}")
+    typer.echo(f"wrote {out}")
 
 
 def register(app: typer.Typer) -> None:

@@ -24,6 +24,12 @@ What is trained (``[...]``), by prompt format (BOS first when the tokenizer uses
   ``{% generation %}`` blocks) are trained, never an image's tokens. Images are rendered as the
   processor renders chat images (``<|endofchunk|><image>``, or the IDEFICS fake tokens).
 
+LLaVA-NeXT (the processor's format has :attr:`~interleaf.processing.prompt_format.PromptFormat.sized_images`):
+an image's token count depends on its size, so each image is opened to read its size before it is
+written; its pixels are then its anyres views ``(1+N, 3, S, S)``, and the sample dict also holds
+``"image_sizes"``, each image's (height, width). An image too small or too large for the grids is a
+bad sample (``unreadable_image``, with the reason).
+
 Text is tokenised with special-token strings kept literal (a caption that contains ``"<image>"``
 does not become an image). A task prompt is never trained. Truncation to ``max_length`` cuts
 text, or drops whole trailing images with their tokens, never an image's tokens in half.
@@ -33,7 +39,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
+from ..processing import anyres as anyres_tiling
 from ..processing.images import load_image
 from ..processing.prompt_format import IGNORE_INDEX  # defined there; importable from here too
 from .formats import BadSample, Conversation, Document, ImageSource, Pair
@@ -44,6 +51,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     n_images: int
+    image_counts: list[int] | None = None  # each image's token count, when it depends on the image (LLaVA-NeXT)
 
     @property
     def n_trained(self) -> int:
@@ -57,13 +65,43 @@ class _Builder:
         self.ids: list[int] = []
         self.labels: list[int] = []
         self.n_images = 0
+        self.image_counts: list[int] = []
 
     def add(self, ids: list[int], train: bool) -> None:
         self.ids += ids
         self.labels += ids if train else [IGNORE_INDEX] * len(ids)
 
-    def done(self) -> Tokenized:
-        return Tokenized(self.ids, self.labels, self.n_images)
+    def done(self, sized: bool = False) -> Tokenized:
+        return Tokenized(self.ids, self.labels, self.n_images, self.image_counts if sized else None)
+
+
+class _SizedImage:
+    """An image source with its (width, height) read, for formats whose token count depends on it."""
+
+    def __init__(self, processor, source: ImageSource):
+        self.where = source.where
+        self.size = _open(processor, source).size
+
+
+def _image(processor, source: ImageSource | None):
+    """What the prompt format is given for one image: its size when the count depends on it, else nothing."""
+    if source is None or not processor.format.sized_images:
+        return None
+    return _SizedImage(processor, source)
+
+
+def _image_ids(processor, builder: _Builder, source: ImageSource | None, last_was_image: bool) -> list[int]:
+    """One image's token ids (plain prompt), noting its token count in ``builder``."""
+    image = _image(processor, source)
+    builder.image_counts.append(_count(processor, image))  # first: a bad image is a BadSample
+    return processor.format.image_ids(last_was_image, chat=False, image=image)
+
+
+def _count(processor, image) -> int:
+    try:
+        return processor.format.image_token_count(image)
+    except (InputError, ConfigError) as e:  # too small or too large for the grids: this sample cannot be used
+        raise BadSample("unreadable_image", getattr(image, "where", "image"), str(e)) from e
 
 
 def text_ids(tokenizer, text: str) -> list[int]:
@@ -83,11 +121,14 @@ def _eos(processor) -> list[int]:
     return [] if eos is None else [eos]
 
 
-def tokenize_pair(processor, caption: str, *, task_prompt: str | None = None) -> Tokenized:
-    """One image and its caption; the loss is on the caption and what ends it."""
+def tokenize_pair(
+    processor, caption: str, *, task_prompt: str | None = None, image: ImageSource | None = None
+) -> Tokenized:
+    """One image and its caption; the loss is on the caption and what ends it. ``image`` is needed
+    when the image's token count depends on it (LLaVA-NeXT)."""
     tok = processor.tokenizer
     b = _start(processor)
-    b.add(processor.format.image_ids(False, chat=False), train=False)
+    b.add(_image_ids(processor, b, image, False), train=False)
     b.n_images = 1
     if task_prompt:
         b.add(text_ids(tok, task_prompt), train=False)
@@ -96,7 +137,7 @@ def tokenize_pair(processor, caption: str, *, task_prompt: str | None = None) ->
     if processor.format.closes_chunks:
         b.add([processor.end_of_chunk_token_id], train=True)
     b.add(_eos(processor), train=True)
-    return b.done()
+    return b.done(processor.format.sized_images)
 
 
 def tokenize_document(processor, items: list) -> Tokenized:
@@ -111,7 +152,7 @@ def tokenize_document(processor, items: list) -> Tokenized:
         if isinstance(item, ImageSource):
             if closes_chunks and chunk_open:
                 b.add([processor.end_of_chunk_token_id], train=True)
-            b.add(fmt.image_ids(last_was_image, chat=False), train=False)
+            b.add(_image_ids(processor, b, item, last_was_image), train=False)
             b.n_images += 1
             seen_image = chunk_open = last_was_image = True
             previous_text = False
@@ -125,7 +166,7 @@ def tokenize_document(processor, items: list) -> Tokenized:
         b.add(_eos(processor), train=False)
     else:
         b.add(_eos(processor), train=seen_image)
-    return b.done()
+    return b.done(processor.format.sized_images)
 
 
 def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
@@ -137,13 +178,15 @@ def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
             "conversation data needs a chat template but the tokenizer has none; set tokenizer.chat_template "
             "(with {% generation %} around assistant turns)"
         )
-    messages = []
+    messages, counts = [], []
     for message in conversation.messages:
         parts: list[str] = []
         last_was_image = False
         for part in message["content"]:
             if isinstance(part, ImageSource):
-                parts.append(processor.format.image_text(last_was_image, chat=True))
+                image = _image(processor, part)
+                counts.append(_count(processor, image))
+                parts.append(processor.format.image_text(last_was_image, chat=True, image=image))
                 last_was_image = True
             else:
                 parts.append(part)
@@ -159,24 +202,27 @@ def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
             "assistant turns in {% generation %} ... {% endgeneration %} (see processing/chat_templates/chatml.jinja)"
         )
     n_images = len(conversation.images)
-    found = processor.format.count_images(ids, chat=True)
+    counts = counts if processor.format.sized_images else None
+    found = processor.format.count_images(ids, chat=True, counts=counts)
     if found != n_images:
         raise BadSample("image_mismatch", where, f"{found} image tokens for {n_images} images after the chat template")
     labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
-    for s, e in processor.format.image_spans(ids, chat=True):
+    for s, e in processor.format.image_spans(ids, chat=True, counts=counts):
         labels[s:e] = [IGNORE_INDEX] * (e - s)
-    return Tokenized(ids, labels, n_images)
+    return Tokenized(ids, labels, n_images, counts)
 
 
 def truncate(processor, t: Tokenized, max_length: int, *, chat: bool) -> Tokenized:
     """Keep at most ``max_length`` tokens; a cut inside an image's tokens drops that whole image."""
     if len(t.input_ids) <= max_length:
         return t
-    cut, kept = processor.format.cut_right(t.input_ids, max_length, chat)
-    return Tokenized(t.input_ids[:cut], t.labels[:cut], kept)
+    cut, kept = processor.format.cut_right(t.input_ids, max_length, chat, t.image_counts)
+    counts = t.image_counts[:kept] if t.image_counts is not None else None
+    return Tokenized(t.input_ids[:cut], t.labels[:cut], kept, counts)
 
 
-def _load(processor, source: ImageSource):
+def _open(processor, source: ImageSource):
+    """The image of ``source`` as a PIL image, or a :class:`BadSample` naming it."""
     try:
         img = load_image(source.value, where=source.where, max_pixels=processor.max_pixels)
     except InputError as e:
@@ -184,7 +230,20 @@ def _load(processor, source: ImageSource):
         raise BadSample(reason, source.where, str(e)) from e
     except Exception as e:  # any decoder failure on a corrupt file is one bad sample, never a crash
         raise BadSample("unreadable_image", source.where, f"{type(e).__name__}: {e}") from e
-    return processor.image_transform(img)  # (3, S, S)
+    return img
+
+
+def _load(processor, source: ImageSource, img=None):
+    """The pixels of one image: ``(3, S, S)``, or its anyres views ``(1+N, 3, S, S)`` for LLaVA-NeXT."""
+    img = img if img is not None else _open(processor, source)
+    if not processor.format.sized_images:
+        return processor.image_transform(img)  # (3, S, S)
+    transform = processor.image_transform
+    try:
+        views, _ = anyres_tiling.pixel_values(img, processor.anyres, transform.mean, transform.std, where=source.where)
+    except (InputError, ConfigError) as e:
+        raise BadSample("unreadable_image", source.where, str(e)) from e
+    return views
 
 
 def encode_sample(
@@ -203,7 +262,7 @@ def encode_sample(
         raise BadSample("too_many_images", parsed.key, f"{len(images)} images, more than max_images={max_images}")
     chat = isinstance(parsed, Conversation)
     if isinstance(parsed, Pair):
-        t = tokenize_pair(processor, parsed.caption, task_prompt=task_prompt)
+        t = tokenize_pair(processor, parsed.caption, task_prompt=task_prompt, image=parsed.image)
     elif isinstance(parsed, Document):
         t = tokenize_document(processor, parsed.items)
     else:
@@ -212,8 +271,9 @@ def encode_sample(
         t = truncate(processor, t, max_length, chat=chat)
     if t.n_trained == 0:
         raise BadSample("no_trainable_tokens", parsed.key, f"no trained token in {len(t.input_ids)} tokens")
-    pixels = [_load(processor, img) for img in images[: t.n_images]]
-    return {
+    opened = [_open(processor, img) for img in images[: t.n_images]]
+    pixels = [_load(processor, src, img) for src, img in zip(images, opened)]
+    sample = {
         "input_ids": t.input_ids,
         "labels": t.labels,
         "images": pixels,
@@ -221,6 +281,9 @@ def encode_sample(
         "loss_weight": float(loss_weight),
         "key": parsed.key,
     }
+    if processor.format.sized_images:  # each image's original (height, width), as the model takes them
+        sample["image_sizes"] = [(img.size[1], img.size[0]) for img in opened]
+    return sample
 
 
 def render_sample(tokenizer, input_ids: list[int], labels: list[int], open_mark: str = "[[", close_mark: str = "]]") -> str:

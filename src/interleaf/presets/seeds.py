@@ -25,6 +25,11 @@ Dimensions (REFERENCE.md and the released configs):
   every 2nd layer, perceiver 6 x 64 latents, 16 heads x 96. transformers has no EVA-CLIP, so
   these presets declare the tower unavailable (``Preset.unavailable``) and
   building them raises an error that says so.
+- LLaVA-NeXT (v1.6, llava-hf's ``llava-v1.6-mistral-7b-hf`` / ``llava-v1.6-vicuna-7b-hf``): CLIP
+  ViT-L/14 at 336 px read at its penultimate layer without the class token, a two-layer GELU
+  MLP, any-resolution tiling over five grids (pinpoints (height, width) 336x672, 672x336,
+  672x672, 1008x336, 336x1008) with a learned ``image_newline``; Mistral-7B-Instruct-v0.2 or
+  Vicuna-7B-v1.5 with the checkpoints' 32064-row vocabulary, ``<image>`` = 32000.
 """
 
 from __future__ import annotations
@@ -197,7 +202,60 @@ def _infimm(name: str, text: dict, lm: str) -> Preset:
     )
 
 
+# -- LLaVA-NeXT (llava-hf/llava-v1.6-*-hf config.json values) --
+
+CLIP_VIT_L14_336 = {**CLIP_VIT_L14, "image_size": 336}  # openai/clip-vit-large-patch14-336
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # (height, width) in px
+LLAVA_NEXT_VOCAB = 32064  # the llava-hf checkpoints' padded vocabulary; <image> is id 32000
+MISTRAL_7B_INSTRUCT_V02 = dict(  # mistralai/Mistral-7B-Instruct-v0.2, as llava-v1.6-mistral-7b-hf's text_config
+    model_type="mistral", vocab_size=LLAVA_NEXT_VOCAB, hidden_size=4096, intermediate_size=14336,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_act="silu",
+    max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1_000_000.0, sliding_window=None,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)
+VICUNA_7B_V15 = {**LLAMA_7B, "vocab_size": LLAVA_NEXT_VOCAB, "max_position_embeddings": 4096,
+                 "rms_norm_eps": 1e-5}  # lmsys/vicuna-7b-v1.5, as llava-v1.6-vicuna-7b-hf's text_config
+# The prompts the llava-hf model cards use, as chat templates (set tokenizer.chat_template to use them).
+LLAVA_NEXT_CHAT_TEMPLATES = {
+    "llava-v1.6-mistral-7b": (
+        "{% for message in messages %}{% if message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
+        "{% else %}{{ message['content'] }}</s>{% endif %}{% endfor %}"
+    ),
+    "llava-v1.6-vicuna-7b": (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions. {% for message in messages %}"
+        "{% if message['role'] == 'user' %}USER: {{ message['content'] }} {% else %}ASSISTANT: "
+        "{{ message['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    ),
+}
+
+
+def _llava_next(name: str, text: dict, lm: str) -> Preset:
+    return Preset(
+        name=name,
+        description=f"LLaVA-NeXT (v1.6) architecture: CLIP ViT-L/14-336 + {lm}, any-resolution tiling "
+        "(random weights; convert real ones with `interleaf convert llava-next`)",
+        vision=dict(kind="clip", hf_config=CLIP_VIT_L14_336, feature_layer=-2, drop_cls_token=True),
+        resampler={},
+        cross_attention={},
+        fusion="token_insertion",
+        projector=dict(kind="mlp2x_gelu", activation="gelu", bias=True),
+        insertion=dict(placement="expand", anyres=dict(convention="llava_next", base_size=336, patch_size=14,
+                                                       grids=LLAVA_NEXT_PINPOINTS, max_crops=4)),
+        tokens=dict(prompt_format="llava", image_token_id=32000),
+        freeze="projector",
+        text_config=text,
+        tokenizer="none",
+        note=(f"Matches transformers' LlavaNextForConditionalGeneration parameter for parameter. Real weights: "
+              f"download llava-hf/{name}-hf (its processor files included) and run `interleaf convert llava-next "
+              f"<that directory> <output>`. Prompt: LLAVA_NEXT_CHAT_TEMPLATES[{name!r}]; images are 336 px views "
+              "with CLIP's mean and std."),
+    )
+
+
 for _preset in (
+    _llava_next("llava-v1.6-mistral-7b", MISTRAL_7B_INSTRUCT_V02, "Mistral-7B-Instruct-v0.2"),
+    _llava_next("llava-v1.6-vicuna-7b", VICUNA_7B_V15, "Vicuna-7B-v1.5"),
     _idefics("idefics-9b", LLAMA_7B, "9B"),
     _idefics("idefics-80b", LLAMA_65B, "80B"),
     _openflamingo(

@@ -148,7 +148,7 @@ def plan(image_size: Sequence[int], cfg: AnyresConfig, where: str = "image") -> 
     s = cfg.base_size
     grid = (canvas[0] // s, canvas[1] // s)
     if grid[0] * grid[1] > cfg.max_crops:  # AnyresConfig refuses such grids; a config edited after checking may not
-        raise ConfigError("anyres.grids", f"{list(canvas)} has {grid[0] * grid[1]} crops, above max_crops "
+        raise ConfigError("anyres.grids", f"{where} picks {list(canvas)}, which has {grid[0] * grid[1]} crops, above max_crops "
                           f"{cfg.max_crops}", "drop that grid or raise max_crops")
     tiles = TilePlan(cfg.convention, size, canvas, grid, s, s // cfg.patch_size)
     rows, cols = tiles.map_shape

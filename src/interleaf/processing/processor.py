@@ -15,6 +15,13 @@ training tokeniser uses too:
   exactly as transformers' ``IdeficsProcessor`` builds it (text items stripped of spaces,
   ``<end_of_utterance>`` between consecutive texts when asked, the image mask reset after an EOS).
 
+LLaVA-NeXT (``anyres`` with convention ``llava_next``, in the ``llava`` format): each image is
+tiled (:mod:`interleaf.processing.anyres`) and written as exactly as many ``<image>`` tokens as
+its size gives; ``pixel_values`` is then ``(K, max_views, 3, S, S)``, the batch's K images in
+reading order, each its base view then its crops, zero-padded on the view axis, and
+``image_sizes`` ``(K, 2)`` their original (height, width): the layout of transformers'
+``LlavaNextProcessor``. An image too small or too large for the grids is refused by name.
+
 Truncation drops whole images with their tokens (see ``PromptFormat.cut_left`` / ``cut_right``).
 
 When no row of a batch has an image, ``pixel_values`` is absent and ``image_attention_mask`` has
@@ -31,9 +38,10 @@ from typing import Any
 import torch
 from transformers import BatchFeature
 
-from ..config import TokensConfig
+from ..config import AnyresConfig, TokensConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..files import read_json
+from . import anyres as anyres_tiling
 from .images import ImageTransform, load_image
 from .prompt_format import PromptFormat
 from .prompts import ImageRef, ParsedPrompt, Text, parse_prompt, split_batch
@@ -54,7 +62,8 @@ class InterleafProcessor:
 
     The special tokens of ``tokens`` must already be in ``tokenizer`` (the model builder adds
     them). ``max_images`` limits images per row, ``max_pixels`` the size of one image, and
-    ``max_length`` (the LM's context) the tokens per row.
+    ``max_length`` (the LM's context) the tokens per row. ``anyres``: the model's any-resolution
+    tiling (``config.insertion_cfg.anyres``); its views use ``image_transform``'s mean and std.
     """
 
     def __init__(
@@ -66,6 +75,7 @@ class InterleafProcessor:
         max_pixels: int = 50_000_000,
         max_length: int | None = None,
         images_key: str = "pixel_values",
+        anyres: AnyresConfig | dict | None = None,
     ):
         if images_key not in ("pixel_values", "batch_images"):
             raise ConfigError("images_key", f"must be 'pixel_values' or 'batch_images', got {images_key!r}")
@@ -76,7 +86,8 @@ class InterleafProcessor:
         self.max_images = max_images
         self.max_pixels = max_pixels
         self.max_length = max_length
-        self.format = PromptFormat(tokenizer, tokens)  # the spelling training uses too
+        self.anyres = AnyresConfig(**anyres) if isinstance(anyres, dict) else anyres
+        self.format = PromptFormat(tokenizer, tokens, self.anyres)  # the spelling training uses too
         if tokenizer.pad_token_id is None:
             raise ConfigError(
                 "tokenizer.pad_token",
@@ -151,30 +162,23 @@ class InterleafProcessor:
         ]
         for r, row in enumerate(parsed):
             self._validate(row, r)
-        texts = [
-            self.format.render(
-                [s.text if isinstance(s, Text) else s for s in row.segments], row.is_chat, add_bos, add_eos,
-                add_end_of_utterance_token,
-            )
-            for row in parsed
-        ]
-        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-        all_ids, all_images = [], []
-        for r, (ids, row) in enumerate(zip(encoded, parsed)):
-            ids, images = self._fit(ids, row, r, max_length, truncation, truncation_side)
-            all_ids.append(ids)
-            all_images.append(images)
-
+        sized = self.format.sized_images  # LLaVA-NeXT: images are loaded first, their sizes set their tokens
+        all_ids, all_images, all_counts = self._encode(
+            parsed, (add_bos, add_eos, add_end_of_utterance_token), max_length, truncation, truncation_side, allow_urls
+        )
         input_ids, attention_mask = self._pad(all_ids, padding, padding_side, max_length)
         n_max = max(len(images) for images in all_images)
         reset_after_eos = [self.format.resets_image_after_eos(row.is_chat) for row in parsed]
         data: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "image_attention_mask": self.image_attention_mask(input_ids, n_max, reset_after_eos),
+            "image_attention_mask": self.image_attention_mask(input_ids, n_max, reset_after_eos,
+                                                              all_counts if sized else None),
         }
-        if n_max > 0:
+        if sized:
+            if n_max > 0:
+                data["pixel_values"], data["image_sizes"] = self._tiled_pixels(all_images)
+        elif n_max > 0:
             pixels = self._pixels(all_images, n_max, allow_urls)  # (B, N_img, 3, S, S)
             if self.images_key == "batch_images":
                 data["batch_images"] = pixels[:, :, None]  # (B, N_img, 1, 3, S, S)
@@ -183,6 +187,27 @@ class InterleafProcessor:
         return BatchFeature(data=data)
 
     # -- steps --
+    def _encode(self, parsed: list[ParsedPrompt], flags, max_length, truncation: bool, side: str, allow_urls: bool):
+        """Render, tokenise and fit every row -> (ids, images, counts) per row; ``flags``: (add_bos,
+        add_eos, add_end_of_utterance). ``counts``: each image's token count when it depends on the
+        image (LLaVA-NeXT, whose images are loaded here to read their sizes), else None."""
+        sized = self.format.sized_images
+        loaded = [self._load_row(row, allow_urls) for row in parsed] if sized else [row.images for row in parsed]
+        texts = []
+        for row, images in zip(parsed, loaded):
+            pending = iter(images)
+            segments = [s.text if isinstance(s, Text) else next(pending) for s in row.segments]
+            texts.append(self.format.render(segments, row.is_chat, *flags))
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        all_ids, all_images, all_counts = [], [], []
+        for r, (ids, row, images) in enumerate(zip(encoded, parsed, loaded)):
+            counts = [self.format.image_token_count(img) for img in images] if sized else None
+            ids, images, counts = self._fit(ids, row, images, counts, r, max_length, truncation, side)
+            all_ids.append(ids)
+            all_images.append(images)
+            all_counts.append(counts)
+        return all_ids, all_images, all_counts
+
     def _validate(self, row: ParsedPrompt, r: int) -> None:
         typed = row.typed_texts()
         if not row.images and not any(t.text.strip() for t in typed):
@@ -201,12 +226,19 @@ class InterleafProcessor:
                         "(a PIL image, path, bytes or {'image': ...} item), and the processor writes their tokens"
                     )
 
-    def _fit(self, ids, row: ParsedPrompt, r: int, max_length, truncation: bool, side: str):
-        """Check one encoded row's image tokens, and fit it into ``max_length`` -> (ids, images)."""
-        images = row.images
-        found = self.format.count_images(ids, row.is_chat)
+    def _load_row(self, row: ParsedPrompt, allow_urls: bool) -> list["_LoadedImage"]:
+        """A row's images, loaded (their sizes decide their token counts under LLaVA-NeXT tiling)."""
+        return [_LoadedImage(load_image(ref.source, where=ref.where, max_pixels=self.max_pixels, allow_urls=allow_urls),
+                             ref.where) for ref in row.images]
+
+    def _fit(self, ids, row: ParsedPrompt, images: list, counts, r: int, max_length, truncation: bool, side: str):
+        """Check one encoded row's image tokens, and fit it into ``max_length`` -> (ids, images, counts).
+
+        ``counts``: each image's token count when it depends on the image (LLaVA-NeXT), else None."""
+        found = self.format.count_images(ids, row.is_chat, counts)
+        expected = sum(counts) if counts is not None else len(images) * self.format.image_token_count()
         if found != len(images) or (self.format.is_llava and sum(1 for i in ids if i == self.image_token_id)
-                                    != len(images) * self.format.image_token_count()):  # a template or tokenizer quirk; never silently misalign images
+                                    != expected):  # a template or tokenizer quirk; never silently misalign images
             raise InputError(
                 f"batch row {r}: {found} image tokens for {len(images)} images after tokenization; "
                 "check that the chat template keeps every message and that the tokenizer keeps "
@@ -218,10 +250,10 @@ class InterleafProcessor:
                     f"batch row {r}: the prompt is {len(ids)} tokens, longer than max_length={max_length} "
                     "(the model's context); shorten it, use fewer images, or pass truncation=True"
                 )
-            ids, images = self._truncate(ids, images, max_length, side, r, row.is_chat)
-        return ids, images
+            ids, images, counts = self._truncate(ids, images, counts, max_length, side, r, row.is_chat)
+        return ids, images, counts
 
-    def _truncate(self, ids, images, max_length, side, r, chat):
+    def _truncate(self, ids, images, counts, max_length, side, r, chat):
         """Cut a row to ``max_length`` tokens without splitting an image's tokens (BOS stays first
         when the start is cut)."""
         bos_id = self.tokenizer.bos_token_id
@@ -230,17 +262,19 @@ class InterleafProcessor:
         body = ids[1:] if keep_bos else ids
         budget = max_length - len(head)
         if side == "left":
-            cut, dropped = self.format.cut_left(body, budget, chat)
+            cut, dropped = self.format.cut_left(body, budget, chat, counts)
             kept, images = body[cut:], images[dropped:]
+            counts = counts[dropped:] if counts is not None else None
         else:
-            cut, n_kept = self.format.cut_right(body, budget, chat)
+            cut, n_kept = self.format.cut_right(body, budget, chat, counts)
             kept, images = body[:cut], images[:n_kept]
+            counts = counts[:n_kept] if counts is not None else None
         if not kept or (len(kept) == 1 and kept[0] == bos_id):
             raise InputError(
                 f"batch row {r}: cannot truncate the prompt to max_length={max_length}: nothing but the BOS "
                 "token fits without cutting through an image's tokens; raise max_length or shorten the prompt"
             )
-        return head + kept, images
+        return head + kept, images, counts
 
     def _pad(self, rows: list[list[int]], padding, side: str, max_length: int | None):
         longest = max(len(ids) for ids in rows)
@@ -268,19 +302,22 @@ class InterleafProcessor:
         return input_ids, attention_mask
 
     def image_attention_mask(
-        self, input_ids: torch.Tensor, num_images: int, reset_after_eos: list[bool] | bool = False
+        self, input_ids: torch.Tensor, num_images: int, reset_after_eos: list[bool] | bool = False,
+        counts: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """(B, T) ids -> (B, T, N) long: 1 where the token's latest image at or before it is image n.
 
         Tokens before a row's first image see none. With ``reset_after_eos`` (IDEFICS' packed
-        inputs), tokens after an EOS see no image until the next image token.
+        inputs), tokens after an EOS see no image until the next image token. ``counts``: each
+        row's image token counts, when they depend on the image (LLaVA-NeXT).
         """
         b, t = input_ids.shape
         is_image = input_ids == self.image_token_id  # (B, T): the first token of each image
         if self.format.is_llava:  # an image is a run of image tokens: keep the first of each
             is_image = torch.zeros((b, t), dtype=torch.bool)
             for r in range(b):
-                is_image[r, self.format.image_starts(input_ids[r].tolist())] = True
+                row_counts = counts[r] if counts is not None else None
+                is_image[r, self.format.image_starts(input_ids[r].tolist(), row_counts)] = True
         latest = torch.cumsum(is_image.long(), dim=1) - 1  # (B, T): -1 before the first image
         eos_id = self.tokenizer.eos_token_id
         if isinstance(reset_after_eos, bool):
@@ -306,6 +343,21 @@ class InterleafProcessor:
                 img = load_image(ref.source, where=ref.where, max_pixels=self.max_pixels, allow_urls=allow_urls)
                 pixels[b, n] = self.image_transform(img)
         return pixels
+
+    def _tiled_pixels(self, all_images: list[list["_LoadedImage"]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every kept image's views -> ``pixel_values`` (K, max_views, 3, S, S) and ``image_sizes`` (K, 2) (H, W)."""
+        mean, std = self.image_transform.mean, self.image_transform.std
+        views, sizes = [], []
+        for images in all_images:
+            for loaded in images:
+                pixels, _ = anyres_tiling.pixel_values(loaded.image, self.anyres, mean, std, where=loaded.where)
+                views.append(pixels)  # (1+N, 3, S, S)
+                sizes.append((loaded.size[1], loaded.size[0]))
+        s = self.anyres.base_size
+        out = torch.zeros((len(views), max(v.shape[0] for v in views), 3, s, s), dtype=torch.float32)
+        for k, v in enumerate(views):
+            out[k, : v.shape[0]] = v
+        return out, torch.tensor(sizes, dtype=torch.long)
 
     def process_images(self, images: list, *, where: str = "image", allow_urls: bool = False) -> torch.Tensor:
         """A list of images -> (N, 3, S, S), with the processor's limits."""
@@ -334,6 +386,7 @@ class InterleafProcessor:
             "max_pixels": self.max_pixels,
             "max_length": self.max_length,
             "images_key": self.images_key,
+            "anyres": dataclasses.asdict(self.anyres) if self.anyres is not None else None,
         }
 
     def save_pretrained(self, save_directory: str | Path) -> None:
@@ -365,7 +418,8 @@ class InterleafProcessor:
             if key not in config:
                 raise CheckpointError(f"{str(path / PROCESSOR_CONFIG)!r} lacks the {key!r} section")
         tokenizer = load_tokenizer(path)
-        limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length", "images_key") if k in config}
+        limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length", "images_key", "anyres")
+                  if k in config}
         limits.update(overrides)
         return cls(
             tokenizer,
@@ -379,3 +433,15 @@ class InterleafProcessor:
             f"InterleafProcessor(format={self.tokens.prompt_format!r}, {self.image_transform!r}, "
             f"max_images={self.max_images}, max_length={self.max_length})"
         )
+
+
+@dataclasses.dataclass
+class _LoadedImage:
+    """A loaded image and the name errors give it; ``size`` is (width, height)."""
+
+    image: Any
+    where: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size

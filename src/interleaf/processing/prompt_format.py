@@ -10,9 +10,11 @@ Images, by family (``tokens.prompt_format``):
   ``<|endofchunk|><image>``. In training documents (MMC4) ``<|endofchunk|>`` also closes the text
   chunk that follows each image (:attr:`PromptFormat.closes_chunks`).
 - ``"llava"`` (token insertion, ``expand`` placement): an image is ``<image>`` written once per
-  vision token the model puts there (:meth:`PromptFormat.image_token_count`: the fixed
-  ``tokens.image_seq_length`` today; the one place a per-image count is decided). With
-  ``image_seq_length`` 1 it is one ``<image>`` per image, which the model grows (``replace``).
+  vision token the model puts there (:meth:`PromptFormat.image_token_count`, the one place a
+  per-image count is decided: the fixed ``tokens.image_seq_length``, or with LLaVA-NeXT's
+  any-resolution tiling (``anyres``, convention ``llava_next``) the count of that image's size,
+  :func:`interleaf.processing.anyres.num_image_tokens`). With ``image_seq_length`` 1 it is one
+  ``<image>`` per image, which the model grows (``replace``).
 - ``"idefics"``: an image is ``<fake_token_around_image><image><fake_token_around_image>``;
   consecutive images share the fake token between them (``<fake><image><fake><image><fake>``), as
   transformers' ``IdeficsProcessor`` writes them. Plain-prompt text is stripped of spaces at both
@@ -25,7 +27,8 @@ part had in the message, written as above.
 Image spans (:meth:`PromptFormat.image_spans`): ``[start, end)`` of the tokens the format writes
 for one image: ``<image>``, with the ``<|endofchunk|>`` before it in a chat conversation, and for
 IDEFICS both fake tokens, for LLaVA its run of ``<image>`` tokens (consecutive images' runs are told
-apart by their length). A fake token shared by two consecutive IDEFICS images belongs to both
+apart by their length; under anyres the lengths differ per image, so the span functions take
+``counts``, each image's token count in order, from whoever wrote the row). A fake token shared by two consecutive IDEFICS images belongs to both
 spans (they overlap by that token): a row cut right after the first image ends
 ``<fake><image><fake>``, and a row cut right before the second starts ``<fake><image><fake>``,
 which is what ``IdeficsProcessor`` writes for either image alone. An ``<|endofchunk|>`` before an
@@ -42,8 +45,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..config import TokensConfig
-from ..errors import ConfigError
+from ..config import AnyresConfig, TokensConfig
+from ..errors import ConfigError, InputError
+from . import anyres as anyres_tiling
 
 IGNORE_INDEX = -100  # a label the loss skips (PyTorch's cross-entropy default)
 
@@ -59,11 +63,13 @@ class PromptFormat:
 
     The tokens of ``tokens.required_tokens()`` must each be one token of ``tokenizer`` (the model
     builder adds them); otherwise :class:`~interleaf.errors.ConfigError` says how to add them.
+    ``anyres`` is the model's any-resolution tiling (``insertion.anyres``), if any.
     """
 
-    def __init__(self, tokenizer, tokens: TokensConfig):
+    def __init__(self, tokenizer, tokens: TokensConfig, anyres: AnyresConfig | None = None):
         self.tokenizer = tokenizer
         self.tokens = tokens
+        self.anyres = anyres
         self.ids = {tok: self._single_token_id(tok) for tok in tokens.required_tokens()}
 
     def _single_token_id(self, token: str) -> int:
@@ -85,13 +91,30 @@ class PromptFormat:
     def is_llava(self) -> bool:
         return self.tokens.prompt_format == "llava"
 
+    @property
+    def sized_images(self) -> bool:
+        """Whether an image's token count depends on its size (``llava`` format with LLaVA-NeXT tiling)."""
+        return self.is_llava and self.anyres is not None and self.anyres.convention == "llava_next"
+
     def image_token_count(self, image: object = None) -> int:
         """How many ``<image>`` tokens one image is written as: the one place this is decided.
 
         ``image`` is the image being written (or ``None`` where it is not at hand); every image
         takes ``tokens.image_seq_length`` tokens in the ``llava`` format and one token elsewhere.
+        With LLaVA-NeXT tiling (:attr:`sized_images`) the count is that of the image's size:
+        ``image`` is then anything with a ``size`` (width, height), such as a PIL image, or the pair
+        itself; its ``where`` attribute, if any, names it in errors (too small, too large).
         """
-        return self.tokens.image_seq_length if self.is_llava else 1
+        if not self.sized_images:
+            return self.tokens.image_seq_length if self.is_llava else 1
+        if image is None:
+            raise InputError("under LLaVA-NeXT tiling an image's token count depends on its size; pass the image "
+                             "(or its (width, height)) to image_token_count")
+        size = image if isinstance(image, (tuple, list)) else getattr(image, "size", None)
+        if size is None:
+            raise InputError(f"cannot tell the size of {type(image).__name__} to count its image tokens; pass a "
+                             "PIL image or a (width, height) pair")
+        return anyres_tiling.num_image_tokens(size, self.anyres, where=getattr(image, "where", "image"))
 
     @property
     def closes_chunks(self) -> bool:
@@ -178,11 +201,12 @@ class PromptFormat:
         return body
 
     # -- spans and truncation --
-    def image_spans(self, ids: Sequence[int], chat: bool) -> list[tuple[int, int]]:
+    def image_spans(self, ids: Sequence[int], chat: bool, counts: Sequence[int] | None = None) -> list[tuple[int, int]]:
         """``[start, end)`` of each image's tokens (see the module docstring: IDEFICS spans of
-        consecutive images share their fake token)."""
+        consecutive images share their fake token). ``counts``: each image's token count in order,
+        needed (and only used) when the count depends on the image (:attr:`sized_images`)."""
         if self.is_llava:
-            return self._run_spans(ids)
+            return self._sized_spans(ids, counts) if self.sized_images else self._run_spans(ids)
         image, fake = self.image_token_id, self.fake_image_token_id
         before = fake if self.is_idefics else (self.end_of_chunk_token_id if chat else None)
         spans = []
@@ -208,29 +232,56 @@ class PromptFormat:
                 run_start = None
         return spans
 
-    def count_images(self, ids: Sequence[int], chat: bool) -> int:
-        """The number of images a row's tokens hold (one per span)."""
-        return len(self.image_spans(ids, chat))
+    def _sized_spans(self, ids: Sequence[int], counts: Sequence[int] | None) -> list[tuple[int, int]]:
+        """Images of different token counts: each run of ``<image>`` tokens is cut by ``counts`` in order.
 
-    def image_starts(self, ids: Sequence[int]) -> list[int]:
+        A run that the next counts do not fill exactly (a row cut through an image) gives no span
+        for its remainder."""
+        if counts is None:
+            raise InputError("under LLaVA-NeXT tiling the images' token counts are needed to find them in a row; "
+                             "pass counts (each image's image_token_count, in order)")
+        image, queue = self.image_token_id, list(counts)
+        spans, p = [], 0
+        while p < len(ids):
+            if ids[p] != image:
+                p += 1
+                continue
+            end = p
+            while end < len(ids) and ids[end] == image:
+                end += 1
+            while queue and p + queue[0] <= end:
+                spans.append((p, p + queue[0]))
+                p += queue.pop(0)
+            p = end
+        return spans
+
+    def count_images(self, ids: Sequence[int], chat: bool, counts: Sequence[int] | None = None) -> int:
+        """The number of images a row's tokens hold (one per span)."""
+        return len(self.image_spans(ids, chat, counts))
+
+    def image_starts(self, ids: Sequence[int], counts: Sequence[int] | None = None) -> list[int]:
         """The position of each image's first image token (where a token starts seeing that image)."""
         if self.is_llava:
-            return [s for s, _ in self._run_spans(ids)]
+            return [s for s, _ in self.image_spans(ids, False, counts)]
         return [p for p, tok in enumerate(ids) if tok == self.image_token_id]
 
-    def cut_right(self, ids: Sequence[int], budget: int, chat: bool) -> tuple[int, int]:
+    def cut_right(
+        self, ids: Sequence[int], budget: int, chat: bool, counts: Sequence[int] | None = None
+    ) -> tuple[int, int]:
         """Keep ``ids[:cut]`` with ``cut <= budget``, never through an image -> (cut, images kept)."""
-        spans = self.image_spans(ids, chat)
+        spans = self.image_spans(ids, chat, counts)
         ends = {e for _, e in spans}
         cut = min(budget, len(ids))
         while cut > 0 and cut not in ends and any(s < cut < e for s, e in spans):
             cut -= 1
         return cut, sum(1 for _, e in spans if e <= cut)
 
-    def cut_left(self, ids: Sequence[int], budget: int, chat: bool) -> tuple[int, int]:
+    def cut_left(
+        self, ids: Sequence[int], budget: int, chat: bool, counts: Sequence[int] | None = None
+    ) -> tuple[int, int]:
         """Keep ``ids[cut:]`` with ``len(ids) - cut <= budget``, never through an image ->
         (cut, images dropped)."""
-        spans = self.image_spans(ids, chat)
+        spans = self.image_spans(ids, chat, counts)
         starts = {s for s, _ in spans}
         cut = max(0, len(ids) - budget)
         while cut < len(ids) and cut not in starts and any(s < cut < e for s, e in spans):
