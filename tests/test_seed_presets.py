@@ -95,3 +95,41 @@ def test_an_unbuildable_tower_is_a_declared_state_and_build_refuses_it_naming_th
     assert caught.value.field == "vision"
     assert "preset 'infimm-llama2-13b'" in str(caught.value)
     assert "interleaf.build(vision=<local CLIP or SigLIP directory>" in str(caught.value)
+
+
+# llava-hf/llava-1.5-7b-hf and llava-hf/llava-1.5-13b-hf config.json, written out (text_config as the LLMs'
+# own config.json: lmsys/vicuna-7b-v1.5 and lmsys/vicuna-13b-v1.5 with llava-hf's padded vocabulary of 32064;
+# vision_config: openai/clip-vit-large-patch14-336). The reference figure is transformers'
+# LlavaForConditionalGeneration built from these values on the meta device, computed in the test itself.
+LLAVA_15_TEXT = {
+    "llava-1.5-7b": dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0),
+    "llava-1.5-13b": dict(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                          num_attention_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0),
+}
+
+
+@pytest.mark.parametrize("name", list(LLAVA_15_TEXT))
+def test_llava_15_presets_have_the_released_parameter_counts(name):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from interleaf.convert.llava import llava_to_interleaf_config
+    from interleaf.presets.seeds import LLAVA_15_CHAT_TEMPLATE
+
+    released = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
+                                       hidden_act="quick_gelu"),
+        text_config=LlamaConfig(**LLAVA_15_TEXT[name]), image_token_index=32000, projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        reference = LlavaForConditionalGeneration(released).num_parameters()
+    model, processor = interleaf.build(name, device="meta")
+    assert next(model.parameters()).is_meta and processor is None
+    assert model.num_parameters() == reference  # 7,063,427,072 and 13,351,494,656
+    converted = llava_to_interleaf_config(released)  # the preset is what the converter makes of the release
+    assert model.config.projector == converted.projector and model.config.insertion == converted.insertion
+    assert model.config.tokens_cfg.image_seq_length == converted.tokens_cfg.image_seq_length == 576
+    assert model.config.vision_cfg.feature_layer == converted.vision_cfg.feature_layer == -2
+    assert "USER:" in LLAVA_15_CHAT_TEMPLATE and "ASSISTANT:" in LLAVA_15_CHAT_TEMPLATE

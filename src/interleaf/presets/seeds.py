@@ -230,6 +230,38 @@ LLAVA_NEXT_CHAT_TEMPLATES = {
 }
 
 
+# -- LLaVA-1.5 (llava-hf/llava-1.5-{7b,13b}-hf config.json values) --
+
+VICUNA_13B_V15 = {**LLAMA2_13B, "vocab_size": LLAVA_NEXT_VOCAB}  # lmsys/vicuna-13b-v1.5, as llava-1.5-13b-hf's
+LLAVA_15_CHAT_TEMPLATE = (  # the llava-hf model cards' prompt: "USER: <image>\n... ASSISTANT:"
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {{ message['content'] }} "
+    "{% else %}ASSISTANT: {{ message['content'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _llava_15(name: str, text: dict, lm: str) -> Preset:
+    return Preset(
+        name=name,
+        description=f"LLaVA-1.5 architecture: CLIP ViT-L/14-336 + two-layer MLP projector + {lm}, 576 image "
+        "tokens (random weights; convert real ones with `interleaf convert llava`)",
+        vision=dict(kind="clip", hf_config=CLIP_VIT_L14_336, feature_layer=-2, drop_cls_token=True),
+        resampler={},
+        cross_attention={},
+        fusion="token_insertion",
+        projector=dict(kind="mlp2x_gelu", activation="gelu", bias=True),
+        insertion=dict(placement="expand"),
+        tokens=dict(prompt_format="llava", image_token_id=32000, image_seq_length=576),  # (336 / 14) ** 2
+        freeze="projector",
+        text_config=text,
+        tokenizer="none",
+        note=(f"Matches transformers' LlavaForConditionalGeneration parameter for parameter. Real weights: "
+              f"download llava-hf/{name}-hf (its processor files included) and run `interleaf convert llava "
+              "<that directory> <output>`. Prompt: LLAVA_15_CHAT_TEMPLATE; images are 336 px (shortest edge, "
+              "centre crop) with CLIP's mean and std."),
+    )
+
+
 def _llava_next(name: str, text: dict, lm: str) -> Preset:
     return Preset(
         name=name,
@@ -254,6 +286,8 @@ def _llava_next(name: str, text: dict, lm: str) -> Preset:
 
 
 for _preset in (
+    _llava_15("llava-1.5-7b", VICUNA_7B_V15, "Vicuna-7B-v1.5"),
+    _llava_15("llava-1.5-13b", VICUNA_13B_V15, "Vicuna-13B-v1.5"),
     _llava_next("llava-v1.6-mistral-7b", MISTRAL_7B_INSTRUCT_V02, "Mistral-7B-Instruct-v0.2"),
     _llava_next("llava-v1.6-vicuna-7b", VICUNA_7B_V15, "Vicuna-7B-v1.5"),
     _idefics("idefics-9b", LLAMA_7B, "9B"),
