@@ -4,6 +4,8 @@
   directories, both ways, with exact logits parity.
 - :func:`from_llava` / :func:`to_llava`: transformers ``LlavaForConditionalGeneration``
   directories (either hub key layout), both ways, with exact logits parity.
+- :func:`from_llava_next` / :func:`to_llava_next`: transformers ``LlavaNextForConditionalGeneration``
+  directories (either hub key layout, ``image_newline`` included), both ways, with logits parity.
 - :func:`from_xgenmm`: the released xGen-MM (BLIP-3) layout (``vlm.vision_encoder.*``,
   ``vlm.vision_tokenizer.*``, ``vlm.lang_model.*``, safetensors only), base or instruct.
 - :func:`from_openflamingo`: OpenFlamingo's ``checkpoint.pt`` (trainable weights only) plus its
@@ -15,12 +17,14 @@ an error that lists them. Foreign pickles are read with ``torch.load(weights_onl
 
 from .idefics import from_idefics, idefics_to_interleaf_config, interleaf_to_idefics_config, to_idefics
 from .llava import from_llava, to_llava
+from .llava_next import from_llava_next, to_llava_next
 from .openflamingo import from_openflamingo, openflamingo_key_map
 from .xgenmm import from_xgenmm
 
 __all__ = [
     "from_idefics",
     "from_llava",
+    "from_llava_next",
     "from_openflamingo",
     "from_xgenmm",
     "idefics_to_interleaf_config",
@@ -28,4 +32,5 @@ __all__ = [
     "openflamingo_key_map",
     "to_idefics",
     "to_llava",
+    "to_llava_next",
 ]
