@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny import tiny_llava_next
+from tiny import tiny_llava_next, tiny_llava_next_processor
 from transformers import LlavaNextForConditionalGeneration
 
 import interleaf
@@ -153,18 +153,6 @@ def test_both_hub_key_layouts_load(layout, tmp_path):
     assert (want - got)[mask.bool()].abs().max() <= 1e-5
 
 
-def _hf_processor(reference, tok):
-    from transformers import LlavaNextProcessor
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    cfg = reference.config
-    s = cfg.vision_config.image_size
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=cfg.image_grid_pinpoints)
-    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=cfg.vision_config.patch_size,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
-
-
 def _images():
     return [Image.new("RGB", (100, 30), (200, 30, 30)), Image.new("RGB", (35, 120), (30, 30, 200)),
             Image.effect_noise((40, 40), 60).convert("RGB")]
@@ -173,7 +161,7 @@ def _images():
 @torch.no_grad()
 def test_what_llava_next_processor_returns_is_accepted(pair):
     reference, model, processor, _ = pair
-    hf = _hf_processor(reference, processor.tokenizer)
+    hf = tiny_llava_next_processor(reference, processor.tokenizer)
     images = _images()
     texts = ["[INST] <image>\nWhat is it? [/INST]", "[INST] a question with no image [/INST]",
              "[INST] <image> and <image> [/INST]"]
@@ -189,7 +177,7 @@ def test_what_llava_next_processor_returns_is_accepted(pair):
 @torch.no_grad()
 def test_interleaf_processor_writes_what_llava_next_processor_writes(pair):
     reference, model, processor, _ = pair
-    hf = _hf_processor(reference, processor.tokenizer)
+    hf = tiny_llava_next_processor(reference, processor.tokenizer)
     images = _images()
     for image in images:
         ours = processor(["[INST] ", image, "\nWhat is it? [/INST]"], add_bos=True)

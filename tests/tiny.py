@@ -236,3 +236,16 @@ def tiny_llava_next(
                              tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     return LlavaNextForConditionalGeneration(config).eval(), tok
+
+
+def tiny_llava_next_processor(reference, tok):
+    """transformers' ``LlavaNextProcessor`` (its PIL image processor) for a :func:`tiny_llava_next` model."""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    cfg = reference.config
+    s = cfg.vision_config.image_size
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=cfg.image_grid_pinpoints)
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=cfg.vision_config.patch_size,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
