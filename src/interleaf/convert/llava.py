@@ -238,25 +238,33 @@ def to_llava(src_dir: PathLike, dst_dir: PathLike) -> Path:
     """
     from transformers import LlavaForConditionalGeneration
 
+    return export_llava_family(src_dir, dst_dir, interleaf_to_llava_config, LlavaForConditionalGeneration,
+                               _TO_LLAVA, "LLaVA")
+
+
+def export_llava_family(src_dir: PathLike, dst_dir: PathLike, to_config, model_class, table, name: str) -> Path:
+    """Write the interleaf directory ``src_dir`` as a transformers ``model_class`` directory (LLaVA or
+    LLaVA-NeXT): ``to_config`` translates the config, ``table`` renames the weights; every key checked."""
     from ..processing import InterleafProcessor
 
     src = Path(src_dir).expanduser()
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{str(src)!r} is not an interleaf directory (no config.json)")
     config = InterleafConfig.from_pretrained(str(src), local_files_only=True)
-    llava_config = interleaf_to_llava_config(config)
+    foreign_config = to_config(config)
+    tied = foreign_config.tie_word_embeddings
     state = read_weights(src)
-    if llava_config.tie_word_embeddings:
+    if tied:
         state.pop("language_model.lm_head.weight", None)
-    mapped = _rename(state, _TO_LLAVA, f"interleaf model {str(src)!r}")
+    mapped = _rename(state, table, f"interleaf model {str(src)!r}")
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(llava_config)
+        model = model_class(foreign_config)
     expected = expected_shapes(model)
-    if llava_config.tie_word_embeddings:
+    if tied:
         expected.pop("lm_head.weight", None)
-    check_keys(mapped, expected, what=f"interleaf model {str(src)!r} as LLaVA")
-    model.load_state_dict(mapped, strict=not llava_config.tie_word_embeddings, assign=True)
-    if llava_config.tie_word_embeddings:
+    check_keys(mapped, expected, what=f"interleaf model {str(src)!r} as {name}")
+    model.load_state_dict(mapped, strict=not tied, assign=True)
+    if tied:
         model.tie_weights()
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,17 @@ import torch
 
 from ..config import InterleafConfig
 from ..errors import CheckpointError, ConfigError
-from ._common import check_keys, expected_shapes, fill_meta_model, read_json, read_weights
-from .llava import _FROM_LLAVA, _TO_LLAVA, _preprocessor, _rename, _require, _tokenizer, llava_to_interleaf_config
+from ._common import fill_meta_model, read_json, read_weights
+from .llava import (
+    _FROM_LLAVA,
+    _TO_LLAVA,
+    _preprocessor,
+    _rename,
+    _require,
+    _tokenizer,
+    export_llava_family,
+    llava_to_interleaf_config,
+)
 
 __all__ = [
     "from_llava_next", "interleaf_to_llava_next_config", "llava_next_to_interleaf_config", "map_from_llava_next",
@@ -128,28 +137,5 @@ def to_llava_next(src_dir: PathLike, dst_dir: PathLike) -> Path:
     """
     from transformers import LlavaNextForConditionalGeneration
 
-    from ..processing import InterleafProcessor
-
-    src = Path(src_dir).expanduser()
-    if not (src / "config.json").is_file():
-        raise CheckpointError(f"{str(src)!r} is not an interleaf directory (no config.json)")
-    config = InterleafConfig.from_pretrained(str(src), local_files_only=True)
-    next_config = interleaf_to_llava_next_config(config)
-    state = read_weights(src)
-    if next_config.tie_word_embeddings:
-        state.pop("language_model.lm_head.weight", None)
-    mapped = _rename(state, _TO_LLAVA_NEXT, f"interleaf model {str(src)!r}")
-    with torch.device("meta"):
-        model = LlavaNextForConditionalGeneration(next_config)
-    expected = expected_shapes(model)
-    if next_config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    check_keys(mapped, expected, what=f"interleaf model {str(src)!r} as LLaVA-NeXT")
-    model.load_state_dict(mapped, strict=not next_config.tie_word_embeddings, assign=True)
-    if next_config.tie_word_embeddings:
-        model.tie_weights()
-    dst = Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(dst))
-    InterleafProcessor.from_pretrained(src).tokenizer.save_pretrained(str(dst))
-    return dst
+    return export_llava_family(src_dir, dst_dir, interleaf_to_llava_next_config, LlavaNextForConditionalGeneration,
+                               _TO_LLAVA_NEXT, "LLaVA-NeXT")
