@@ -11,6 +11,14 @@ from __future__ import annotations
 
 from .registry import Preset, register
 
+# The tiny LM every tiny preset shares (its vocabulary is the tokenizer's).
+TINY_LLAMA = dict(model_type="llama", vocab_size=None, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+# A tiny CLIP tower as LLaVA uses it: the penultimate layer, the class token dropped (32 px, 16 tokens).
+TINY_CLIP = dict(kind="clip", feature_layer=-2, drop_cls_token=True,
+                 hf_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8))
+
 register(
     Preset(
         name="tiny-random",
@@ -18,17 +26,7 @@ register(
         vision=dict(kind="builtin", image_size=32, patch_size=8, width=32, layers=1, heads=2),
         resampler=dict(depth=1, num_latents=8, heads=2, head_dim=16),
         cross_attention=dict(every_n_layers=1),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=None,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-        ),
+        text_config=dict(TINY_LLAMA),
     )
 )
 
@@ -36,9 +34,7 @@ register(
     Preset(
         name="tiny-llava",
         description="random weights, LLaVA's architecture: CLIP (32 px, 16 tokens) + MLP projector + 2-layer LLaMA",
-        vision=dict(kind="clip", feature_layer=-2, drop_cls_token=True,
-                    hf_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                   image_size=32, patch_size=8)),
+        vision=dict(TINY_CLIP),
         resampler={},
         cross_attention={},
         fusion="token_insertion",
@@ -46,17 +42,7 @@ register(
         insertion=dict(placement="expand"),
         tokens=dict(prompt_format="llava"),
         freeze="projector",
-        text_config=dict(
-            model_type="llama",
-            vocab_size=None,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-        ),
+        text_config=dict(TINY_LLAMA),
     )
 )
 
@@ -65,9 +51,7 @@ register(
         name="tiny-llava-next",
         description="random weights, LLaVA-NeXT's architecture: tiny-llava with any-resolution tiling (32 px views, "
         "LLaVA-v1.6's five grids) and a learned image_newline",
-        vision=dict(kind="clip", feature_layer=-2, drop_cls_token=True,
-                    hf_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                   image_size=32, patch_size=8)),
+        vision=dict(TINY_CLIP),
         resampler={},
         cross_attention={},
         fusion="token_insertion",
@@ -76,16 +60,6 @@ register(
         insertion=dict(placement="expand", anyres=dict(convention="llava_next", base_size=32, patch_size=8)),
         tokens=dict(prompt_format="llava"),
         freeze="projector",
-        text_config=dict(
-            model_type="llama",
-            vocab_size=None,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            tie_word_embeddings=False,
-        ),
+        text_config={**TINY_LLAMA, "max_position_embeddings": 1024},  # anyres images take more tokens
     )
 )
