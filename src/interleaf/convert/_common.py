@@ -10,7 +10,7 @@ that is missing, unexpected or of the wrong shape into one :class:`CheckpointErr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors.torch import load_file
@@ -117,3 +117,30 @@ def fill_meta_model(model: nn.Module, state: Mapping[str, torch.Tensor], what: s
     result = model.load_state_dict(dict(state), strict=True, assign=True)
     if result.missing_keys or result.unexpected_keys:  # pragma: no cover - strict=True raises first
         raise CheckpointError(f"{what}: could not load {result}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / n).is_file() for n in TOKENIZER_FILES)
+
+
+def checkpoint_tokenizer(directory: Path, tokenizer: Any, family: str):
+    """The tokenizer a converter uses: ``tokenizer`` itself when it is one, else the one saved in
+    ``tokenizer`` (a directory) or in the checkpoint ``directory``; a missing pad token becomes the
+    unknown (or end) token. ``family`` ("IDEFICS", "LLaVA") names the checkpoint in errors."""
+    from ..processing.tokenizer import load_tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    source = Path(tokenizer) if tokenizer is not None else directory
+    if not has_tokenizer_files(source):
+        raise CheckpointError(
+            f"{str(source)!r} has no tokenizer files; save the {family} processor (or tokenizer) into the "
+            f"checkpoint directory, or pass tokenizer=<directory with the {family} tokenizer>"
+        )
+    tok = load_tokenizer(source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok

@@ -32,7 +32,7 @@ import torch
 
 from ..config import CLIP_MEAN, CLIP_STD, InterleafConfig, TokensConfig, VisionConfig
 from ..errors import CheckpointError, ConfigError
-from ._common import check_keys, expected_shapes, fill_meta_model, read_json, read_weights
+from ._common import check_keys, checkpoint_tokenizer, expected_shapes, fill_meta_model, read_json, read_weights
 
 __all__ = ["from_llava", "interleaf_to_llava_config", "llava_to_interleaf_config", "map_from_llava", "to_llava"]
 
@@ -168,20 +168,7 @@ def interleaf_to_llava_config(config: InterleafConfig):
 
 
 def _tokenizer(directory: Path, tokenizer: Any):
-    from ..processing.tokenizer import load_tokenizer
-
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        return tokenizer
-    source = Path(tokenizer) if tokenizer is not None else directory
-    if not any((source / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise CheckpointError(
-            f"{str(source)!r} has no tokenizer files; save the LLaVA processor (or tokenizer) into the "
-            "checkpoint directory, or pass tokenizer=<directory with the LLaVA tokenizer>"
-        )
-    tok = load_tokenizer(source)
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token or tok.eos_token
-    return tok
+    return checkpoint_tokenizer(directory, tokenizer, "LLaVA")
 
 
 def _preprocessor(directory: Path) -> dict | None:

@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from ..config import SIGLIP_MEAN, SIGLIP_STD, InterleafConfig, TokensConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json
-from ._common import _listing, check_keys, fill_meta_model
+from ._common import _listing, check_keys, fill_meta_model, has_tokenizer_files
 from .xgenmm_keys import XGENMM_SAMPLER_PREFIX, sampler_state_from_xgenmm
 
 __all__ = ["XGENMM_SPECIAL_TOKENS", "from_xgenmm", "map_from_xgenmm", "read_xgenmm_weights",
@@ -215,7 +215,7 @@ def _tokenizer(src: Path, tokenizer: Any, initial: int):
         tok = tokenizer
     else:
         source = Path(tokenizer) if tokenizer is not None else src
-        if not any((source / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        if not has_tokenizer_files(source):
             if tokenizer is not None:
                 raise CheckpointError(f"{str(source)!r} has no tokenizer files (tokenizer.json or tokenizer.model)")
             return None

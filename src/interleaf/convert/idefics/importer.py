@@ -18,7 +18,7 @@ from ...config import CrossAttentionConfig, InterleafConfig, ResamplerConfig, To
 from ...errors import CheckpointError, ConfigError
 from ...files import read_json
 from ...config import CLIP_MEAN, CLIP_STD
-from .._common import fill_meta_model, read_weights
+from .._common import checkpoint_tokenizer, fill_meta_model, read_weights
 from .keys import cross_layers, idefics_key_map, map_from_idefics
 
 __all__ = ["from_idefics", "idefics_to_interleaf_config"]
@@ -203,20 +203,7 @@ def idefics_to_interleaf_config(
 
 
 def _load_tokenizer(directory: Path, tokenizer: Any):
-    from ...processing.tokenizer import load_tokenizer
-
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        return tokenizer
-    source = Path(tokenizer) if tokenizer is not None else directory
-    if not any((source / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise CheckpointError(
-            f"{str(source)!r} has no tokenizer files; save the IDEFICS processor (or tokenizer) into the "
-            "checkpoint directory, or pass tokenizer=<directory with the IDEFICS tokenizer>"
-        )
-    tok = load_tokenizer(source)
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token or tok.eos_token
-    return tok
+    return checkpoint_tokenizer(directory, tokenizer, "IDEFICS")
 
 
 def _processor(config: InterleafConfig, tokenizer):
