@@ -190,22 +190,33 @@ def from_llava(src_dir: PathLike, dst_dir: PathLike, *, tokenizer: Any = None) -
     """
     from transformers import LlavaConfig
 
+    return import_llava_family(src_dir, dst_dir, tokenizer, model_type="llava", config_class=LlavaConfig,
+                               to_config=llava_to_interleaf_config, key_map=map_from_llava, name="LLaVA")
+
+
+def import_llava_family(src_dir: PathLike, dst_dir: PathLike, tokenizer: Any, *, model_type: str, config_class,
+                        to_config, key_map, name: str, hints: dict[str, str] | None = None) -> Path:
+    """Read a transformers LLaVA-family directory (``model_type``, its ``config_class``), translate its
+    config (``to_config``) and weights (``key_map``, every key checked) and save it as interleaf's.
+    ``hints``: advice by the model_type found instead (e.g. the other family's converter)."""
     from ..api import save
     from ..model import InterleafForConditionalGeneration
     from ..processing import ImageTransform, InterleafProcessor
 
     src = Path(src_dir).expanduser()
-    what = f"LLaVA checkpoint {str(src)!r}"
+    what = f"{name} checkpoint {str(src)!r}"
     if not (src / "config.json").is_file():
-        raise CheckpointError(f"{str(src)!r} is not a LLaVA save_pretrained directory (no config.json)")
-    model_type = read_json(src / "config.json").get("model_type")
-    if model_type != "llava":
-        raise CheckpointError(f"{str(src / 'config.json')!r} has model_type {model_type!r}, expected 'llava'")
-    llava_config = LlavaConfig.from_pretrained(str(src), local_files_only=True)
+        raise CheckpointError(f"{str(src)!r} is not a {name} save_pretrained directory (no config.json)")
+    found = read_json(src / "config.json").get("model_type")
+    if found != model_type:
+        raise CheckpointError(
+            f"{str(src / 'config.json')!r} has model_type {found!r}, expected {model_type!r}{(hints or {}).get(found, '')}"
+        )
+    foreign_config = config_class.from_pretrained(str(src), local_files_only=True)
     tok = _tokenizer(src, tokenizer)
-    config = llava_to_interleaf_config(llava_config, tok, _preprocessor(src))
-    mapped = map_from_llava(read_weights(src), what)
-    if "language_model.lm_head.weight" not in mapped and llava_config.text_config.tie_word_embeddings:
+    config = to_config(foreign_config, tok, _preprocessor(src))
+    mapped = key_map(read_weights(src), what)
+    if "language_model.lm_head.weight" not in mapped and foreign_config.text_config.tie_word_embeddings:
         mapped["language_model.lm_head.weight"] = mapped.get("language_model.model.embed_tokens.weight")
     with torch.device("meta"):
         model = InterleafForConditionalGeneration(config)
@@ -213,7 +224,7 @@ def from_llava(src_dir: PathLike, dst_dir: PathLike, *, tokenizer: Any = None) -
     model.apply_freeze()
     processor = InterleafProcessor(
         tok, config.tokens_cfg, ImageTransform.from_vision_config(config.vision_cfg),
-        max_length=getattr(config.text_config, "max_position_embeddings", None),
+        max_length=getattr(config.text_config, "max_position_embeddings", None), anyres=config.insertion_cfg.anyres,
     )
     return save(model.eval(), processor, dst_dir)
 

@@ -38,6 +38,7 @@ from .llava import (
     _require,
     _tokenizer,
     export_llava_family,
+    import_llava_family,
     llava_to_interleaf_config,
 )
 
@@ -101,33 +102,9 @@ def from_llava_next(src_dir: PathLike, dst_dir: PathLike, *, tokenizer: Any = No
     """
     from transformers import LlavaNextConfig
 
-    from ..api import save
-    from ..model import InterleafForConditionalGeneration
-    from ..processing import ImageTransform, InterleafProcessor
-
-    src = Path(src_dir).expanduser()
-    what = f"LLaVA-NeXT checkpoint {str(src)!r}"
-    if not (src / "config.json").is_file():
-        raise CheckpointError(f"{str(src)!r} is not a LLaVA-NeXT save_pretrained directory (no config.json)")
-    model_type = read_json(src / "config.json").get("model_type")
-    if model_type != "llava_next":
-        hint = "; use `interleaf convert llava` for it" if model_type == "llava" else ""
-        raise CheckpointError(f"{str(src / 'config.json')!r} has model_type {model_type!r}, expected 'llava_next'{hint}")
-    next_config = LlavaNextConfig.from_pretrained(str(src), local_files_only=True)
-    tok = _tokenizer(src, tokenizer)
-    config = llava_next_to_interleaf_config(next_config, tok, _preprocessor(src))
-    mapped = map_from_llava_next(read_weights(src), what)
-    if "language_model.lm_head.weight" not in mapped and next_config.text_config.tie_word_embeddings:
-        mapped["language_model.lm_head.weight"] = mapped.get("language_model.model.embed_tokens.weight")
-    with torch.device("meta"):
-        model = InterleafForConditionalGeneration(config)
-    fill_meta_model(model, mapped, what=what)
-    model.apply_freeze()
-    processor = InterleafProcessor(
-        tok, config.tokens_cfg, ImageTransform.from_vision_config(config.vision_cfg),
-        max_length=getattr(config.text_config, "max_position_embeddings", None), anyres=config.insertion_cfg.anyres,
-    )
-    return save(model.eval(), processor, dst_dir)
+    return import_llava_family(src_dir, dst_dir, tokenizer, model_type="llava_next", config_class=LlavaNextConfig,
+                               to_config=llava_next_to_interleaf_config, key_map=map_from_llava_next,
+                               name="LLaVA-NeXT", hints={"llava": "; use `interleaf convert llava` for it"})
 
 
 def to_llava_next(src_dir: PathLike, dst_dir: PathLike) -> Path:
