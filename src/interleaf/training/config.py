@@ -65,7 +65,9 @@ STRATEGIES = ("ddp", "fsdp")
 OBJECTIVES = ("lm", "dpo")
 REFERENCES = ("model", "cached")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # what YAML 1.1 reads as a string
-_BUILD_OPTIONS = ("vision", "lm", "tokenizer", "resampler", "cross_attention", "tokens")
+_BUILD_OPTIONS = (
+    "vision", "lm", "tokenizer", "resampler", "cross_attention", "tokens", "fusion", "projector", "insertion",
+)
 
 
 def _in_file(source: str | None) -> str:
