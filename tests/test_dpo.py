@@ -112,8 +112,10 @@ def test_margin_grows_and_reward_accuracy_rises(data, tmp_path, family):
         assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-9)
     # Means over the first and the last five steps, measured at seed 0: margins -0.18 -> 2.54,
     # accuracies 0.30 -> 1.00 (seeds 0-5: last-five margins 0.63-3.56, accuracies 1.00 on every seed).
+    # Token insertion learns faster (the image's embeddings go straight into the LM): seeds 0-3 give
+    # margins 0.2-0.9 -> 7.5-9.1 and accuracies 0.4-0.7 -> 1.00, in both placements.
     assert _mean(margins[-5:]) > 0.3 and _mean(margins[-5:]) > _mean(margins[:5]) + 0.3
-    assert _mean(accuracies[-5:]) >= 0.8 and _mean(accuracies[:5]) <= 0.6
+    assert _mean(accuracies[-5:]) >= 0.8 and _mean(accuracies[:5]) <= (0.6 if family == "cross_attention" else 0.75)
     assert _mean([r["loss"] for r in records[-5:]]) < 0.6  # log 2 = 0.69 at the start
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["bad_samples"] == {}
