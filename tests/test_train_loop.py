@@ -61,7 +61,7 @@ def test_loss_goes_down_and_outputs_are_written(corpus, tmp_path, family):
     losses = _losses(out)
     assert len(losses) == 10
     # the last three steps' mean loss against the first three's: measured 0.63 at this recipe's seed (0)
-    # and 0.61-0.63 over seeds 0-4; asserts below 0.8
+    # and 0.61-0.63 over seeds 0-4; token insertion 0.61-0.63 over seeds 0-2 in either placement; asserts below 0.8
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 10 and summary["final_loss"] == pytest.approx(losses[-1])
