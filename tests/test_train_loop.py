@@ -106,6 +106,25 @@ def test_a_freeze_policy_of_the_other_family_means_its_counterpart(corpus, tmp_p
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_pairs_documents_and_conversations_train_together(corpus, tmp_path, family):
+    """One mixture of every training format (image-text pairs, interleaved documents with several
+    images, LLaVA conversations) on every family."""
+    sources = [
+        {"name": "pairs", "format": "pairs", "paths": str(corpus / "pairs" / "*.tar"), "weight": 1},
+        {"name": "docs", "format": "interleaved", "paths": str(corpus / "interleaved" / "*.tar"), "weight": 1},
+        {"name": "vqa", "format": "llava", "paths": str(corpus / "llava" / "vqa_train.json"),
+         "images_root": str(corpus / "images"), "weight": 1},
+    ]
+    stage = _stage(corpus, tmp_path / "run", family=family, data={"sources": sources}, batch_size=6, max_steps=4,
+                   max_length=128, freeze=POLICIES[family][0])
+    [result] = train(stage, progress=False)
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 4 and all(0 < x < 20 for x in losses)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["samples_read_by_source"]) == {"pairs", "docs", "vqa"} and summary["bad_samples"] == {}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_grad_accumulation_equals_a_bigger_batch(corpus, tmp_path, family):
     base = dict(batch_size=4, max_steps=2, freeze=POLICIES[family][0], family=family)
     [a] = train(_stage(corpus, tmp_path / "a", grad_accum=1, **base), progress=False)
