@@ -136,8 +136,9 @@ def test_rices_excludes_the_query_itself():
     assert "p0" not in ids and len(ids) == 3
 
 
-def test_model_vision_tower_rices_prefers_same_image(tmp_path):
-    model, processor = interleaf.build("tiny-random", seed=0)
+@pytest.mark.parametrize("family", ["cross_attention", "expand"])  # the tower of each fusion family
+def test_model_vision_tower_rices_prefers_same_image(tmp_path, family):
+    model, processor = interleaf.build("tiny-random", seed=0) if family == "cross_attention" else build_family(family)
     pool = [Example(id=f"p{c}", images=[colour_image(c)]) for c in (0, 100, 200)]
     query = Example(id="q", images=[colour_image(200)])
     from interleaf.evaluation.rices import VisionTowerEncoder
