@@ -8,8 +8,10 @@ import tarfile
 
 import pytest
 import yaml
+from helpers.families import FAMILIES, build_family
 from typer.testing import CliRunner
 
+import interleaf
 from interleaf.cli import app
 from interleaf.errors import ConfigError
 
@@ -31,14 +33,25 @@ def test_synth_writes_the_corpus(corpus):
     assert manifest["seed"] == 3 and manifest["counts"]["pairs"] == 20 and manifest["counts"]["heldout_scenes"] == 5
 
 
-def test_inspect_a_pairs_shard_shows_trained_tokens(corpus):
-    result = runner.invoke(app, ["data", "inspect", str(corpus / "pairs" / "train-000000.tar"), "-n", "2"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inspect_a_pairs_shard_shows_trained_tokens(corpus, tmp_path, family):
+    model = {"cross_attention": [], "expand": ["-m", "tiny-llava"]}.get(family)
+    if model is None:  # a family without a preset of its own: a saved model directory
+        interleaf.save(*build_family(family), tmp_path / "model")
+        model = ["-m", str(tmp_path / "model")]
+    result = runner.invoke(app, ["data", "inspect", str(corpus / "pairs" / "train-000000.tar"), "-n", "2", *model])
     assert result.exit_code == 0, result.output
     out = result.output
     assert "== pairs (pairs): 20 samples in 1 file(s)" in out
     with tarfile.open(corpus / "pairs" / "train-000000.tar") as tar:
         first_caption = tar.extractfile("train-000000.txt").read().decode()
-    assert f"<s><image>[[{first_caption}<|endofchunk|></s>]]" in out
+    expected = {  # each family's spelling of a captioned image (LLaVA's 16 image tokens shown with their count)
+        "cross_attention": f"<s><image>[[{first_caption}<|endofchunk|></s>]]",
+        "expand": f"<s><image>*16[[{first_caption}</s>]]",
+        "replace": f"<s><image>[[{first_caption}</s>]]",
+    }
+    assert expected[family] in out
+    assert ("prompt format 'llava'" in out) == (family != "cross_attention")
     assert out.count("-- sample") == 2 and "scanned 20: 20 good, 0 bad" in out
 
 

@@ -9,11 +9,14 @@ import tarfile
 import pytest
 from PIL import Image
 
+from helpers.families import FAMILIES, build_family
+
 from interleaf.data.inspection import (
     corpus_images_root,
     guess_format,
     inspect_source,
     mixture_for_source,
+    shorten_image_runs,
     source_size,
 )
 from interleaf.data.stream import BadSampleCounter
@@ -66,14 +69,13 @@ def test_mixture_for_source_builds_one_source(tmp_path):
         mixture_for_source(str(tmp_path / "none.tar"))
 
 
-def test_inspect_source_reports_shown_good_and_bad(tmp_path):
-    from interleaf import build
-
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inspect_source_reports_shown_good_and_bad(tmp_path, family):
     members = [("a.png", _png()), ("a.txt", b"a red square."), ("b.png", b"garbage"), ("b.txt", b"broken."),
                ("c.png", _png()), ("c.txt", b"another red square.")]
     shard = _tar(tmp_path / "s.tar", members)
     (cfg,) = mixture_for_source(shard, "pairs").sources
-    processor = build("tiny-random")[1]
+    processor = build_family(family)[1]
     counter = BadSampleCounter(max_bad_fraction=1.0)
     report = inspect_source(cfg, processor, counter=counter, max_length=64, show=1, scan=10)
     assert (report.size, report.num_files, report.scanned, report.good) == (3, 1, 3, 2)
@@ -81,6 +83,15 @@ def test_inspect_source_reports_shown_good_and_bad(tmp_path):
     (shown,) = report.shown
     assert shown.key == "a" and shown.num_images == 1 and 0 < shown.num_trained < shown.num_tokens
     assert "[[a red square." in shown.rendered
+    # an image as its format writes it: one <image>, or LLaVA's 16 (one per vision token) shown with their count
+    image = {"expand": "<image>*16"}.get(family, "<image>")
+    assert f"{image}[[a red square." in shown.rendered and shown.rendered.count("<image>") == 1
     assert counter.seen[cfg.name] == 3 and counter.bad(cfg.name) == 1
     report = inspect_source(cfg, processor, counter=BadSampleCounter(max_bad_fraction=1.0), max_length=64, scan=1)
     assert report.scanned == 1 and report.good == 1
+
+
+def test_shorten_image_runs_counts_each_image_apart():
+    text = "<s>" + "<image>" * 8 + "a" + "<image>" * 4
+    assert shorten_image_runs(text, "<image>", 4) == "<s><image>*4<image>*4a<image>*4"
+    assert shorten_image_runs(text, "<image>", 1) == text  # one token per image: as written

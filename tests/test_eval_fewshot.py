@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from helpers.families import build_family
 from PIL import Image
 
 import interleaf
@@ -50,6 +52,25 @@ def test_idefics_four_shot_snapshot():
         f"{wrap}Question: what is 9? Answer:"
     assert text == expected
     assert batch["pixel_values"].shape[:2] == (1, 5)
+
+
+@pytest.mark.parametrize("family", ["expand", "replace"])
+def test_token_insertion_four_shot_snapshot(family):
+    """A token-insertion model (prompt format llava) takes OpenFlamingo's few-shot format (xGen-MM's
+    base model's): each image as the processor writes it for the placement, its demos in order."""
+    model, processor = build_family(family, seed=0)
+    assert processor.tokens.prompt_format == "llava"
+    prompt = render_prompt(get_task("vqav2").template(processor.tokens.prompt_format), DEMOS, QUERY)
+    assert prompt == render_prompt(get_task("vqav2").template("openflamingo"), DEMOS, QUERY)
+    batch = processor([prompt])
+    text = processor.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=False)
+    image = "<image>" * (16 if family == "expand" else 1)  # one per vision token, or one the model replaces
+    expected = "<s>" + "".join(
+        f"{image}Question:what is {i}? Short answer:a{i}<|endofchunk|>" for i in range(4)
+    ) + f"{image}Question:what is 9? Short answer:"
+    assert text == expected
+    assert batch["pixel_values"].shape[:2] == (1, 5)
+    assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
 
 
 def test_caption_template_and_text_only_demos():
@@ -115,8 +136,9 @@ def test_rices_excludes_the_query_itself():
     assert "p0" not in ids and len(ids) == 3
 
 
-def test_model_vision_tower_rices_prefers_same_image(tmp_path):
-    model, processor = interleaf.build("tiny-random", seed=0)
+@pytest.mark.parametrize("family", ["cross_attention", "expand"])  # the tower of each fusion family
+def test_model_vision_tower_rices_prefers_same_image(tmp_path, family):
+    model, processor = interleaf.build("tiny-random", seed=0) if family == "cross_attention" else build_family(family)
     pool = [Example(id=f"p{c}", images=[colour_image(c)]) for c in (0, 100, 200)]
     query = Example(id="q", images=[colour_image(200)])
     from interleaf.evaluation.rices import VisionTowerEncoder

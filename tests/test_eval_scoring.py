@@ -1,4 +1,5 @@
-"""The model side: batched generation and cached log-likelihood scoring do not depend on batch size."""
+"""The model side: batched generation and cached log-likelihood scoring do not depend on batch size,
+for every model family (``helpers.families``)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-import interleaf
+from helpers.families import FAMILIES, build_family
+
 from interleaf.evaluation.scoring import cut_at_stop, generate_batch, reduce_scores, score
 
 
-@pytest.fixture(scope="module")
-def model_and_processor():
-    # gates at one, so images change the outputs
-    return interleaf.build("tiny-random", seed=0, cross_attention={"gate_init": "ones"})
+@pytest.fixture(scope="module", params=FAMILIES)
+def model_and_processor(request):
+    # every family (cross-attention with its gates at one, so images change the outputs)
+    return build_family(request.param, seed=0)
 
 
 def img(c: int) -> Image.Image:

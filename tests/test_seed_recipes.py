@@ -2,7 +2,7 @@
 
 tests/test_train_configs.py checks that every YAML validates; this file pins the values each
 recipe takes from its seed document (IDEFICS model card, InfiMM model card, xGen-MM code, OpenFlamingo
-facts in REFERENCE.md), so an edit that drifts from a seed fails here. The 80B / 7B variants that
+facts in REFERENCE.md, the LLaVA-1.5 paper and scripts), so an edit that drifts from a seed fails here. The 80B / 7B variants that
 the recipes give as override lines in their header comments are applied as written and checked too.
 """
 
@@ -13,6 +13,8 @@ import os
 import re
 
 import pytest
+
+from helpers.families import build_family
 
 from interleaf.config import CrossAttentionConfig, ResamplerConfig
 from interleaf.data.formats import map_image_path
@@ -230,11 +232,30 @@ def test_xgen_mm_sft_optimiser_matches_its_code():
     assert sft.precision == "bf16" and sft.gradient_checkpointing is True
     assert sft.distributed.strategy == "fsdp"
     assert sft.batch_size == 8 * 8  # 8 per GPU on 8 GPUs
-    assert sft.freeze == "unfreeze_lm"
-    opts = sft.model.options
-    assert (opts["resampler"]["depth"], opts["resampler"]["num_latents"]) == (6, 128)  # the token sampler's sizes
-    assert (opts["resampler"]["heads"], opts["resampler"]["head_dim"]) == (16, 96)
-    assert CrossAttentionConfig(**opts["cross_attention"]).every_n_layers >= 1
+    assert sft.freeze == "projector_lm"  # everything but the vision encoder trains
+
+
+def test_xgen_mm_sft_starts_from_the_converted_base_model(env):
+    """The real architecture (token insertion: the token sampler, each <image> replaced by its
+    tokens) comes with the base model's weights, converted; no stand-in is built."""
+    (sft,) = _load("xgen_mm/sft.yaml").stages
+    assert _expanded(sft.model.path) == env["XGENMM_BASE_DIR"] and sft.model.options == {}
+    assert sft.model.preset is None
+
+
+def test_xgen_mm_sft_runs_a_step_on_a_token_insertion_model(env, tmp_path, synth_corpus):
+    """The recipe as written (its freeze policy, optimiser, schedule) on a tiny model with xGen-MM's
+    placement saved where XGENMM_BASE_DIR points, on other data and a smaller batch."""
+    import interleaf
+    from interleaf.training import train
+
+    corpus = synth_corpus.get(n_train_scenes=40, n_heldout_scenes=10)
+    interleaf.save(*build_family("replace"), env["XGENMM_BASE_DIR"])
+    [result] = train(SEEDS / "xgen_mm" / "sft.yaml", ["max_steps=1", "batch_size=2", "max_length=64", "precision=fp32"],
+                     data=corpus / "llava" / "vqa_train.json", images=corpus / "images", out=tmp_path / "run",
+                     progress=False)
+    model = interleaf.load(result.final)[0]
+    assert model.config.insertion_cfg.placement == "replace" and model.config.freeze == "projector_lm"
 
 
 def test_xgen_mm_mixture_maps_llava_jsons_to_counts_and_image_paths(env):
@@ -266,3 +287,66 @@ def test_openflamingo_pretrain_matches_reference():
     assert mix.source("laion").format == "pairs" and mix.source("laion").loss_weight == pytest.approx(0.2)
     assert mix.source("mmc4").format == "interleaved" and mix.source("mmc4").max_images == 6
     assert pt.max_length == 256
+
+
+# --------------------------------------------------------------------------- LLaVA-1.5
+
+
+def test_llava_stages_train_the_projector_then_the_lm_with_the_papers_values(env):
+    recipe = _load("llava/recipe.yaml")
+    assert [s.name for s in recipe.stages] == ["pretrain", "instruct"]
+    pt, ft = recipe.stages
+    assert pt.model.preset == "llava-1.5-7b"
+    assert _expanded(pt.model.options["vision"]) == env["CLIP_VIT_L14_336_DIR"]
+    assert _expanded(pt.model.options["lm"]) == env["VICUNA_7B_DIR"]
+    assert ft.model.from_stage == "pretrain"
+    assert (pt.freeze, ft.freeze) == ("projector", "projector_lm")  # vision tower and LM frozen, then the LM unfrozen
+    assert (pt.optim.lr, ft.optim.lr) == (pytest.approx(1e-3), pytest.approx(2e-5))
+    assert (pt.batch_size, ft.batch_size) == (256, 128)  # 32 and 16 per GPU on 8 GPUs
+    for stage, samples in ((pt, 558_128), (ft, 665_298)):  # one epoch
+        assert stage.max_steps == math.ceil(samples / stage.batch_size)
+        assert stage.optim.warmup_steps == round(0.03 * stage.max_steps)  # warmup ratio 0.03
+        assert stage.optim.schedule == "cosine" and stage.optim.min_lr_ratio == 0.0
+        assert stage.optim.weight_decay == 0.0 and stage.optim.betas == (0.9, 0.999)
+        assert stage.max_length == 2048 and stage.precision == "bf16" and stage.gradient_checkpointing is True
+
+
+def test_llava_data_is_lcs558k_then_the_665k_mix(env):
+    recipe = _load("llava/recipe.yaml")
+    (pairs,) = recipe.stage("pretrain").mixture(check_files=False).sources
+    (mix,) = recipe.stage("instruct").mixture(check_files=False).sources
+    assert pairs.format == mix.format == "llava" and pairs.max_images == mix.max_images == 1
+    assert pairs.paths == [os.path.join(env["LLAVA_PRETRAIN_DIR"], "blip_laion_cc_sbu_558k.json")]
+    assert pairs.images_root == os.path.join(env["LLAVA_PRETRAIN_DIR"], "images")
+    assert mix.paths == [os.path.join(env["LLAVA_DIR"], "llava_v1_5_mix665k.json")] and mix.images_root == env["LLAVA_DIR"]
+
+
+def test_llava_13b_override_lines_change_the_model_only(env):
+    base = _load("llava/recipe.yaml")
+    recipe = _load("llava/recipe.yaml", _comment_overrides("llava/recipe.yaml", "13B"))
+    pt = recipe.stage("pretrain")
+    assert pt.model.preset == "llava-1.5-13b" and _expanded(pt.model.options["lm"]) == env["VICUNA_13B_DIR"]
+    for a, b in zip(base.stages, recipe.stages):
+        assert (a.optim, a.batch_size, a.max_steps, a.freeze) == (b.optim, b.batch_size, b.max_steps, b.freeze)
+
+
+def test_llava_stages_run_in_order_on_a_tiny_llava(env, tmp_path, synth_corpus):
+    """Both stages as written (freeze policies, optimiser, the second built from the first) on a
+    tiny LLaVA, other data and smaller batches: the projector alone moves, then the LM too."""
+    import torch
+
+    import interleaf
+    from interleaf.training import train
+
+    corpus = synth_corpus.get(n_train_scenes=40, n_heldout_scenes=10)
+    interleaf.save(*build_family("expand"), tmp_path / "start")
+    small = [f"stages.{s}.{k}" for s in ("pretrain", "instruct") for k in ("max_steps=1", "batch_size=2",
+                                                                            "max_length=64", "precision=fp32")]
+    pt, ft = train(SEEDS / "llava" / "recipe.yaml", small, model=tmp_path / "start",
+                   data=corpus / "llava" / "vqa_train.json", images=corpus / "images", out=tmp_path / "run",
+                   progress=False)
+    start, after_pt, after_ft = (interleaf.load(p)[0].state_dict() for p in (tmp_path / "start", pt.final, ft.final))
+    moved = lambda a, b, prefix: any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))  # noqa: E731
+    assert moved(start, after_pt, "projector.") and not moved(start, after_pt, "language_model.model.layers.")
+    assert moved(after_pt, after_ft, "language_model.model.layers.")
+    assert not moved(start, after_ft, "vision_tower.")

@@ -20,7 +20,14 @@ from interleaf.convert import from_llava
 from interleaf.data.tokenize import tokenize_pair
 from interleaf.errors import ConfigError, InputError
 from interleaf.model import InterleafForConditionalGeneration
-from interleaf.model.token_insertion import expand_image_tokens
+from interleaf.model.loss import weighted_token_loss
+from interleaf.model.token_insertion import (
+    encode_rows,
+    expand_image_tokens,
+    logits_at_text_positions,
+    replace_placement,
+    text_positions,
+)
 from interleaf.model.vision import VisionTower
 from interleaf.processing import IGNORE_INDEX
 
@@ -126,9 +133,14 @@ def test_token_sampler_projector_in_both_placements_gives_the_same_logits():
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in one])
     assert [sum(1 for t in r if t == image) for r in one] == [2, 0, 1]
     want = expand(**batch).logits
+    grown = _grown_logits(replace, ids, mask, batch["pixel_values"])  # what generate runs on
+    assert grown.shape == want.shape
+    assert (want - grown)[batch["attention_mask"].bool()].abs().max() <= 1e-5
+    # forward's logits: each of the caller's positions, an <image> the logit of its image's last vision token
     got = replace(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
-    assert got.shape == want.shape
-    assert (want - got)[batch["attention_mask"].bool()].abs().max() <= 1e-5
+    assert got.shape[:2] == ids.shape
+    index = _text_index(one, 4, width, batch["input_ids"].shape[1], image)
+    assert (got - want.gather(1, index[..., None].expand_as(got)))[mask.bool()].abs().max() <= 1e-5
     kwargs = dict(max_new_tokens=3, do_sample=False)
     new = expand.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:]
     assert torch.equal(replace.generate(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
@@ -191,6 +203,39 @@ def test_replace_grows_each_image_token_with_exact_positions_masks_and_labels():
         expand_image_tokens(ids, mask, None, [[3], [2]], I, P)
 
 
+def test_text_positions_point_each_image_at_its_last_vision_token():
+    I, P = 99, 0
+    ids = torch.tensor([[5, I, I, 6], [P, 7, I, 8]])  # right and left padding; two images back to back
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    grown_ids, grown_mask, _ = expand_image_tokens(ids, mask, None, [[2, 2], [3]], I, P)
+    assert grown_ids.tolist() == [[5, I, I, I, I, 6], [P, 7, I, I, I, 8]]
+    assert text_positions(ids, mask, grown_ids, grown_mask, I).tolist() == [[0, 2, 4, 5], [0, 1, 4, 5]]
+    logits = torch.arange(12.0).view(2, 6, 1)
+    assert logits_at_text_positions(logits, text_positions(ids, mask, grown_ids, grown_mask, I), 2)[:, :, 0].tolist() \
+        == [[4.0, 5.0], [10.0, 11.0]]
+
+
+def _grown_logits(model, ids, mask, pixels):
+    """A ``replace`` model's logits over its grown rows: the rows grown, the images encoded, then
+    the forward that generate runs (image embeddings given, nothing mapped back)."""
+    grown_ids, grown_mask, _ = replace_placement(model, ids, mask, None)
+    embeds = encode_rows(model, grown_ids, pixels)
+    return model(input_ids=grown_ids, attention_mask=grown_mask, image_embeds=embeds).logits
+
+
+def _text_index(rows, per_image, width, grown_width, image):
+    """Left-padded rows with one <image> per image: each position's place in the left-padded rows
+    where every image takes ``per_image`` tokens, an <image> at its image's last token."""
+    index = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        grown_len = len(row) + (per_image - 1) * sum(1 for t in row if t == image)
+        seen = 0
+        for p, t in enumerate(row):
+            seen += t == image
+            index[r, width - len(row) + p] = grown_width - grown_len + p + (per_image - 1) * seen
+    return index
+
+
 def _replace_model(model):
     """The same weights with xGen-MM's placement: one <image> per image, grown by the model."""
     data = model.config.to_dict()
@@ -221,10 +266,19 @@ def test_replace_placement_matches_llava_on_the_expanded_text(llava):
     want = reference(input_ids=long_ids, attention_mask=long_mask, pixel_values=pixels, labels=labels,
                      position_ids=(long_mask.cumsum(-1) - 1).clamp_min(0))
     short_labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    grown = _grown_logits(twin, ids, mask, pixels)
+    assert grown.shape == want.logits.shape
+    assert (want.logits - grown)[long_mask.bool()].abs().max() <= 1e-5
     got = twin(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=short_labels)
-    assert got.logits.shape == want.logits.shape
-    assert (want.logits - got.logits)[long_mask.bool()].abs().max() <= 1e-5
     assert torch.allclose(got.loss, want.loss, atol=1e-6)
+    # logits at the caller's positions (an <image>: its last vision token), and the trainer's loss on
+    # them with the caller's labels is the reference's loss on the expanded text
+    assert got.logits.shape[:2] == ids.shape
+    index = _text_index(short, n, ids.shape[1], long_ids.shape[1], image)
+    assert (got.logits - want.logits.gather(1, index[..., None].expand_as(got.logits)))[mask.bool()].abs().max() <= 1e-5
+    wce, _, _, count = weighted_token_loss(got.logits, short_labels.masked_fill(ids == image, IGNORE_INDEX),
+                                           torch.ones(3))
+    assert torch.allclose(wce.sum() / count.sum(), want.loss, atol=1e-6)
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=pad)
     out = twin.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kwargs)
     ref = reference.generate(input_ids=long_ids, attention_mask=long_mask, pixel_values=pixels, **kwargs)

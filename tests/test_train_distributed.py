@@ -1,5 +1,6 @@
 """torchrun with 2 processes (gloo on CPU): DDP and FSDP2 give the loss curve of one process with
-the same global batch, within 1e-4 relative; each process reads its own half of the data."""
+the same global batch, within 1e-4 relative; each process reads its own half of the data. For every
+model family."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.families import FAMILIES, stage_model
 
 import interleaf
 from interleaf.training import train
@@ -20,6 +22,7 @@ REL = 1e-4  # summation order differs between 1 and 2 processes; everything else
 
 @pytest.mark.slow
 def test_ddp_and_fsdp_match_a_single_process(tmp_path, synth_corpus):
+    """Every family (helpers.families) in one torchrun: a DDP and an FSDP2 stage each."""
     corpus = synth_corpus.get(n_train_scenes=40, n_heldout_scenes=10)
     stage = {
         "model": {"preset": "tiny-random"},
@@ -28,31 +31,36 @@ def test_ddp_and_fsdp_match_a_single_process(tmp_path, synth_corpus):
         "freeze": "unfreeze_lm", "optim": {"lr": 3e-3, "warmup_steps": 1},
         "batch_size": 4, "max_steps": 4, "max_length": 40, "log_every": 1, "checkpoint": {"every": 2},
     }
-    recipe = {**stage, "out": str(tmp_path / "multi"),
-              "stages": [{"name": "ddp", "distributed": {"strategy": "ddp"}}, {"name": "fsdp", "distributed": {"strategy": "fsdp"}}]}
+    # each family's model and room for its image tokens (LLaVA's placement writes 16 per image)
+    own = {f: {"model": stage_model(f), "max_length": 40 + (15 if f == "expand" else 0)} for f in FAMILIES}
+    own["cross_attention"] = {}  # the stage as it is
+    stages = [{"name": f"{strategy}{'' if f == 'cross_attention' else '-' + f}", "distributed": {"strategy": strategy},
+               **own[f]} for f in FAMILIES for strategy in ("ddp", "fsdp")]
+    recipe = {**stage, "out": str(tmp_path / "multi"), "stages": stages}
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "interleaf", "train", str(config), "--no-progress"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
-    [single] = train({**stage, "out": str(tmp_path / "single")}, progress=False)
 
     def losses(out: Path) -> list[float]:
         return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
-    expected = losses(single.out)
-    assert len(expected) == 4
-    single_weights = interleaf.load(single.final)[0].state_dict()
-    for name in ("ddp", "fsdp"):
-        out = tmp_path / "multi" / name
-        assert losses(out) == pytest.approx(expected, rel=REL), name
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["processes"] == 2 and summary["samples_read_by_source"] == {"vqa": 16}
-        ckpt = out / "checkpoints" / "step-00000004"
-        assert (ckpt / "data_rank0.json").is_file() and (ckpt / "data_rank1.json").is_file()
-        states = [json.loads((ckpt / f"data_rank{r}.json").read_text()) for r in (0, 1)]
-        assert [s["rank"] for s in states] == [0, 1] and all(s["samples_seen"] == 8 for s in states)
-        weights = interleaf.load(out / "final")[0].state_dict()
-        assert max((weights[k] - single_weights[k]).abs().max().item() for k in weights) < 1e-4, name
+    for family in FAMILIES:
+        [single] = train({**stage, **own[family], "out": str(tmp_path / f"single-{family}")}, progress=False)
+        expected = losses(single.out)
+        assert len(expected) == 4
+        single_weights = interleaf.load(single.final)[0].state_dict()
+        for strategy in ("ddp", "fsdp"):
+            name = f"{strategy}{'' if family == 'cross_attention' else '-' + family}"
+            out = tmp_path / "multi" / name
+            assert losses(out) == pytest.approx(expected, rel=REL), name
+            summary = json.loads((out / "summary.json").read_text())
+            assert summary["processes"] == 2 and summary["samples_read_by_source"] == {"vqa": 16}
+            ckpt = out / "checkpoints" / "step-00000004"
+            assert (ckpt / "data_rank0.json").is_file() and (ckpt / "data_rank1.json").is_file()
+            states = [json.loads((ckpt / f"data_rank{r}.json").read_text()) for r in (0, 1)]
+            assert [s["rank"] for s in states] == [0, 1] and all(s["samples_seen"] == 8 for s in states)
+            weights = interleaf.load(out / "final")[0].state_dict()
+            assert max((weights[k] - single_weights[k]).abs().max().item() for k in weights) < 1e-4, name

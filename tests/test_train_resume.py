@@ -1,5 +1,5 @@
 """A run killed with SIGKILL after a checkpoint and resumed with --resume ends with the same weights
-(bitwise) as a run that never stopped (single process, CPU). The command line end to end; the
+(bitwise) as a run that never stopped (single process, CPU), for every model family. The command line end to end; the
 kills at other moments (inside checkpoint writes) are in test_train_faults.py."""
 
 from __future__ import annotations
@@ -14,20 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.families import FAMILIES, stage_model
 from safetensors.torch import load_file
 
 from interleaf.training import train
 from interleaf.training import checkpoint as ckpt
 
 
-def _stage(corpus: Path, out: Path) -> dict:
+def _stage(corpus: Path, out: Path, family: str) -> dict:
     return {
-        "model": {"preset": "tiny-random"},
+        "model": stage_model(family),
         "data": {"sources": [{"name": "vqa", "format": "llava", "paths": str(corpus / "llava" / "vqa_train.json"),
                               "images_root": str(corpus / "images")}]},
         "freeze": "unfreeze_lm",
         "optim": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 2},
-        "batch_size": 2, "max_steps": 6, "max_length": 40, "log_every": 1,
+        "batch_size": 2, "max_steps": 6, "max_length": 40 + (15 if family == "expand" else 0), "log_every": 1,
         "checkpoint": {"every": 2, "keep_last": 2}, "out": str(out),
     }
 
@@ -37,11 +38,12 @@ def _cli(config: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys, synth_corpus):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys, synth_corpus, family):
     corpus = synth_corpus.get(n_train_scenes=40, n_heldout_scenes=10)
     out = tmp_path / "killed"
     config = tmp_path / "stage.yaml"
-    config.write_text(yaml.safe_dump(_stage(corpus, out)))
+    config.write_text(yaml.safe_dump(_stage(corpus, out, family)))
     # the same thread count as this process (conftest uses one), so float sums run in the same order
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     # The trainer SIGKILLs itself right after step 3 (INTERLEAF_FAULT): after the checkpoint of step 2,
@@ -63,7 +65,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys, synt
     assert steps == [1, 2, 3, 3, 4, 5, 6]  # the killed run logged steps 1-3, the resumed one 3-6
     restart = 3
 
-    [reference] = train(_stage(corpus, tmp_path / "reference"), progress=False)
+    [reference] = train(_stage(corpus, tmp_path / "reference", family), progress=False)
     a = load_file(str(out / "final" / "model.safetensors"))
     b = load_file(str(reference.final / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -97,12 +97,14 @@ def model_of(folder: Path) -> InterleafForConditionalGeneration:
 
 
 def text_logits(logits: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor,
-                lengths: list[int], image_id: int) -> torch.Tensor:
-    """One row's logits at its real text positions: an ``<image>`` takes the first of its inserted positions."""
+                lengths: list[int], image_id: int, last: bool = False) -> torch.Tensor:
+    """One row's logits at its real text positions: an ``<image>`` takes the first of its inserted
+    positions (the reference's ``_postprocess_outputs_from_forward``), or with ``last`` the last one
+    (interleaf's forward: the logit that predicts the text after the image)."""
     real = logits[mask.bool()]
     out, at, k = [], 0, 0
     for token in ids[text_mask.bool()].tolist():
-        out.append(real[at])
+        out.append(real[at + (lengths[k] - 1 if last and token == image_id else 0)])
         if token == image_id:
             at += lengths[k]
             k += 1
@@ -130,9 +132,10 @@ def test_instruct_fixtures_parity_logits_masks_vision_tokens_and_greedy_tokens()
             for r, row in enumerate(inputs["pixel_values"]):
                 for k in range(len(row)):
                     close(next(sequences), outputs[f"vision_tokens.{r}.{k}"], f"{folder.name} vision_tokens.{r}.{k}")
-            out = model(**inputs)
-            ids, mask, _, _ = xgenmm.prepare_replace(model, inputs["input_ids"], inputs["attention_mask"], None,
-                                                     inputs["pixel_values"], inputs["image_sizes"])
+            out = model(**inputs)  # logits at the caller's positions
+            ids, mask, _, embeds = xgenmm.prepare_replace(model, inputs["input_ids"], inputs["attention_mask"], None,
+                                                          inputs["pixel_values"], inputs["image_sizes"])
+            fused = model(input_ids=ids, attention_mask=mask, image_embeds=embeds).logits  # the grown rows
         # the fused masks: generate's (left padded) exactly; forward's (right padded) has the same real tokens
         assert torch.equal(mask, outputs["fused_attention_mask_generate"].to(mask.dtype)), folder.name
         ref_mask = outputs["fused_attention_mask"]
@@ -140,11 +143,16 @@ def test_instruct_fixtures_parity_logits_masks_vision_tokens_and_greedy_tokens()
         lengths = xgenmm.image_lengths(model, images)
         image_id = cfg["special_token_ids"]["media"]
         for b in range(len(counts)):
-            close(out.logits[b][mask[b].bool()], outputs["logits_fused"][b][ref_mask[b].bool()],
+            close(fused[b][mask[b].bool()], outputs["logits_fused"][b][ref_mask[b].bool()],
                   f"{folder.name} row {b} logits over the fused sequence")
             text_mask = inputs["attention_mask"][b]
-            ours = text_logits(out.logits[b], mask[b], inputs["input_ids"][b], text_mask, lengths[b], image_id)
+            ours = text_logits(fused[b], mask[b], inputs["input_ids"][b], text_mask, lengths[b], image_id)
             close(ours, outputs["logits_text"][b][text_mask.bool()], f"{folder.name} row {b} logits_text")
+            # forward's own logits: the reference's at every text position; at an <image>, the fused
+            # sequence's logit at that image's last vision token
+            want = text_logits(outputs["logits_fused"][b], ref_mask[b], inputs["input_ids"][b], text_mask, lengths[b],
+                               image_id, last=True)
+            close(out.logits[b][text_mask.bool()], want, f"{folder.name} row {b} forward's logits at the text positions")
         kwargs = cfg["generate_kwargs"]
         generated = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=kwargs["max_new_tokens"],
                                    eos_token_id=kwargs["eos_token_id"], pad_token_id=kwargs["pad_token_id"])

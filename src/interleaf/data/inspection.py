@@ -8,6 +8,7 @@ a source's samples become once tokenised (trained tokens marked, bad samples cou
     for cfg in mixture.sources:
         report = inspect_source(cfg, processor, counter=counter, max_length=256, show=2)
         report.shown[0].rendered                              # "<s><image>[[a red square.</s>]]"
+                                                              # (LLaVA's placement: "<s><image>*576[[...")
     counter.summary()
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +38,7 @@ __all__ = [
     "guess_format",
     "inspect_source",
     "mixture_for_source",
+    "shorten_image_runs",
     "source_size",
 ]
 
@@ -119,15 +122,30 @@ class SourceReport:
     bad: list[BadSample] = field(default_factory=list)  # the first MAX_BAD_EXAMPLES bad ones
 
 
+def shorten_image_runs(text: str, image_token: str, per_image: int) -> str:
+    """``text`` with each image written as ``per_image`` copies of ``image_token`` (LLaVA's
+    placement: one per vision token) shown as ``<image>*N``; one token per image stays as it is."""
+    if per_image <= 1:
+        return text
+    return re.sub(f"(?:{re.escape(image_token)}){{{per_image}}}", f"{image_token}*{per_image}", text)
+
+
 def _shown(sample: dict, processor: InterleafProcessor) -> ShownSample:
-    """One sample as text; a preference pair shows its chosen row, then its rejected row."""
+    """One sample as text; a preference pair shows its chosen row, then its rejected row. An image
+    written as one token per vision token is shown once with its count (:func:`shorten_image_runs`)."""
     rows = [("", sample)] if "input_ids" in sample else [(f"{k}: ", sample[k]) for k in ("chosen", "rejected")]
+    fmt = processor.format
+
+    def render(row: dict) -> str:
+        text = render_sample(processor.tokenizer, row["input_ids"], row["labels"])
+        return shorten_image_runs(text, fmt.tokens.image_token, fmt.image_token_count()) if fmt.is_llava else text
+
     return ShownSample(
         key=sample["key"],
         num_tokens=sum(len(row["input_ids"]) for _, row in rows),
         num_trained=sum(1 for _, row in rows for label in row["labels"] if label != IGNORE_INDEX),
         num_images=len(rows[0][1]["images"]),
-        rendered="\n".join(head + render_sample(processor.tokenizer, row["input_ids"], row["labels"]) for head, row in rows),
+        rendered="\n".join(head + render(row) for head, row in rows),
     )
 
 

@@ -6,6 +6,7 @@ and cuts the decoded text at the earliest stop string. ``score`` computes a cont
 once and ranks every candidate continuation against them::
 
     context (1, T) ──► model ──► past K/V (1, H, T, Dh), media cache (1 row), last logits (1, V)
+                               (T grows where a token-insertion model replaces each <image> by its embeddings)
     past K/V ──► batch_repeat_interleave(n) ──► (n, H, T, Dh)
     continuations, right-padded (n, C) ──► model(past, media rows r // n) ──► log-probs (n, C)
     -> [(sum of the continuation's token log-probs, number of tokens)] per continuation
@@ -75,7 +76,7 @@ def score(
     ctx_out = model(**inputs, use_cache=True)
     past, media = ctx_out.past_key_values, ctx_out.media_cache
     last_logprobs = torch.log_softmax(ctx_out.logits[:, -1].float(), dim=-1)  # (1, V)
-    ctx_mask = inputs["attention_mask"]  # (1, T)
+    ctx_mask = _cache_mask(inputs["attention_mask"], past)  # (1, T_cache)
     encoded = [processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
     results: list[tuple[float, int]] = []
     for start in range(0, len(encoded), batch_size):
@@ -100,6 +101,18 @@ def score(
         for i, c in enumerate(chunk):
             results.append((float(token_lp[i].sum()), len(c)))
     return results
+
+
+def _cache_mask(mask: torch.Tensor, past: Any) -> torch.Tensor:
+    """The attention mask of the context's cache ``(1, T_cache)``: the context's own mask, or, where
+    the model grew the row (a token-insertion model that replaces each ``<image>`` by the image's
+    embeddings), ones over the grown length: the context is one row, so it has no padding."""
+    length = past.get_seq_length()
+    if mask.shape[1] == length:
+        return mask
+    if not bool(mask.all()):
+        raise RuntimeError(f"the context's cache holds {length} positions for a padded row of {mask.shape[1]}")
+    return mask.new_ones((mask.shape[0], length))
 
 
 def reduce_scores(scores: Sequence[tuple[float, int]], how: str = "sum") -> list[float]:

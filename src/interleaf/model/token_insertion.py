@@ -11,8 +11,15 @@ Placement (``insertion.placement``):
   already has the image's length; the embeddings go over those tokens, row by row, image by image.
 - ``replace`` (xGen-MM): the text holds one ``<image>`` token per image. :func:`expand_image_tokens`
   first replaces each by as many ``<image>`` tokens as the image has embeddings (attention mask 1,
-  label -100), re-padding the batch; then the ``expand`` rule applies. Logits (and the returned
-  sequence positions) are those of the grown sequence.
+  label -100), re-padding the batch; then the ``expand`` rule applies. The loss is taken over the
+  grown sequence with the labels grown alongside (-100 on every vision position). The returned
+  ``logits`` are mapped back to the caller's positions (:func:`text_positions`), so that for
+  every model ``logits[:, t]`` predicts token ``t + 1`` of ``input_ids``: a text position keeps its
+  own logit, an ``<image>`` position the logit of that image's LAST inserted vision token (the one
+  that predicts the text after the image; xGen-MM's ``_postprocess_outputs_from_forward`` keeps
+  the first, which predicts a vision token). The trainer's loss on these logits with the caller's
+  labels is the grown-sequence loss exactly. ``past_key_values`` holds the grown sequence: a call
+  that continues it passes an attention mask as long as the cache (``past_key_values.get_seq_length()``).
 
 xGen-MM's own cases (images of any resolution, whose lengths follow from ``image_sizes``; the base
 format's ``<image>`` + placeholders) are in :mod:`interleaf.model.xgenmm`, called from here.
@@ -58,6 +65,8 @@ __all__ = [
     "llava_next_anyres",
     "llava_next_image_features",
     "llava_next_rows",
+    "logits_at_text_positions",
+    "text_positions",
     "tokens_per_image",
     "write_image_embeddings",
 ]
@@ -247,6 +256,57 @@ def replace_placement(model, input_ids, attention_mask, labels):
     return expand_image_tokens(input_ids, attention_mask, labels, lengths, model.image_token_id, pad)
 
 
+def text_positions(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    grown_ids: torch.Tensor,
+    grown_mask: torch.Tensor,
+    image_token_id: int,
+) -> torch.Tensor:
+    """Where each position of the caller's rows went in the grown rows: ``(B, T)`` indices into ``grown_ids``.
+
+    ``input_ids`` / ``attention_mask`` ``(B, T)``: the rows as given (one ``<image>`` per image, any
+    padding side); ``grown_ids`` / ``grown_mask`` ``(B, T')``: the same rows after
+    :func:`expand_image_tokens`. A text token maps to itself; an ``<image>`` token to the last
+    position of its image's vision tokens. The rows' real tokens are matched in order (text tokens
+    one to one, each run of ``k`` image tokens to its run of ``R`` vision tokens, split evenly,
+    which is exact when the images of a run are of one length; only the last image of a run is
+    followed by text, and its position is always exact). Padded positions map to position 0 (their
+    logits are never used).
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    index = torch.zeros(input_ids.shape, dtype=torch.long)
+    for b in range(input_ids.shape[0]):
+        text_pos = attention_mask[b].nonzero().flatten()
+        grown_pos = grown_mask[b].nonzero().flatten().tolist()
+        ids, grown = input_ids[b, text_pos].tolist(), grown_ids[b, grown_mask[b].bool()].tolist()
+        out: list[int] = []
+        j = g = 0
+        while j < len(ids):
+            if ids[j] != image_token_id:
+                out.append(grown_pos[g])
+                j, g = j + 1, g + 1
+                continue
+            k = next((i for i in range(j, len(ids)) if ids[i] != image_token_id), len(ids)) - j
+            r = next((i for i in range(g, len(grown)) if grown[i] != image_token_id), len(grown)) - g
+            out += [grown_pos[g + (i + 1) * r // k - 1] for i in range(k)]
+            j, g = j + k, g + r
+        index[b, text_pos.cpu()] = torch.tensor(out, dtype=torch.long)
+    return index.to(grown_ids.device)
+
+
+def logits_at_text_positions(logits: torch.Tensor, index: torch.Tensor, logits_to_keep: int | torch.Tensor = 0):
+    """The grown rows' ``logits`` ``(B, T', V)`` at the caller's positions (``index`` from
+    :func:`text_positions`) -> ``(B, T, V)``; ``logits_to_keep`` picks positions as transformers'
+    argument does (an int: the last that many, 0 all; a tensor: those positions)."""
+    if torch.is_tensor(logits_to_keep):
+        index = index[:, logits_to_keep.to(index.device)]
+    elif logits_to_keep:
+        index = index[:, -logits_to_keep:]
+    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+
+
 def forward(
     model,
     input_ids: torch.Tensor,
@@ -260,26 +320,32 @@ def forward(
     logits_to_keep,
     **kwargs,
 ):
-    """The token-insertion forward: ``(loss, logits, past_key_values)`` as an ``InterleafOutput``."""
+    """The token-insertion forward: ``(loss, logits, past_key_values)`` as an ``InterleafOutput``; with
+    ``replace``, logits at the caller's positions and the cache of the grown rows (module docstring)."""
     from .modeling import InterleafOutput
 
     past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
     image_sizes = xgenmm.sizes_from_kwargs(kwargs)  # (H, W) for LLaVA-NeXT, (W, H) for xGen-MM
     if not past_length:  # xGen-MM's base format: <image> + placeholders are the image's positions
         input_ids = xgenmm.overwrite_spans(model, input_ids, attention_mask)
+    index = None  # replace: where each of the caller's positions went in the grown rows
     if pixel_values is not None:
         if image_embeds is not None:
             raise InputError("pass either pixel_values or image_embeds, not both")
         if past_length:
             raise InputError("new images cannot be added after a cached prefix; run the whole prompt with its images")
     if pixel_values is not None and xgenmm.is_anyres(model):
+        text_ids, text_mask = input_ids, attention_mask
         input_ids, attention_mask, labels, image_embeds = xgenmm.prepare_replace(
             model, input_ids, attention_mask, labels, pixel_values, image_sizes
         )
+        index = text_positions(text_ids, text_mask, input_ids, attention_mask, model.image_token_id)
         position_ids = None
     elif pixel_values is not None:
         if model.config.insertion_cfg.placement == "replace":
+            text_ids, text_mask = input_ids, attention_mask
             input_ids, attention_mask, labels = replace_placement(model, input_ids, attention_mask, labels)
+            index = text_positions(text_ids, text_mask, input_ids, attention_mask, model.image_token_id)
             position_ids = None
         image_embeds = _encode(model, input_ids, pixel_values, image_sizes)
     image_id = model.image_token_id
@@ -295,7 +361,7 @@ def forward(
         attention_mask=attention_mask,
         past_key_values=past_key_values,
         use_cache=use_cache,
-        logits_to_keep=logits_to_keep,
+        logits_to_keep=logits_to_keep if index is None else 0,  # grown rows: every logit, then mapped back
         return_dict=True,
         **kwargs,
     )
@@ -303,7 +369,8 @@ def forward(
     if labels is not None:
         labels = labels.masked_fill(is_image.to(labels.device), IGNORE_INDEX)  # an image token is never a target
         loss, z = causal_lm_loss(out.logits, labels, model.config.z_loss)
-    return InterleafOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values, z_loss=z)
+    logits = out.logits if index is None else logits_at_text_positions(out.logits, index, logits_to_keep)
+    return InterleafOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, z_loss=z)
 
 
 def generate(model, generate_fn, input_ids, attention_mask, pixel_values, image_embeds, kwargs):

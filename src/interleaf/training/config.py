@@ -5,8 +5,12 @@ A stage YAML::
     name: pretrain
     model: {preset: tiny-random}      # or {path: runs/x/final}, {from_stage: pretrain},
                                       # or build options {vision: DIR, lm: DIR, tokenizer: DIR, resampler: {...}, ...}
+                                      # (token insertion: fusion, projector, insertion as interleaf.build takes them)
     data: data/mix.yaml               # a mixture YAML (relative to this file) or an inline mixture
-    freeze: flamingo                  # flamingo | unfreeze_lm | all_trainable (default: the model's own)
+    freeze: flamingo                  # flamingo | flamingo_train_vision | unfreeze_lm | all_trainable; token
+                                      # insertion: projector | projector_lm | all_trainable (default: the
+                                      # model's own; flamingo / unfreeze_lm mean projector / projector_lm
+                                      # for a token-insertion model and back, see training.prepare)
     optim: {lr: 1e-4, weight_decay: 0.1, betas: [0.9, 0.999], eps: 1e-8, schedule: cosine,
             warmup_steps: 100, min_lr_ratio: 0.0, clip_grad_norm: 1.0}
     batch_size: 8                     # samples per optimiser step, over all processes and accumulation
@@ -65,7 +69,9 @@ STRATEGIES = ("ddp", "fsdp")
 OBJECTIVES = ("lm", "dpo")
 REFERENCES = ("model", "cached")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # what YAML 1.1 reads as a string
-_BUILD_OPTIONS = ("vision", "lm", "tokenizer", "resampler", "cross_attention", "tokens")
+_BUILD_OPTIONS = (
+    "vision", "lm", "tokenizer", "resampler", "cross_attention", "tokens", "fusion", "projector", "insertion",
+)
 
 
 def _in_file(source: str | None) -> str:

@@ -5,8 +5,8 @@ handling) belongs to :mod:`interleaf.distributed`; its state and collectives are
 for the training modules. With one process nothing is wrapped.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) shards each gated cross-attention block, each
-decoder layer, the vision tower and the resampler as units, then the root (embeddings, head, final
-norm).
+decoder layer, the vision tower and the resampler (token insertion: the projector) as units, then
+the root (embeddings, head, final norm).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from ..distributed import DistState, all_reduce_sum, barrier, current_state, gat
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The modules sharded as one unit each: cross-attention blocks, decoder layers, vision tower, resampler."""
+    """The modules sharded as one unit each: cross-attention blocks, decoder layers, vision tower,
+    resampler or projector."""
     from ..model.cross_attention import CrossAttentionDecoderLayer
     from ..model.lm import find_decoder_layers
 
@@ -29,7 +30,7 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
             units += [layer.cross_attention, layer.decoder_layer]
         else:
             units.append(layer)
-    for name in ("vision_tower", "resampler"):
+    for name in ("vision_tower", "resampler", "projector"):
         module = getattr(model, name, None)
         if module is not None and any(True for _ in module.parameters()):
             units.append(module)

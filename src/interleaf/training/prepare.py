@@ -55,12 +55,39 @@ def _build_model(stage: StageConfig, finals: dict[str, Path]):
     return model, processor
 
 
+# A freeze policy and its counterpart in the other fusion family: what connects the image to the LM
+# trains (flamingo / projector), or that and the whole LM (unfreeze_lm / projector_lm). A recipe
+# written for either family (sft_llava, dpo) names one and means the same for both.
+FREEZE_COUNTERPARTS = {"flamingo": "projector", "unfreeze_lm": "projector_lm", "projector": "flamingo",
+                       "projector_lm": "unfreeze_lm"}
+
+
+def stage_freeze(stage: StageConfig, model: nn.Module) -> str | None:
+    """The freeze policy the stage gives ``model``: its own, or its counterpart in the model's family
+    (:data:`FREEZE_COUNTERPARTS`); None keeps the model's. A policy with no counterpart there
+    (``flamingo_train_vision`` for a token-insertion model) is a :class:`ConfigError`."""
+    from ..config import freeze_policies
+
+    policy, fusion = stage.freeze, model.config.fusion
+    if policy is None or policy in freeze_policies(fusion):
+        return policy
+    counterpart = FREEZE_COUNTERPARTS.get(policy)
+    if counterpart in freeze_policies(fusion):
+        return counterpart
+    raise ConfigError(
+        "freeze", f"{policy!r} is not a freeze policy of the {fusion!r} family and has no counterpart in it",
+        f"use one of {list(freeze_policies(fusion))}",
+    )
+
+
 def prepare_model(model: nn.Module, stage: StageConfig) -> int:
-    """Apply the stage's freezing, z-loss and gradient checkpointing; returns the trainable count."""
+    """Apply the stage's freezing (:func:`stage_freeze`), z-loss and gradient checkpointing; returns
+    the trainable count."""
     model.config.z_loss = float(stage.z_loss)
-    if stage.freeze is not None:
-        model.config.freeze = stage.freeze
-    model.apply_freeze(stage.freeze)
+    policy = stage_freeze(stage, model)
+    if policy is not None:
+        model.config.freeze = policy
+    model.apply_freeze(policy)
     freeze_unused_vision_parameters(model)
     if stage.gradient_checkpointing:
         lm = model.language_model
@@ -132,4 +159,7 @@ def restore(stage: StageConfig, trainee: Trainee, latest: Path | None, resume: b
     return progress
 
 
-__all__ = ["StreamFactory", "Trainee", "default_stream", "prepare_model", "restore", "set_up"]
+__all__ = [
+    "FREEZE_COUNTERPARTS", "StreamFactory", "Trainee", "default_stream", "prepare_model", "restore", "set_up",
+    "stage_freeze",
+]

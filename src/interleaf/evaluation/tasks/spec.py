@@ -25,7 +25,11 @@ from ...errors import ConfigError, InputError
 from ...schema import setting, validate
 
 IMAGE_MARK = "<image>"
-PROMPT_FAMILIES = ("openflamingo", "idefics")
+PROMPT_FAMILIES = ("openflamingo", "idefics", "llava")
+# A prompt format without a template of its own in a task borrows this one's: the token-insertion
+# family ("llava") writes few-shot prompts as OpenFlamingo does (image, prompt, answer, then
+# <|endofchunk|>), the format xGen-MM's base model was trained with.
+TEMPLATE_FALLBACK = {"llava": "openflamingo"}
 REQUESTS = ("generate", "rank")
 POSTPROCESS = ("none", "strip", "vqa", "caption", "choice", "yes_no")
 METRICS = ("vqa_accuracy", "exact_match", "cider", "accuracy", "roc_auc", "circular", "mme", "choice_accuracy")
@@ -161,8 +165,12 @@ class TaskSpec:
                               "set request: rank and positive: <candidate>")
 
     def template(self, family: str) -> PromptTemplate:
+        """The template for the prompt format ``family``: its own, else :data:`TEMPLATE_FALLBACK`'s
+        choice, else the task's only one."""
         if family in self.templates:
             return self.templates[family]
+        if TEMPLATE_FALLBACK.get(family) in self.templates:
+            return self.templates[TEMPLATE_FALLBACK[family]]
         if len(self.templates) == 1:
             return next(iter(self.templates.values()))
         raise ConfigError(f"task {self.name}.templates", f"has no template for the prompt format {family!r}",
