@@ -17,14 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.serving import MODEL_NAME, data_url, png, reference, start_server, tiny_model
+from helpers.serving import FAMILIES, MODEL_NAME, data_url, png, reference, start_server, tiny_model
 
 HANG_GUARD_S = 120  # a bound on how long anything may take before the test calls it a hang
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model()
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    return tiny_model(request.param)
 
 
 class Gate:

@@ -11,11 +11,12 @@ import pytest
 import interleaf
 from interleaf.generation import generate_text, generation_kwargs, stream_generate
 from interleaf.serving.chat_repl import run_chat
+from helpers.serving import FAMILIES, png
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return interleaf.build("tiny-random", seed=0)
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    return interleaf.build(request.param, seed=0)
 
 
 def generate_threads() -> list[threading.Thread]:

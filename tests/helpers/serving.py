@@ -9,15 +9,24 @@ from typing import Any
 from PIL import Image
 from tiny import tiny_preset
 
+import interleaf
 from interleaf.generation import generation_kwargs
 from interleaf.serving import ServerThread, create_app
 
 MODEL_NAME = "tiny"
 
+FAMILIES = ("tiny-random", "tiny-llava")
+"""The tiny preset of each fusion family (cross-attention, token insertion); serving tests run on both."""
 
-def tiny_model():
-    """tiny-random with open gates and a louder resampler, so that the answer depends on the images."""
-    return tiny_preset(seed=0, gates=1.0, resampler_scale=10.0)
+
+def tiny_model(family: str = "tiny-random"):
+    """(model, processor) of ``family`` (a preset in :data:`FAMILIES`), with answers that depend on the
+    images: tiny-random with open gates and a louder resampler; tiny-llava as built."""
+    if family == "tiny-random":
+        return tiny_preset(seed=0, gates=1.0, resampler_scale=10.0)
+    if family != "tiny-llava":
+        raise ValueError(f"unknown family preset {family!r}; choose one of {FAMILIES}")
+    return interleaf.build("tiny-llava", seed=0)
 
 
 def start_server(model, processor, **options: Any) -> ServerThread:
@@ -69,7 +78,9 @@ def rss_bytes() -> int:
 
 
 def reference(model, processor, messages: list[dict], max_new_tokens: int) -> str:
-    """What ``model.generate`` alone answers (greedy) to the OpenAI-style ``messages``."""
+    """What ``model.generate`` alone answers (greedy) to the OpenAI-style ``messages``, in one call with the
+    processor's whole output: the same for either family, since ``generate`` returns the caller's prompt
+    followed by the new tokens in both."""
     inputs = processor([to_processor_messages(messages)])
     out = model.generate(**inputs, **generation_kwargs(processor, max_new_tokens=max_new_tokens))
     return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
