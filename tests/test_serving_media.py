@@ -70,3 +70,5 @@ def test_inserted_images_refuse_what_they_were_not_prepared_for(kind):
     with pytest.raises(InputError, match="prepare it with model.prepare_media"):
         model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], media_cache=object(),
                        **kwargs)
+    with pytest.raises(InputError, match="media_cache from prepare_media is for generate"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], media_cache=media)

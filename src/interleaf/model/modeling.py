@@ -296,6 +296,11 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         if self.config.fusion == "token_insertion":
             if input_ids is None:
                 raise InputError("input_ids is required (interleaf finds images in the text by the image token)")
+            if media_cache is not None:
+                raise InputError(
+                    "a token-insertion model's forward takes pixel_values (or image_embeds); media_cache from "
+                    "prepare_media is for generate"
+                )
             return token_insertion.forward(
                 self, input_ids, attention_mask, pixel_values, image_embeds, past_key_values, position_ids,
                 labels, use_cache, logits_to_keep, **kwargs,
