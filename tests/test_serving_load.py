@@ -26,6 +26,12 @@ def prompts() -> list[list[dict]]:
             {"type": "image_url", "image_url": {"url": data_url(png(color, (16 + 4 * i, 20)))}},
             {"type": "text", "text": "Describe this image" + "!" * i},
         ]}])
+    out.append([{"role": "user", "content": [  # two images, text between them
+        {"type": "image_url", "image_url": {"url": data_url(png((200, 200, 30)))}},
+        {"type": "text", "text": "and"},
+        {"type": "image_url", "image_url": {"url": data_url(png((30, 200, 200), (28, 16)))}},
+        {"type": "text", "text": "which is brighter?"},
+    ]}])
     return out
 
 
