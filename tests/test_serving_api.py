@@ -10,12 +10,12 @@ import openai
 import pytest
 
 from interleaf.serving import ServeLimits
-from helpers.serving import MODEL_NAME, data_url, png, reference, start_server, tiny_model
+from helpers.serving import FAMILIES, MODEL_NAME, data_url, png, reference, start_server, tiny_model
 
 
-@pytest.fixture(scope="module")
-def served():
-    model, processor = tiny_model()
+@pytest.fixture(scope="module", params=FAMILIES)
+def served(request):
+    model, processor = tiny_model(request.param)
     server = start_server(model, processor, round_tokens=4)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     yield model, processor, server, client
@@ -174,9 +174,9 @@ def wait_for(predicate, what: str, timeout: float = 120) -> None:
 
 # -- errors --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def strict():
-    model, processor = tiny_model()
+@pytest.fixture(scope="module", params=FAMILIES)
+def strict(request):
+    model, processor = tiny_model(request.param)
     limits = ServeLimits(max_body_bytes=60_000, max_images=2, max_image_pixels=40 * 40, max_completion_tokens=32)
     server = start_server(model, processor, api_key="s3cret-key", limits=limits)
     yield server

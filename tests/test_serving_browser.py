@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.serving import data_url, png, reference, start_server, tiny_model
+from helpers.serving import FAMILIES, data_url, png, reference, start_server, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -54,11 +54,12 @@ def browser():
     driver.quit()
 
 
-def test_playground_uploads_an_image_and_streams_the_answer(browser, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_playground_uploads_an_image_and_streams_the_answer(browser, tmp_path, family):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    model, processor = tiny_model()
+    model, processor = tiny_model(family)
     image = png((30, 160, 90), (28, 24))
     image.save(tmp_path / "leaf.png")
     server = start_server(model, processor)

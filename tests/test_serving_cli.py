@@ -13,16 +13,16 @@ import pytest
 
 import interleaf
 from interleaf.generation import generation_kwargs
-from helpers.serving import png, tiny_model
+from helpers.serving import FAMILIES, png, tiny_model
 
 MAX_NEW = 6
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+@pytest.fixture(scope="module", params=FAMILIES)
+def saved(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("serving-cli")
-    model, processor = tiny_model()
+    model, processor = tiny_model(request.param)
     interleaf.save(model, processor, root / "tiny")
     png((200, 100, 0)).save(root / "photo.png")
     return root

@@ -17,14 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.serving import MODEL_NAME, data_url, png, reference, start_server, tiny_model
+from helpers.serving import FAMILIES, MODEL_NAME, data_url, png, reference, start_server, tiny_model
 
 HANG_GUARD_S = 120  # a bound on how long anything may take before the test calls it a hang
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model()
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    return tiny_model(request.param)
 
 
 class Gate:
@@ -107,6 +107,77 @@ def test_concurrent_image_requests_of_different_lengths_get_their_own_answers(ti
         assert batcher.max_rows_seen == sum(ns)
         wait_until(lambda: batcher.active_rows == 0, "the finished rows leave the batch")
         assert batcher.health() == (True, "ok")
+    finally:
+        gate.open.set()
+        server.stop()
+
+
+def mixed_requests(model, processor) -> list[tuple[dict, str]]:
+    """Requests as users mix them, each with its answer alone: with and without images (0, 1, 2), short and
+    long prompts, n up to 3, stop strings, streamed and not; all greedy, so all may share one cohort."""
+    text = lambda words, max_tokens, n=1: {  # noqa: E731
+        "model": MODEL_NAME, "messages": [{"role": "user", "content": words}], "max_tokens": max_tokens,
+        "temperature": 0, "n": n}
+    bodies = [
+        text("Hi", 5),
+        text("Please tell me, at some length, everything you know about rivers and lakes " * 3, 11, n=2),
+        image_request(4, 1, 9),
+        {**image_request(5, 2, 14), "stream": True},
+        {**image_request(6, 1, 12, n=3), "stream": True},
+        {**text("Count to ten.", 3), "stream": True},
+        text("List three fruits.", 16),
+    ]
+    out = []
+    for k, body in enumerate(bodies):
+        full = reference(model, processor, body["messages"], body["max_tokens"])
+        if k in (2, 4, 6):  # a stop string from inside the answer: the answer ends before it
+            stop = next((full[i:i + 2] for i in range(2, len(full) - 2)
+                         if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2]), None)
+            if stop is not None:
+                body = {**body, "stop": [stop, "\u2603never"]}
+                full = full[: full.find(stop)]
+        out.append((body, full))
+    return out
+
+
+def answers_of(r: httpx.Response, body: dict) -> list[str]:
+    """Each choice's text, from a JSON answer or from the events of a streamed one."""
+    assert r.status_code == 200, r.text
+    if not body.get("stream"):
+        return [c["message"]["content"] for c in r.json()["choices"]]
+    texts = [""] * body["n"]
+    for line in r.text.splitlines():
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                texts[c["index"]] += c["delta"].get("content") or ""
+    return texts
+
+
+def test_a_cohort_of_mixed_requests_gives_each_its_answer_alone(tiny):
+    """Requests with and without images, of different lengths, n, stop strings and streaming, from
+    concurrent clients, run as one cohort; each answer equals the request's answer alone."""
+    model, processor = tiny
+    cases = mixed_requests(model, processor)
+    server = start_server(model, processor, max_batch_size=16, round_tokens=3)
+    gate = Gate()
+    try:
+        batcher = server.app.state.batcher
+        batcher.round_hook = gate
+        hold = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hold"}], "max_tokens": 2,
+                "temperature": 0.5}  # sampled: a cohort of its own, ahead of the others
+        with ThreadPoolExecutor(len(cases) + 1) as pool:
+            opener = pool.submit(post, server.url, hold)
+            wait_until(lambda: gate.entered.is_set() or opener.done(), "the first request holds the worker")
+            assert gate.entered.is_set(), opener.result().text
+            futures = [pool.submit(post, server.url, body) for body, _ in cases]
+            wait_until(lambda: batcher.pending == len(cases), "all requests are queued")
+            gate.open.set()
+            responses = [f.result() for f in futures]
+            assert opener.result().status_code == 200
+        for (body, want), r in zip(cases, responses):
+            assert answers_of(r, body) == [want] * body["n"], body
+        assert batcher.max_rows_seen == sum(body["n"] for body, _ in cases)  # one cohort
+        wait_until(lambda: batcher.active_rows == 0, "the finished rows leave the batch")
     finally:
         gate.open.set()
         server.stop()

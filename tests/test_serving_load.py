@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from helpers.serving import MODEL_NAME, data_url, png, reference, rss_bytes, start_server, tiny_model
+from helpers.serving import FAMILIES, MODEL_NAME, data_url, png, reference, rss_bytes, start_server, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +26,18 @@ def prompts() -> list[list[dict]]:
             {"type": "image_url", "image_url": {"url": data_url(png(color, (16 + 4 * i, 20)))}},
             {"type": "text", "text": "Describe this image" + "!" * i},
         ]}])
+    out.append([{"role": "user", "content": [  # two images, text between them
+        {"type": "image_url", "image_url": {"url": data_url(png((200, 200, 30)))}},
+        {"type": "text", "text": "and"},
+        {"type": "image_url", "image_url": {"url": data_url(png((30, 200, 200), (28, 16)))}},
+        {"type": "text", "text": "which is brighter?"},
+    ]}])
     return out
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    model, processor = tiny_model()
+@pytest.fixture(scope="module", params=FAMILIES)
+def loaded(request):
+    model, processor = tiny_model(request.param)
     cases = prompts()
     expected = [reference(model, processor, m, MAX_TOKENS) for m in cases]
     server = start_server(model, processor, max_batch_size=8, max_queue=256, round_tokens=4)
@@ -78,8 +84,9 @@ def test_32_concurrent_clients_200_requests_all_correct_and_memory_settles(loade
     assert health["queued"] == 0 and health["running"] == 0
 
 
-def test_a_full_queue_answers_429_and_the_server_recovers():
-    model, processor = tiny_model()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_full_queue_answers_429_and_the_server_recovers(family):
+    model, processor = tiny_model(family)
     server = start_server(model, processor, max_batch_size=1, max_queue=1, round_tokens=2)
     try:
         body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "count slowly"}],

@@ -73,6 +73,24 @@ def test_prepare_builds_ids_pixels_and_the_token_budget(service):
         assert (e.status, e.code) == (400, code)
 
 
+@pytest.mark.parametrize("family", ["tiny-random", "tiny-llava"])
+def test_prepare_gives_each_image_its_pixels_in_either_family(family):
+    """Cross-attention writes one <image> per image, LLaVA's format one per vision token: either way the
+    job carries one picture per image of the request."""
+    _, processor = interleaf.build(family, seed=0)
+    service = ChatService(processor, Batcher(object(), processor), "tiny", ServeLimits(), URLPolicy(),
+                          threading.Lock())
+    image = {"type": "image_url", "image_url": {"url": data_url()}}
+    messages = [{"role": "user", "content": [image, {"type": "text", "text": "and"}, image]},
+                {"role": "assistant", "content": "two"}, {"role": "user", "content": [image, {"type": "text", "text": "?"}]}]
+    prepared = service.prepare(service.parse(request(messages=messages)))
+    assert prepared.pixel_values.shape[0] == 3
+    per_image = processor.format.image_token_count()
+    assert per_image == (1 if family == "tiny-random" else 16)
+    assert prepared.input_ids.count(processor.image_token_id) == 3 * per_image
+    assert service.prepare(service.parse(request())).pixel_values is None
+
+
 def test_submit_maps_the_batchers_refusals(service):
     req = service.parse(request(n=3))
     prepared = service.prepare(req)

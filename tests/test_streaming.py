@@ -7,15 +7,17 @@ import io
 import threading
 
 import pytest
+from PIL import Image
 
 import interleaf
 from interleaf.generation import generate_text, generation_kwargs, stream_generate
 from interleaf.serving.chat_repl import run_chat
+from helpers.serving import FAMILIES, png
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return interleaf.build("tiny-random", seed=0)
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    return interleaf.build(request.param, seed=0)
 
 
 def generate_threads() -> list[threading.Thread]:
@@ -101,3 +103,36 @@ def test_ctrl_c_in_the_chat_stops_that_answer_only(tiny):
     # the interrupted turn is not kept; the next one is answered in full
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert history[0]["content"][-1]["text"] == "second question"
+
+
+def test_a_streamed_answer_about_images_equals_generate(tiny):
+    model, processor = tiny
+    images = [png((200, 30, 30)), png((30, 30, 200), (30, 20))]
+    inputs = processor([[*images, "What differs?"]])
+    kwargs = generation_kwargs(processor, max_new_tokens=10)
+    out = model.generate(**inputs, **kwargs)
+    want = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "".join(stream_generate(model, processor.tokenizer, inputs, kwargs)) == want
+    for stream in (False, True):
+        pieces = generate_text(model, processor, "What differs?", images=images, chat=False, max_new_tokens=10,
+                               stream=stream)
+        assert "".join(pieces) == want
+    assert generate_threads() == []
+
+
+def test_a_chat_turn_with_an_image_answers_the_whole_history(tiny, tmp_path):
+    model, processor = tiny
+    png((200, 100, 0)).save(tmp_path / "photo.png")
+    lines = iter([f"/image {tmp_path / 'photo.png'}", "What is in this picture?", "Tell me more.", "/quit"])
+    history = run_chat(model, processor, input_fn=lambda prompt: next(lines), out=io.StringIO(), max_new_tokens=6)
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[0]["content"][0]["type"] == "image"
+    for turn in (1, 3):
+        messages = [{**m, "content": [{**p, "image": Image.open(p["image"])} if p["type"] == "image" else p
+                                      for p in m["content"]]} if isinstance(m["content"], list) else m
+                    for m in history[:turn]]
+        inputs = processor([messages])
+        out = model.generate(**inputs, **generation_kwargs(processor, max_new_tokens=6))
+        assert history[turn]["content"] == processor.decode(out[0, inputs["input_ids"].shape[1]:],
+                                                            skip_special_tokens=True)
+    assert generate_threads() == []

@@ -19,7 +19,7 @@ from interleaf.config import InterleafConfig, VisionConfig
 from interleaf.convert import from_llava
 from interleaf.data.tokenize import tokenize_pair
 from interleaf.errors import ConfigError, InputError
-from interleaf.model import InterleafForConditionalGeneration
+from interleaf.model import InsertedImages, InterleafForConditionalGeneration
 from interleaf.model.loss import weighted_token_loss
 from interleaf.model.token_insertion import (
     encode_rows,
@@ -111,8 +111,7 @@ def test_build_from_pieces_with_a_linear_projector(tmp_path):
     assert model.config.freeze == "projector" and type(model.projector).__name__ == "LinearProjector"
     batch = processor([["a", RED, "b"], ["no image"]])
     assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
-    with pytest.raises(InputError, match="prepare_media is for cross-attention models"):
-        model.prepare_media(batch["input_ids"], batch["pixel_values"])
+    assert isinstance(model.prepare_media(batch["input_ids"], batch["pixel_values"]), InsertedImages)
 
 
 SAMPLER = {"kind": "token_sampler", "token_sampler": {"depth": 1, "num_latents": 4, "heads": 2, "head_dim": 8}}

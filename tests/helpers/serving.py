@@ -9,15 +9,24 @@ from typing import Any
 from PIL import Image
 from tiny import tiny_preset
 
+import interleaf
 from interleaf.generation import generation_kwargs
 from interleaf.serving import ServerThread, create_app
 
 MODEL_NAME = "tiny"
 
+FAMILIES = ("tiny-random", "tiny-llava")
+"""The tiny preset of each fusion family (cross-attention, token insertion); serving tests run on both."""
 
-def tiny_model():
-    """tiny-random with open gates and a louder resampler, so that the answer depends on the images."""
-    return tiny_preset(seed=0, gates=1.0, resampler_scale=10.0)
+
+def tiny_model(family: str = "tiny-random"):
+    """(model, processor) of ``family`` (a preset in :data:`FAMILIES`), with answers that depend on the
+    images: tiny-random with open gates and a louder resampler; tiny-llava as built."""
+    if family == "tiny-random":
+        return tiny_preset(seed=0, gates=1.0, resampler_scale=10.0)
+    if family != "tiny-llava":
+        raise ValueError(f"unknown family preset {family!r}; choose one of {FAMILIES}")
+    return interleaf.build("tiny-llava", seed=0)
 
 
 def start_server(model, processor, **options: Any) -> ServerThread:
@@ -69,7 +78,38 @@ def rss_bytes() -> int:
 
 
 def reference(model, processor, messages: list[dict], max_new_tokens: int) -> str:
-    """What ``model.generate`` alone answers (greedy) to the OpenAI-style ``messages``."""
+    """What ``model.generate`` alone answers (greedy) to the OpenAI-style ``messages``, in one call with the
+    processor's whole output: the same for either family, since ``generate`` returns the caller's prompt
+    followed by the new tokens in both."""
     inputs = processor([to_processor_messages(messages)])
     out = model.generate(**inputs, **generation_kwargs(processor, max_new_tokens=max_new_tokens))
     return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def replace_twin(model):
+    """A token-insertion ``model``'s weights with xGen-MM's placement (one ``<image>`` per image, grown by the model)."""
+    from interleaf.config import InterleafConfig
+    from interleaf.model import InterleafForConditionalGeneration
+
+    data = model.config.to_dict()
+    data["insertion"] = {"placement": "replace"}
+    twin = InterleafForConditionalGeneration(InterleafConfig(**data))
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+def one_token_per_image(batch: dict, image_token_id: int, pad_token_id: int) -> dict:
+    """A left-padded batch in LLaVA's layout (one ``<image>`` per vision token) rewritten with one ``<image>``
+    per image, as xGen-MM's text holds them; ``pixel_values`` is kept."""
+    import torch
+
+    rows = []
+    for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        row = [t for t, m in zip(ids, mask) if m]
+        rows.append([t for p, t in enumerate(row) if t != image_token_id or p == 0 or row[p - 1] != image_token_id])
+    width = max(len(r) for r in rows)
+    return {
+        "input_ids": torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        "pixel_values": batch["pixel_values"],
+    }

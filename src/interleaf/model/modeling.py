@@ -35,8 +35,9 @@ from .cross_attention import (
     MediaContext,
     media_context,
 )
-from . import token_insertion
+from . import inserted_images, token_insertion
 from .embeddings import DecoupledEmbedding, DecoupledHead
+from .inserted_images import InsertedImages
 from .lm import attach_cross_attention, decouple_new_tokens
 from .loss import causal_lm_loss
 from .projectors import build_projector
@@ -221,13 +222,19 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         latents[valid] = feats
         return latents
 
-    def prepare_media(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> MediaCache:
-        """Encode this call's images once; each block projects its keys and values at its first call."""
+    def prepare_media(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> MediaCache | InsertedImages:
+        """Encode a batch's images once, for ``generate(..., media_cache=...)`` over one or more calls.
+
+        Either family: the result has ``.select(rows)`` (keep some rows, as the KV cache's
+        ``batch_select_indices``). Cross-attention: a :class:`MediaCache` (each block projects its
+        keys and values at its first call). Token insertion: :class:`InsertedImages` (the image
+        embeddings, and the grown prompt with ``replace`` placement, which needs ``attention_mask``
+        for a left-padded batch).
+        """
         if self.config.fusion == "token_insertion":
-            raise InputError(
-                "prepare_media is for cross-attention models; a token-insertion model takes pixel_values, or "
-                "image_embeds from interleaf.model.token_insertion.encode_rows(model, input_ids, pixel_values)"
-            )
+            return inserted_images.prepare(self, input_ids, pixel_values, attention_mask)
         pixel_values = _as_5d(pixel_values)
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise InputError(
@@ -291,6 +298,11 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         if self.config.fusion == "token_insertion":
             if input_ids is None:
                 raise InputError("input_ids is required (interleaf finds images in the text by the image token)")
+            if media_cache is not None:
+                raise InputError(
+                    "a token-insertion model's forward takes pixel_values (or image_embeds); media_cache from "
+                    "prepare_media is for generate"
+                )
             return token_insertion.forward(
                 self, input_ids, attention_mask, pixel_values, image_embeds, past_key_values, position_ids,
                 labels, use_cache, logits_to_keep, **kwargs,
@@ -360,6 +372,10 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
             raise InputError("generate needs input_ids: run the prompt through the interleaf processor first")
         if self.config.fusion == "token_insertion":
             embeds = kwargs.pop("image_embeds", None)
+            if media_cache is not None:
+                if pixel_values is not None or embeds is not None:
+                    raise InputError("pass either pixel_values, image_embeds or media_cache, not more than one")
+                return inserted_images.generate(self, super().generate, input_ids, attention_mask, media_cache, kwargs)
             return token_insertion.generate(
                 self, super().generate, input_ids, attention_mask, pixel_values, embeds, kwargs
             )

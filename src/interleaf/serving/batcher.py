@@ -13,9 +13,12 @@ this module holds the queue, the worker thread and its health):
   rows (``n`` each) fit in ``max_batch_size`` rows in flight, and groups them by sampling
   settings (all greedy jobs together; sampled jobs by temperature and top_p; a job with a
   ``seed`` alone, so that its seed reproduces its answer) into new *cohorts*: one left-padded
-  batch each, whose images are encoded once (:meth:`~interleaf.model.InterleafForConditionalGeneration.prepare_media`).
+  batch each, whose images are encoded once (:meth:`~interleaf.model.InterleafForConditionalGeneration.prepare_media`:
+  the per-call image state of either fusion family, a cross-attention media cache or a
+  token-insertion model's image embeddings; the batcher only passes it to ``generate`` and
+  selects its rows).
 - Then every cohort runs one *round*: ``model.generate`` for at most ``round_tokens`` new tokens,
-  continuing from the cohort's own KV cache (``past_key_values``) and media cache. A cohort is
+  continuing from the cohort's own KV cache (``past_key_values``) and image state. A cohort is
   never merged with another (so no KV cache is ever re-aligned), and a newly arrived request
   waits at most one round of each running cohort before its own prefill: a long answer never
   makes a short one wait for it to finish.

@@ -6,7 +6,7 @@ A job with ``n`` choices has ``n`` :class:`Row` s. :func:`group_rows` puts rows 
 
     prompts (R rows, lengths T_r) ──► left-padded input_ids, attention_mask (R, T)
     pixels (N_r, 3, S, S) per row ──► zero-padded (R, N_max, 3, S, S) ──► model.prepare_media
-      ──► media cache
+      ──► media cache (either family's per-call image state, with ``.select(rows)``)
     each round: model.generate(input_ids, attention_mask, media cache, KV cache) ──► (R, T + new)
 
 Between rounds the cohort keeps its KV cache, its media cache and (when seeded) its own random
@@ -128,7 +128,7 @@ class Cohort:
                 if p is not None:
                     batch[i, : p.shape[0]] = p
             with torch.no_grad():
-                self.media = model.prepare_media(self.input_ids, batch.to(device))
+                self.media = model.prepare_media(self.input_ids, batch.to(device), self.attention_mask)
         self.cache = DynamicCache()
         self.device = torch.device(device)
         self.rng_state: tuple | None = None  # a seeded cohort's own random state, kept between rounds

@@ -137,8 +137,9 @@ class ChatService:
             raise APIError(400, str(e), "messages") from e
         ids = inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
         pixels = inputs["pixel_values"][0] if "pixel_values" in inputs else None  # (N_max, 3, S, S)
-        if pixels is not None:
-            pixels = pixels[: sum(1 for i in ids if i == self.processor.image_token_id)]
+        if pixels is not None:  # the request's images, however many tokens each takes in the text
+            pixels = pixels[: sum(1 for m in messages if isinstance(m["content"], list)
+                                  for part in m["content"] if part.get("type") == "image")]
         if len(ids) > self.limits.max_prompt_tokens:
             raise APIError(400, f"the prompt is {len(ids)} tokens, more than this server's limit of "
                                 f"{self.limits.max_prompt_tokens}; shorten the conversation", "messages",
