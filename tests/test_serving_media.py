@@ -19,9 +19,14 @@ RED, BLUE = png((220, 20, 20), (40, 30)), png((20, 20, 220), (30, 40))
 
 def model_and_batch(kind: str):
     """(model, batch): three rows with 2, 0 and 1 images and different lengths, left-padded."""
-    model, processor = tiny_model(kind.removesuffix("-replace"))
+    if kind == "tiny-llava-next":  # any resolution: each image its views and its own token count
+        import interleaf
+
+        model, processor = interleaf.build(kind, seed=0)
+    else:
+        model, processor = tiny_model(kind.removesuffix("-replace"))
     batch = processor([["look", RED, "and", BLUE, "what are they?"], ["a question without images"], [RED, "red?"]])
-    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in batch}
     if kind.endswith("-replace"):
         model = replace_twin(model)
         batch = one_token_per_image(batch, processor.image_token_id, processor.pad_token_id)
@@ -32,14 +37,15 @@ def grow(ids: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.Tens
     return torch.cat([mask, mask.new_ones(out.shape[0], out.shape[1] - ids.shape[1])], dim=1)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "tiny-llava-next"])
 @torch.no_grad()
 def test_rounds_with_rows_dropped_equal_one_generate_call(kind):
     model, batch = model_and_batch(kind)
     greedy = dict(do_sample=False, pad_token_id=0)
     want = model.generate(**batch, max_new_tokens=9, **greedy)
     assert want.shape[1] == batch["input_ids"].shape[1] + 9  # the caller's prompt, then the new tokens
-    media = model.prepare_media(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    media = model.prepare_media(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                batch.get("image_sizes"))
     assert isinstance(media, MediaCache if kind == "tiny-random" else InsertedImages)
     ids, mask, cache = batch["input_ids"], batch["attention_mask"], DynamicCache()
     for step in range(3):
@@ -72,3 +78,13 @@ def test_inserted_images_refuse_what_they_were_not_prepared_for(kind):
                        **kwargs)
     with pytest.raises(InputError, match="media_cache from prepare_media is for generate"):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], media_cache=media)
+
+
+def test_the_server_refuses_an_any_resolution_model_at_start():
+    import interleaf
+    from interleaf.errors import ConfigError
+    from interleaf.serving import create_app
+
+    model, processor = interleaf.build("tiny-llava-next", seed=0)
+    with pytest.raises(ConfigError, match=r"insertion.anyres.*any-resolution models.*interleaf chat"):
+        create_app(model, processor)

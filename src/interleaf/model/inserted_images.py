@@ -52,15 +52,13 @@ class InsertedImages:
 
 
 def prepare(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-            attention_mask: torch.Tensor | None = None) -> InsertedImages:
-    """Encode the batch's images once (and grow its prompt with ``replace`` placement)."""
-    width = input_ids.shape[1]
-    grown_ids = grown_mask = None
-    ids = input_ids
-    if model.config.insertion_cfg.placement == "replace":
-        grown_ids, grown_mask, _ = token_insertion.replace_placement(model, input_ids, attention_mask, None)
-        ids = grown_ids
-    return InsertedImages(token_insertion.encode_rows(model, ids, pixel_values), width, grown_ids, grown_mask)
+            attention_mask: torch.Tensor | None = None, image_sizes=None) -> InsertedImages:
+    """Encode the batch's images once (and grow its prompt with ``replace`` placement), as
+    :func:`interleaf.model.token_insertion.generate` does; ``image_sizes`` for any-resolution models."""
+    grown_ids, grown_mask, image_embeds = token_insertion.prepare_images(
+        model, input_ids, attention_mask, pixel_values, image_sizes
+    )
+    return InsertedImages(image_embeds, input_ids.shape[1], grown_ids, grown_mask)
 
 
 def generate(model, generate_fn, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -223,7 +223,8 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         return latents
 
     def prepare_media(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        image_sizes=None,
     ) -> MediaCache | InsertedImages:
         """Encode a batch's images once, for ``generate(..., media_cache=...)`` over one or more calls.
 
@@ -231,10 +232,12 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         ``batch_select_indices``). Cross-attention: a :class:`MediaCache` (each block projects its
         keys and values at its first call). Token insertion: :class:`InsertedImages` (the image
         embeddings, and the grown prompt with ``replace`` placement, which needs ``attention_mask``
-        for a left-padded batch).
+        for a left-padded batch; ``image_sizes`` as ``forward`` takes them, for any-resolution models).
         """
         if self.config.fusion == "token_insertion":
-            return inserted_images.prepare(self, input_ids, pixel_values, attention_mask)
+            return inserted_images.prepare(self, input_ids, pixel_values, attention_mask, image_sizes)
+        if image_sizes is not None:
+            raise InputError("image_sizes is for any-resolution token-insertion models; drop it")
         pixel_values = _as_5d(pixel_values)
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise InputError(

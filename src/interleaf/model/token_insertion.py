@@ -62,6 +62,7 @@ __all__ = [
     "forward",
     "images_per_row",
     "logits_at_text_positions",
+    "prepare_images",
     "text_positions",
     "tokens_per_image",
     "write_image_embeddings",
@@ -380,17 +381,10 @@ def generate(model, generate_fn, input_ids, attention_mask, pixel_values, image_
     if pixel_values is not None:
         if image_embeds is not None:
             raise InputError("pass either pixel_values or image_embeds, not both")
-        if xgenmm.is_anyres(model):
-            prompt = input_ids
-            input_ids, attention_mask, _, image_embeds = xgenmm.prepare_replace(
-                model, input_ids, attention_mask, None, pixel_values, image_sizes
-            )
-        elif model.config.insertion_cfg.placement == "replace":
-            prompt = input_ids
-            input_ids, attention_mask, _ = replace_placement(model, input_ids, attention_mask, None)
-        if image_embeds is None:
-            spans = xgenmm.overwrite_spans(model, input_ids, attention_mask)
-            image_embeds = _encode(model, spans, pixel_values, image_sizes)
+        grown_ids, grown_mask, image_embeds = prepare_images(model, input_ids, attention_mask, pixel_values,
+                                                             image_sizes)
+        if grown_ids is not None:
+            prompt, input_ids, attention_mask = input_ids, grown_ids, grown_mask
     if image_embeds is not None:
         kwargs["image_embeds"] = image_embeds
     out = generate_fn(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -398,3 +392,23 @@ def generate(model, generate_fn, input_ids, attention_mask, pixel_values, image_
         return out
     prompt = prompt.to(out.device).repeat_interleave(out.shape[0] // prompt.shape[0], dim=0)
     return torch.cat([prompt, out[:, input_ids.shape[1] :]], dim=1)
+
+
+def prepare_images(model, input_ids, attention_mask, pixel_values, image_sizes=None):
+    """A prompt's images for generation, encoded once: ``(grown_ids, grown_mask, image_embeds)``.
+
+    ``grown_ids`` / ``grown_mask`` are the prompt with each ``<image>`` replaced by its image's
+    positions (``replace`` placement, xGen-MM's any-resolution images), None when the prompt keeps
+    its length; ``image_embeds`` ``(B, S, D)`` go over the image positions of the (grown) prompt.
+    """
+    if xgenmm.is_anyres(model):
+        grown_ids, grown_mask, _, image_embeds = xgenmm.prepare_replace(
+            model, input_ids, attention_mask, None, pixel_values, image_sizes
+        )
+        return grown_ids, grown_mask, image_embeds
+    grown_ids = grown_mask = None
+    if model.config.insertion_cfg.placement == "replace":
+        grown_ids, grown_mask, _ = replace_placement(model, input_ids, attention_mask, None)
+        input_ids, attention_mask = grown_ids, grown_mask
+    spans = xgenmm.overwrite_spans(model, input_ids, attention_mask)
+    return grown_ids, grown_mask, _encode(model, spans, pixel_values, image_sizes)
