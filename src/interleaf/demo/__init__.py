@@ -62,16 +62,10 @@ def _recipe_path(recipe: str | Path | None = None, fusion: str | None = None) ->
 TEXT_QA_TYPES: tuple[str, ...] = ("colour", "shape")
 
 
-# The token-insertion demo's LM reads every question type as text (see write_text_corpus).
-ALL_QA_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position", "yesno")
-
-
-def write_text_corpus(
-    corpus: Path, qtypes: tuple[str, ...] = TEXT_QA_TYPES, name: str = "text_train.json"
-) -> Path:
+def write_text_corpus(corpus: Path, qtypes: tuple[str, ...] = TEXT_QA_TYPES) -> Path:
     """The text the tiny LM learns the corpus language from, before it is frozen.
 
-    Two kinds of entries, written to ``llava/{name}``:
+    Two kinds of entries, written to ``llava/text_train.json``:
 
     - each training scene's caption as the answer to the caption prompt (the language of the
       captions, which pt and mtt then ask the frozen LM to continue);
@@ -103,7 +97,7 @@ def write_text_corpus(
         question = strip_image_markers(e["conversations"][0]["value"])
         entries.append({"id": f"text-{e['id']}", "conversations": [
             {"from": "human", "value": f"{located} {question}"}, {"from": "gpt", "value": e["conversations"][1]["value"]}]})
-    path = corpus / "llava" / name
+    path = corpus / "llava" / "text_train.json"
     path.write_text(json.dumps(entries), encoding="utf-8")
     return path
 
@@ -187,7 +181,6 @@ def run_demo(
     print(f"[demo] writing the synthetic corpus to {corpus}")
     write_corpus(corpus, seed=seed, n_train_scenes=train_scenes, n_heldout_scenes=heldout_scenes, overwrite=True)
     write_text_corpus(corpus)
-    write_text_corpus(corpus, ALL_QA_TYPES, "text_train_all.json")
     tokenizer = build_tiny_tokenizer(text="\n".join(corpus_text(corpus)), vocab_size=400)
     tokenizer.save_pretrained(out / "tokenizer")
     timings["corpus"] = time.perf_counter() - start
