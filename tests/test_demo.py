@@ -81,6 +81,66 @@ def test_demo_command_runs_a_recipe_of_your_own(tmp_path, monkeypatch):
     assert os.environ[CORPUS_ENV] == str(tmp_path / "the caller's corpus")  # the run used its own, then restored this
 
 
+@pytest.mark.slow
+def test_demo_command_with_token_insertion_runs_its_own_recipe_and_writes_its_report(tmp_path, monkeypatch):
+    """`interleaf demo --fusion token_insertion`: the packaged recipe of that family, at its smallest,
+    through the same corpus, trainer, evaluation and report."""
+    from typer.testing import CliRunner
+
+    from interleaf.cli import app
+
+    monkeypatch.delenv(CORPUS_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # the default output folder is relative to the working folder
+    steps = [arg for i in range(4) for arg in ("--set", f"stages.{i}.max_steps=1")]
+    args = ["demo", "--fusion", "token_insertion", "--train-scenes", "100", "--heldout-scenes", "20", *steps]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "runs" / "demo_token_insertion"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stages"] == ["lm", "pt", "mtt", "ift"] and metrics["fusion"] == "token_insertion"
+    assert set(metrics["heldout_vqa_per_question_type"]) == {"colour", "shape", "count", "position", "yesno"}
+    assert metrics["heldout_vqa_exact_match"] == pytest.approx(_exact_match_by_hand(out / "eval", out / "corpus")[0])
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["fusion"] == "token_insertion" and config["vision"]["kind"] == "builtin"
+    assert config["projector"]["kind"] == "mlp2x_gelu" and config["insertion"]["placement"] == "expand"
+    for stage in metrics["stages"]:
+        assert (out / stage / "metrics.jsonl").stat().st_size > 0
+    report = (out / "report.html").read_text()
+    assert "(token insertion)" in report and "<svg" in report and "data:image/png;base64," in report
+    assert CORPUS_ENV not in os.environ
+    assert not (tmp_path / "runs" / "demo").exists()
+
+
+def test_the_fusion_chooses_the_packaged_recipe_of_its_family():
+    from interleaf.demo import _recipe_path
+    from interleaf.recipes import resolve
+
+    assert _recipe_path() == _recipe_path(fusion="cross_attention") == resolve("demo")
+    assert _recipe_path(fusion="token_insertion") == resolve("demo_token_insertion")
+
+
+def test_an_unknown_fusion_or_a_fusion_with_a_recipe_fails_before_writing_anything(tmp_path):
+    from interleaf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"field 'fusion': 'llava' is not a fusion family \(use one of "
+                       r"\['cross_attention', 'token_insertion'\]\)"):
+        run_demo(tmp_path / "demo", fusion="llava", progress=False)
+    with pytest.raises(ConfigError, match=r"field 'fusion': is given with a recipe of your own.*pass either fusion"):
+        run_demo(tmp_path / "demo", fusion="token_insertion", recipe="demo", progress=False)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_command_names_a_bad_fusion(tmp_path, capsys):
+    from interleaf.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(tmp_path / "demo"), "--fusion", "gated"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'gated' is not a fusion family" in err and "token_insertion" in err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_text_corpus_is_captions_and_reading_comprehension_of_training_scenes(tmp_path, synth_corpus):
     from interleaf.data.synth import CAPTION_PROMPT, Scene, caption, located_caption
     from interleaf.demo import TEXT_QA_TYPES, write_text_corpus

@@ -14,7 +14,8 @@ from interleaf.errors import ConfigError
 from interleaf.recipes import ROOT, available, describe, resolve
 from interleaf.training import load_recipe
 
-NAMES = ["demo", "dpo", "pretrain", "seeds/idefics", "seeds/idefics/instruct", "seeds/infimm", "seeds/llava",
+NAMES = ["demo", "demo_token_insertion", "dpo", "pretrain", "seeds/idefics", "seeds/idefics/instruct", "seeds/infimm",
+         "seeds/llava",
          "seeds/openflamingo/pretrain", "seeds/xgen_mm/sft", "sft_llava"]
 
 

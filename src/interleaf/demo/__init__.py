@@ -13,6 +13,11 @@
           same questions on blank images, caption CIDEr)
       └─► runs/demo/metrics.json, runs/demo/report.html, runs/demo/final
 
+``fusion="token_insertion"`` (``interleaf demo --fusion token_insertion``) runs the packaged recipe
+``demo_token_insertion`` instead: the same tower and LM, an MLP projector, and each image's vision
+tokens written over its ``<image>`` tokens (LLaVA's architecture), through the same stages, trainer
+and evaluation; its outputs go to runs/demo_token_insertion by default.
+
 Nothing here is special training code: the stages are shipped recipes run by ``interleaf.train``.
 """
 
@@ -30,14 +35,27 @@ from PIL import Image
 from ..files import read_json, read_yaml
 
 RECIPE = "demo"  # the packaged recipe's name (interleaf.recipes)
+# The packaged recipe of each fusion family, and where its run goes by default.
+RECIPES = {"cross_attention": RECIPE, "token_insertion": "demo_token_insertion"}
+DEFAULT_OUT = {"cross_attention": "runs/demo", "token_insertion": "runs/demo_token_insertion"}
 CORPUS_ENV = "INTERLEAF_DEMO_CORPUS"
 
 
-def _recipe_path(recipe: str | Path | None = None) -> Path:
-    """The file of ``recipe`` (a path or a packaged recipe's name), by default the packaged demo recipe."""
+def _recipe_path(recipe: str | Path | None = None, fusion: str | None = None) -> Path:
+    """The file of ``recipe`` (a path or a packaged recipe's name), by default the packaged demo
+    recipe of ``fusion`` (cross-attention when None). Both at once is a :class:`ConfigError`: a
+    recipe's own model says which family it trains."""
+    from ..errors import ConfigError
     from ..recipes import resolve
 
-    return resolve(RECIPE if recipe is None else recipe, "recipe")
+    if fusion is not None and fusion not in RECIPES:
+        raise ConfigError("fusion", f"{fusion!r} is not a fusion family", f"use one of {list(RECIPES)}")
+    if recipe is not None and fusion is not None:
+        raise ConfigError(
+            "fusion", "is given with a recipe of your own, whose model already says its family",
+            "pass either fusion (the packaged demo recipe of that family) or recipe",
+        )
+    return resolve(RECIPES[fusion or "cross_attention"] if recipe is None else recipe, "recipe")
 
 
 # Question types whose text-only reading-comprehension versions the lm stage learns from.
@@ -132,7 +150,7 @@ def _gallery(eval_dir: Path, corpus: Path, n: int = 30) -> list[dict[str, Any]]:
 
 
 def run_demo(
-    out: str | Path = "runs/demo",
+    out: str | Path | None = None,
     *,
     seed: int = 0,
     train_scenes: int = 8000,
@@ -140,20 +158,23 @@ def run_demo(
     overrides: list[str] | None = None,
     progress: bool = True,
     recipe: str | Path | None = None,
+    fusion: str | None = None,
 ) -> dict[str, Any]:
     """Run the whole demo; returns the metrics written to ``out/metrics.json``.
 
-    ``recipe`` (a YAML path or a packaged recipe's name) replaces the packaged recipe ``demo`` (a
-    recipe with the same stage layout: its first stage's ``model.tokenizer`` is set to the corpus
-    tokenizer).
+    ``fusion`` chooses the packaged recipe: ``cross_attention`` (the default: ``demo``) or
+    ``token_insertion`` (``demo_token_insertion``); ``out`` defaults to :data:`DEFAULT_OUT` of it.
+    ``recipe`` (a YAML path or a packaged recipe's name) replaces the packaged recipe (a recipe
+    with the same stage layout: its first stage's ``model.tokenizer`` is set to the corpus
+    tokenizer); it is given instead of ``fusion``, not with it.
     """
     from ..api import load
     from ..data.synth import corpus_text, write_corpus
     from ..evaluation.runner import evaluate_synthetic
     from ..processing import build_tiny_tokenizer
 
-    recipe_path = _recipe_path(recipe)  # a missing one fails here, before minutes of corpus writing
-    out = Path(out)
+    recipe_path = _recipe_path(recipe, fusion)  # a missing one fails here, before minutes of corpus writing
+    out = Path(DEFAULT_OUT[fusion or "cross_attention"] if out is None else out)
     start = time.perf_counter()
     timings: dict[str, float] = {}
     corpus = out / "corpus"
@@ -190,6 +211,7 @@ def run_demo(
         "caption_cider": held["caption"]["CIDEr"],
         "n_questions": held["vqa"]["n"],
         "stages": stage_names,
+        "fusion": model.config.fusion,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "trainable_parameters": model.num_trainable_parameters(),
         "parameters": model.num_parameters(),
@@ -228,6 +250,9 @@ def _train_stages(
     return results
 
 
+_TITLE_SUFFIX = {"token_insertion": " (token insertion)"}
+
+
 def _write_outputs(out: Path, corpus: Path, metrics: dict[str, Any], stage_names: list[str]) -> None:
     """``metrics.json``, the HTML report, and the summary printed for the user."""
     from .report import write_report
@@ -235,7 +260,8 @@ def _write_outputs(out: Path, corpus: Path, metrics: dict[str, Any], stage_names
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     write_report(
         out / "report.html", metrics=metrics, curves=_curves(out, stage_names), gallery=_gallery(out / "eval", corpus),
-        images_root=corpus / "images", title="interleaf demo: a tiny VLM trained from scratch",
+        images_root=corpus / "images",
+        title="interleaf demo: a tiny VLM trained from scratch" + _TITLE_SUFFIX.get(metrics.get("fusion"), ""),
     )
     print(summary_table(metrics))
     print(f"[demo] report: {out / 'report.html'}  model: {out / 'final'}")
