@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from helpers.llava import save_reference
 from tiny import tiny_llava
 from transformers import LlavaForConditionalGeneration
 
@@ -28,39 +29,11 @@ CASES = {
 }
 
 
-def _layout(state: dict, layout: str) -> dict:
-    """The reference's weights under one of the hub key layouts transformers reads."""
-    if layout == "transformers5":  # the module names: model.language_model.*, model.vision_tower.*, lm_head
-        return dict(state)
-    out = {}
-    for key, value in state.items():  # llava-hf: language_model.model.*, vision_tower.vision_model.*, ...
-        if key.startswith("model.language_model."):
-            key = "language_model.model." + key[len("model.language_model."):]
-        elif key.startswith("lm_head."):
-            key = "language_model." + key
-        elif key.startswith("model.vision_tower."):
-            key = "vision_tower.vision_model." + key[len("model.vision_tower."):]
-        elif key.startswith("model.multi_modal_projector."):
-            key = key[len("model."):]
-        out[key] = value
-    return out
-
-
-def _save(reference, tok, directory, layout: str) -> None:
-    reference.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    if layout != "save_pretrained":
-        state = {k: v.contiguous() for k, v in reference.state_dict().items()}
-        if reference.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        save_file(_layout(state, layout), str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
 def pair(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     reference, tok = tiny_llava(**CASES[request.param])
-    _save(reference, tok, root / "llava", "save_pretrained")
+    save_reference(reference, tok, root / "llava", "save_pretrained")
     from_llava(root / "llava", root / "interleaf")
     model, processor = interleaf.load(root / "interleaf")
     return reference, model, processor, root
@@ -128,7 +101,7 @@ def test_round_trip_back_to_llava_is_bit_identical(pair, tmp_path):
 @torch.no_grad()
 def test_both_hub_key_layouts_load(layout, tmp_path):
     reference, tok = tiny_llava(seed=3)
-    _save(reference, tok, tmp_path / "llava", layout)
+    save_reference(reference, tok, tmp_path / "llava", layout)
     assert any(k.startswith("model.language_model." if layout == "transformers5" else "language_model.model.")
                for k in load_file(str(tmp_path / "llava" / "model.safetensors")))
     from_llava(tmp_path / "llava", tmp_path / "interleaf")
@@ -178,7 +151,7 @@ def test_what_llava_processor_returns_is_accepted(pair):
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava-bad")
     reference, tok = tiny_llava(seed=1)
-    _save(reference, tok, root / "llava", "save_pretrained")
+    save_reference(reference, tok, root / "llava", "save_pretrained")
     return root / "llava"
 
 

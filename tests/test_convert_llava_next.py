@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from helpers.llava import save_reference
 from tiny import tiny_llava_next, tiny_llava_next_processor
 from transformers import LlavaNextForConditionalGeneration
 
@@ -34,39 +35,11 @@ CASES = {
 }
 
 
-def _layout(state: dict, layout: str) -> dict:
-    """The reference's weights under one of the hub key layouts transformers reads."""
-    if layout == "transformers5":  # module names: model.language_model.*, model.vision_tower.*, model.image_newline
-        return dict(state)
-    out = {}
-    for key, value in state.items():  # llava-hf: language_model.model.*, vision_tower.vision_model.*, image_newline
-        if key.startswith("model.language_model."):
-            key = "language_model.model." + key[len("model.language_model."):]
-        elif key.startswith("lm_head."):
-            key = "language_model." + key
-        elif key.startswith("model.vision_tower."):
-            key = "vision_tower.vision_model." + key[len("model.vision_tower."):]
-        elif key.startswith("model."):  # model.multi_modal_projector.*, model.image_newline
-            key = key[len("model."):]
-        out[key] = value
-    return out
-
-
-def _save(reference, tok, directory, layout: str) -> None:
-    reference.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    if layout != "save_pretrained":
-        state = {k: v.contiguous() for k, v in reference.state_dict().items()}
-        if reference.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        save_file(_layout(state, layout), str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
 def pair(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     reference, tok = tiny_llava_next(**CASES[request.param])
-    _save(reference, tok, root / "next", "save_pretrained")
+    save_reference(reference, tok, root / "next", "save_pretrained")
     from_llava_next(root / "next", root / "interleaf")
     model, processor = interleaf.load(root / "interleaf")
     return reference, model, processor, root
@@ -140,7 +113,7 @@ def test_round_trip_back_to_llava_next_is_bit_identical(pair, tmp_path):
 @torch.no_grad()
 def test_both_hub_key_layouts_load(layout, tmp_path):
     reference, tok = tiny_llava_next(seed=3)
-    _save(reference, tok, tmp_path / "next", layout)
+    save_reference(reference, tok, tmp_path / "next", layout)
     keys = load_file(str(tmp_path / "next" / "model.safetensors"))
     assert ("model.image_newline" if layout == "transformers5" else "image_newline") in keys
     from_llava_next(tmp_path / "next", tmp_path / "interleaf")
@@ -280,7 +253,7 @@ def test_crop_count_above_the_limit_is_refused(pair):
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("next-bad")
     reference, tok = tiny_llava_next(seed=1)
-    _save(reference, tok, root / "next", "save_pretrained")
+    save_reference(reference, tok, root / "next", "save_pretrained")
     return root / "next"
 
 
