@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from helpers.llava import save_reference
+from helpers.llava import assert_same_weights, save_reference
 from tiny import tiny_llava
 from transformers import LlavaForConditionalGeneration
 
@@ -89,10 +89,7 @@ def test_round_trip_back_to_llava_is_bit_identical(pair, tmp_path):
     reference, _, _, root = pair
     to_llava(root / "interleaf", tmp_path / "back")
     back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "back")
-    want, got = reference.state_dict(), back.state_dict()
-    assert want.keys() == got.keys()
-    for key, tensor in want.items():
-        assert torch.equal(got[key], tensor), key
+    assert_same_weights(reference, back)
     assert back.config.vision_feature_layer == reference.config.vision_feature_layer
     assert back.config.vision_feature_select_strategy == reference.config.vision_feature_select_strategy
 

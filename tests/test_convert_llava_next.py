@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from helpers.llava import save_reference
+from helpers.llava import assert_same_weights, save_reference
 from tiny import tiny_llava_next, tiny_llava_next_processor
 from transformers import LlavaNextForConditionalGeneration
 
@@ -101,10 +101,7 @@ def test_round_trip_back_to_llava_next_is_bit_identical(pair, tmp_path):
     reference, _, _, root = pair
     to_llava_next(root / "interleaf", tmp_path / "back")
     back = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "back")
-    want, got = reference.state_dict(), back.state_dict()
-    assert want.keys() == got.keys()
-    for key, tensor in want.items():
-        assert torch.equal(got[key], tensor), key
+    assert_same_weights(reference, back)
     assert back.config.image_grid_pinpoints == reference.config.image_grid_pinpoints
     assert back.config.vision_feature_layer == reference.config.vision_feature_layer
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import tarfile
 
 import pytest
 import torch
 from PIL import Image
+
+from helpers.data import png, write_tar
 
 import interleaf
 from interleaf.data import collate
@@ -36,21 +37,6 @@ def proc():
 @pytest.fixture(scope="module")
 def idefics_proc():
     return interleaf.build("tiny-random", tokens={"prompt_format": "idefics"})[1]
-
-
-def png(rgb=(255, 0, 0), size=8) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_tar(path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def trained(sample) -> list[int]:

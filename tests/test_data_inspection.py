@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pytest
-from PIL import Image
 
+from helpers.data import png, write_tar
 from helpers.families import FAMILIES, build_family
+
+RED = (200, 30, 30)
 
 from interleaf.data.inspection import (
     corpus_images_root,
@@ -23,30 +23,15 @@ from interleaf.data.stream import BadSampleCounter
 from interleaf.errors import InputError
 
 
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _tar(path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 def test_guess_format_reads_the_first_sample(tmp_path):
-    pairs = _tar(tmp_path / "p.tar", [("a.png", _png()), ("a.txt", b"a red square.")])
-    docs = _tar(tmp_path / "d.tar", [("a.json", json.dumps({"texts": ["x", None]}).encode())])
-    garbled = _tar(tmp_path / "g.tar", [("a.json", b"\xff not json"), ("a.txt", b"t")])
+    pairs = write_tar(tmp_path / "p.tar", [("a.png", png(RED, 32)), ("a.txt", b"a red square.")])
+    docs = write_tar(tmp_path / "d.tar", [("a.json", json.dumps({"texts": ["x", None]}).encode())])
+    garbled = write_tar(tmp_path / "g.tar", [("a.json", b"\xff not json"), ("a.txt", b"t")])
     assert guess_format([pairs]) == "pairs"
     assert guess_format([docs]) == "interleaved"
     assert guess_format([garbled]) == "pairs"  # unreadable JSON: not a document
     assert guess_format([str(tmp_path / "x.json"), str(tmp_path / "y.jsonl")]) == "llava"
-    empty = _tar(tmp_path / "e.tar", [])
+    empty = write_tar(tmp_path / "e.tar", [])
     with pytest.raises(InputError, match="cannot guess the format"):
         guess_format([empty])
 
@@ -61,7 +46,7 @@ def test_corpus_images_root_follows_a_synth_manifest(tmp_path):
 
 
 def test_mixture_for_source_builds_one_source(tmp_path):
-    shard = _tar(tmp_path / "train-0.tar", [("a.png", _png()), ("a.txt", b"a red square.")])
+    shard = write_tar(tmp_path / "train-0.tar", [("a.png", png(RED, 32)), ("a.txt", b"a red square.")])
     mixture = mixture_for_source(str(tmp_path / "*.tar"))
     (cfg,) = mixture.sources
     assert cfg.format == "pairs" and cfg.files() == [shard] and source_size(cfg) == 1
@@ -71,9 +56,9 @@ def test_mixture_for_source_builds_one_source(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inspect_source_reports_shown_good_and_bad(tmp_path, family):
-    members = [("a.png", _png()), ("a.txt", b"a red square."), ("b.png", b"garbage"), ("b.txt", b"broken."),
-               ("c.png", _png()), ("c.txt", b"another red square.")]
-    shard = _tar(tmp_path / "s.tar", members)
+    members = [("a.png", png(RED, 32)), ("a.txt", b"a red square."), ("b.png", b"garbage"), ("b.txt", b"broken."),
+               ("c.png", png(RED, 32)), ("c.txt", b"another red square.")]
+    shard = write_tar(tmp_path / "s.tar", members)
     (cfg,) = mixture_for_source(shard, "pairs").sources
     processor = build_family(family)[1]
     counter = BadSampleCounter(max_bad_fraction=1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from safetensors.torch import save_file
 
 
@@ -35,3 +36,11 @@ def save_reference(reference, tok, directory, layout: str) -> None:
         if reference.config.tie_word_embeddings:
             state.pop("lm_head.weight")
         save_file(hub_layout(state, layout), str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def assert_same_weights(want, got) -> None:
+    """Two models hold the same tensors under the same names, bit for bit."""
+    want, got = want.state_dict(), got.state_dict()
+    assert want.keys() == got.keys()
+    for key, tensor in want.items():
+        assert torch.equal(got[key], tensor), key
