@@ -274,7 +274,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_a_damaged_one_is_passed_ove
     with pytest.raises(CheckpointError) as e:
         train_stage(config, resume=True, progress=False)
     message = str(e.value)
-    assert "no intact checkpoint" in message and f"remov" in message and str(root) in message
+    assert "no intact checkpoint" in message and "remov" in message and str(root) in message
     assert f"{root / f'step-{STEPS:08d}'} is unusable (optimizer.pt does not match its sha256" in message
     assert f"{root / f'step-{STEPS - EVERY:08d}'} is unusable (it has no manifest.json" in message
 

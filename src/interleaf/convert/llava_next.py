@@ -28,15 +28,12 @@ from typing import Any
 import torch
 
 from ..config import InterleafConfig
-from ..errors import CheckpointError, ConfigError
-from ._common import fill_meta_model, read_json, read_weights
+from ..errors import ConfigError
 from .llava import (
     _FROM_LLAVA,
     _TO_LLAVA,
-    _preprocessor,
     _rename,
     _require,
-    _tokenizer,
     export_llava_family,
     import_llava_family,
     llava_to_interleaf_config,
