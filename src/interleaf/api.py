@@ -76,6 +76,10 @@ def build(
     The token-insertion family: ``interleaf.build("tiny-llava")``, or ``fusion="token_insertion"``
     with ``projector={"kind": "mlp2x_gelu"}`` and ``insertion={"placement": "expand"}``; the
     prompt format defaults to ``llava`` and ``tokens.image_seq_length`` to the tower's tokens.
+
+    A preset's chat template and stop token (``Preset.chat_template``, ``stop_token``, ``generation``)
+    go onto the tokenizer (its ``chat_template`` and eos token) and the model's ``generation_config``
+    (``eos_token_id``, ``pad_token_id``), which :func:`save` writes.
     """
     sections: dict[str, Any] = {}
     if preset is not None:
@@ -101,16 +105,50 @@ def build(
         if dtype is not None:
             model.to(dtype)
     model.apply_freeze()
+    if preset is not None:
+        apply_prompting(model, tok, get_preset(preset))
     if tok is None:
         return model.eval(), None
-    processor = InterleafProcessor(
-        tok,
+    return model.eval(), processor_for(model.config, tok)
+
+
+def processor_for(config: InterleafConfig, tokenizer) -> InterleafProcessor:
+    """The processor of a model of ``config`` over ``tokenizer``: its image transform, context length,
+    and for the token-insertion family its any-resolution tiling (with xGen-MM's positions per view)."""
+    anyres = config.insertion_cfg.anyres if config.fusion == "token_insertion" else None
+    per_view = None
+    if anyres is not None and anyres.convention == "xgenmm":
+        per_view = image_embeddings_per_image(config.projector_cfg, config.vision_cfg)
+    return InterleafProcessor(
+        tokenizer,
         config.tokens_cfg,
         ImageTransform.from_vision_config(config.vision_cfg),
         max_length=getattr(config.text_config, "max_position_embeddings", None),
-        anyres=config.insertion_cfg.anyres if config.fusion == "token_insertion" else None,
+        anyres=anyres,
+        tokens_per_view=per_view,
     )
-    return model.eval(), processor
+
+
+def apply_prompting(model, tokenizer, preset) -> None:
+    """Put ``preset``'s (a :class:`~interleaf.presets.Preset` or its name) chat template and stop token on ``tokenizer`` (when given) and its generation ids on
+    ``model.generation_config``: with a tokenizer the ids are the tokenizer's (the stop token as eos, when it
+    has that token; its pad token), without one the preset's ``generation`` ids as they are."""
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    if preset.chat_template is None and preset.stop_token is None and not preset.generation:
+        return  # a preset without prompting settings leaves the tokenizer and generation config as they are
+    gen = model.generation_config
+    if tokenizer is None:
+        for key, value in preset.generation.items():
+            setattr(gen, key, value)
+        return
+    if preset.chat_template is not None:
+        tokenizer.chat_template = preset.chat_template
+    if preset.stop_token is not None and preset.stop_token in tokenizer.get_vocab():
+        tokenizer.eos_token = preset.stop_token
+        gen.eos_token_id = tokenizer.convert_tokens_to_ids(preset.stop_token)
+    if tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
 
 
 def _preset_sections(preset: str, lm: Any, tokenizer: Any) -> tuple[dict[str, Any], Any, Any]:

@@ -45,6 +45,9 @@ __all__ = ["XGENMM_SPECIAL_TOKENS", "from_xgenmm", "map_from_xgenmm", "read_xgen
            "xgenmm_to_interleaf_config"]
 
 PathLike = str | Path
+# The preset whose chat template, stop token (<|end|>) and pad token an instruct conversion gets.
+XGENMM_INSTRUCT_PRESET = "xgen-mm-phi3-mini"
+RELEASED_INITIAL_TOKENIZER_LEN = 32012  # the released vocabulary, whose ids the preset's generation ids are
 Mode = Literal["auto", "instruct", "base"]
 
 # The tokens xGen-MM adds at load time, in this order, from initial_tokenizer_len on.
@@ -243,20 +246,24 @@ def from_xgenmm(src_dir: PathLike, dst_dir: PathLike, *, tokenizer: Any = None, 
     if present, the tokenizer files (or pass ``tokenizer``). With a tokenizer the directory gets the
     processor too and :func:`interleaf.load` reads it; without one only the model is written
     (``InterleafForConditionalGeneration.from_pretrained`` reads it).
+
+    An instruct conversion (not ``mode="base"``) also gets the instruct checkpoints' prompting: the chat
+    template (system turn, ``"<image> "`` per image in the user's content, no BOS) on the tokenizer,
+    ``<|end|>`` as the tokenizer's eos token and the generation config's ``eos_token_id`` (when the tokenizer
+    has it), and the tokenizer's pad token as the generation config's ``pad_token_id``; without a tokenizer the
+    released ids (32007, 32011) go into the generation config of a checkpoint with the released vocabulary.
     """
-    from ..api import save
-    from ..processing import ImageTransform, InterleafProcessor
+    from ..api import apply_prompting, processor_for, save
 
     src = Path(src_dir).expanduser()
     model = load_xgenmm(src, mode, for_saving=True)
     tok = _tokenizer(src, tokenizer, model.config.tokens_cfg.extra_start)
+    released_vocab = model.config.tokens_cfg.extra_start == RELEASED_INITIAL_TOKENIZER_LEN
+    if model.config.insertion_cfg.anyres is not None and (tok is not None or released_vocab):
+        apply_prompting(model, tok, XGENMM_INSTRUCT_PRESET)  # instruct: its chat template, stop and pad tokens
     dst = Path(dst_dir)
     if tok is None:
         dst.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(dst)
         return dst
-    processor = InterleafProcessor(
-        tok, model.config.tokens_cfg, ImageTransform.from_vision_config(model.config.vision_cfg),
-        max_length=getattr(model.config.text_config, "max_position_embeddings", None),
-    )
-    return save(model, processor, dst)
+    return save(model, processor_for(model.config, tok), dst)

@@ -34,6 +34,15 @@ class Preset:
     # ``interleaf.build`` refuses such a preset with this text rather than building half of it.
     unavailable: str = ""
     unavailable_part: str = "vision"  # the config field the unavailable part belongs to
+    # How the released checkpoints are prompted and stopped. ``interleaf.build`` puts ``chat_template``
+    # (jinja, rendered by the tokenizer) on the processor's tokenizer and makes ``stop_token`` its eos token
+    # and the generation config's ``eos_token_id`` (when the tokenizer has that token); ``generation``
+    # holds the generation config's ids in the released vocabulary (``eos_token_id``, ``pad_token_id``),
+    # used as they are when the preset is built without a tokenizer. ``interleaf.save`` writes them all
+    # (tokenizer_config.json / chat_template.jinja, generation_config.json).
+    chat_template: str | None = None
+    stop_token: str | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
 
 
 _PRESETS: dict[str, Preset] = {}

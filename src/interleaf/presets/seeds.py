@@ -150,6 +150,19 @@ XGENMM_INSTRUCT_TEMPLATE = (
 XGENMM_STOP_TOKEN = "<|end|>"
 XGENMM_STOP_TOKEN_ID = 32007
 XGENMM_PAD_TOKEN_ID = 32011
+# XGENMM_INSTRUCT_TEMPLATE as a chat template: a system message replaces the default system text; the user's
+# and the assistant's turns follow LAVIS' conv_phi_3 ("<|role|>\n{text}<|end|>\n"); images are written by the
+# processor as "<image> " where they stand in the message. {% generation %} marks the trained assistant text.
+XGENMM_CHAT_TEMPLATE = (
+    "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set turns = messages[1:] %}{% else %}{% set system = 'A chat between a curious user and an artificial "
+    "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user\\'s "
+    "questions.' %}{% set turns = messages %}{% endif %}"
+    "<|system|>\n{{ system }}<|end|>\n"
+    "{% for message in turns %}{% if message['role'] == 'user' %}<|user|>\n{{ message['content'] }}<|end|>\n"
+    "{% else %}<|assistant|>\n{% generation %}{{ message['content'] }}<|end|>\n{% endgeneration %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _xgenmm(name: str) -> Preset:
@@ -172,11 +185,14 @@ def _xgenmm(name: str) -> Preset:
         projector=dict(kind="token_sampler", token_sampler=dict(dim=1152, out_dim=3072, depth=6, num_latents=128,
                                                                 heads=16, head_dim=96, ff_mult=4)),
         insertion=dict(placement="replace", anyres=dict(convention="xgenmm", base_size=384, patch_size=14)),
+        chat_template=XGENMM_CHAT_TEMPLATE,
+        stop_token=XGENMM_STOP_TOKEN,
+        generation=dict(eos_token_id=XGENMM_STOP_TOKEN_ID, pad_token_id=XGENMM_PAD_TOKEN_ID),
         note="Real weights: download a released checkpoint (Salesforce/xgen-mm-phi3-mini-instruct-interleave-r-v1.5, "
         "-instruct-singleimg-, -instruct-dpo- or -base-r-v1.5: config.json, the model*.safetensors shards with their "
         "index, the tokenizer files) and run `interleaf convert xgen-mm <that folder> <output>` (add --mode base "
-        "for the base model). The instruct prompt is XGENMM_INSTRUCT_TEMPLATE, generation stops at <|end|> "
-        "(32007). The SigLIP MAP head is built and counted (the checkpoint holds it) but never used.",
+        "for the base model). The instruct prompt is XGENMM_INSTRUCT_TEMPLATE (the preset's chat_template), "
+        "generation stops at <|end|> (32007) and pads with <pad> (32011) on the left. The SigLIP MAP head is built and counted (the checkpoint holds it) but never used.",
     )
 
 
@@ -255,6 +271,9 @@ def _llava_15(name: str, text: dict, lm: str) -> Preset:
         freeze="projector",
         text_config=text,
         tokenizer="none",
+        chat_template=LLAVA_15_CHAT_TEMPLATE,
+        stop_token="</s>",
+        generation=dict(eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"]),
         note=(f"Matches transformers' LlavaForConditionalGeneration parameter for parameter. Real weights: "
               f"download llava-hf/{name}-hf (its processor files included) and run `interleaf convert llava "
               "<that directory> <output>`. Prompt: LLAVA_15_CHAT_TEMPLATE; images are 336 px (shortest edge, "
@@ -278,6 +297,9 @@ def _llava_next(name: str, text: dict, lm: str) -> Preset:
         freeze="projector",
         text_config=text,
         tokenizer="none",
+        chat_template=LLAVA_NEXT_CHAT_TEMPLATES[name],
+        stop_token="</s>",
+        generation=dict(eos_token_id=text["eos_token_id"]),
         note=(f"Matches transformers' LlavaNextForConditionalGeneration parameter for parameter. Real weights: "
               f"download llava-hf/{name}-hf (its processor files included) and run `interleaf convert llava-next "
               f"<that directory> <output>`. Prompt: LLAVA_NEXT_CHAT_TEMPLATES[{name!r}]; images are 336 px views "

@@ -22,6 +22,16 @@ reading order, each its base view then its crops, zero-padded on the view axis, 
 ``image_sizes`` ``(K, 2)`` their original (height, width): the layout of transformers'
 ``LlavaNextProcessor``. An image too small or too large for the grids is refused by name.
 
+xGen-MM (``anyres`` with convention ``xgenmm``, placement ``replace``): each image is one
+``<image>`` token (``"<image> "`` in a chat conversation, as the instruct checkpoints are prompted),
+which the model replaces by the image's whole sequence: ``(1 + N crops) * tokens_per_view``
+positions (:meth:`InterleafProcessor.image_lengths`). ``pixel_values`` is ``(K, max_views, 3, S,
+S)`` as for LLaVA-NeXT (every image's views, base view first, then its crops row-major, zero-padded
+on the view axis) and ``image_sizes`` ``(K, 2)`` their original (width, height), PIL's
+``Image.size`` and the order xGen-MM's model reads (:mod:`interleaf.model.xgenmm`). ``max_length``
+counts the row as the model will see it, each image at its grown length, and truncation keeps or
+drops whole images by that length.
+
 Truncation drops whole images with their tokens (see ``PromptFormat.cut_left`` / ``cut_right``).
 
 When no row of a batch has an image, ``pixel_values`` is absent and ``image_attention_mask`` has
@@ -41,10 +51,10 @@ from transformers import BatchFeature
 from ..config import AnyresConfig, TokensConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..files import read_json
-from . import anyres as anyres_tiling
 from .images import ImageTransform, load_image
 from .prompt_format import PromptFormat
 from .prompts import ImageRef, ParsedPrompt, Text, parse_prompt, split_batch
+from .tiled_images import LoadedImage, grown_lengths, tiled_pixels
 from .tokenizer import load_tokenizer
 
 PROCESSOR_CONFIG = "processor_config.json"
@@ -64,6 +74,9 @@ class InterleafProcessor:
     them). ``max_images`` limits images per row, ``max_pixels`` the size of one image, and
     ``max_length`` (the LM's context) the tokens per row. ``anyres``: the model's any-resolution
     tiling (``config.insertion_cfg.anyres``); its views use ``image_transform``'s mean and std.
+    ``tokens_per_view``: xGen-MM's positions per view in the LM's sequence (the token sampler's
+    ``num_latents``), so that ``max_length`` counts each image at the length the model grows it to;
+    None (another family, or unknown) counts the text tokens only.
     """
 
     def __init__(
@@ -76,6 +89,7 @@ class InterleafProcessor:
         max_length: int | None = None,
         images_key: str = "pixel_values",
         anyres: AnyresConfig | dict | None = None,
+        tokens_per_view: int | None = None,
     ):
         if images_key not in ("pixel_values", "batch_images"):
             raise ConfigError("images_key", f"must be 'pixel_values' or 'batch_images', got {images_key!r}")
@@ -87,6 +101,10 @@ class InterleafProcessor:
         self.max_pixels = max_pixels
         self.max_length = max_length
         self.anyres = AnyresConfig(**anyres) if isinstance(anyres, dict) else anyres
+        if tokens_per_view is not None and (isinstance(tokens_per_view, bool) or not isinstance(tokens_per_view, int)
+                                            or tokens_per_view < 1):
+            raise ConfigError("tokens_per_view", f"must be a positive integer or None, got {tokens_per_view!r}")
+        self.tokens_per_view = tokens_per_view
         self.format = PromptFormat(tokenizer, tokens, self.anyres)  # the spelling training uses too
         if tokenizer.pad_token_id is None:
             raise ConfigError(
@@ -163,6 +181,7 @@ class InterleafProcessor:
         for r, row in enumerate(parsed):
             self._validate(row, r)
         sized = self.format.sized_images  # LLaVA-NeXT: images are loaded first, their sizes set their tokens
+        tiled = self.format.tiled_images  # LLaVA-NeXT and xGen-MM: every image's views
         all_ids, all_images, all_counts = self._encode(
             parsed, (add_bos, add_eos, add_end_of_utterance_token), max_length, truncation, truncation_side, allow_urls
         )
@@ -175,9 +194,11 @@ class InterleafProcessor:
             "image_attention_mask": self.image_attention_mask(input_ids, n_max, reset_after_eos,
                                                               all_counts if sized else None),
         }
-        if sized:
+        if tiled:
             if n_max > 0:
-                data["pixel_values"], data["image_sizes"] = self._tiled_pixels(all_images)
+                data["pixel_values"], data["image_sizes"] = tiled_pixels(
+                    [img for row in all_images for img in row], self.anyres, self.image_transform.mean,
+                    self.image_transform.std)
         elif n_max > 0:
             pixels = self._pixels(all_images, n_max, allow_urls)  # (B, N_img, 3, S, S)
             if self.images_key == "batch_images":
@@ -192,21 +213,40 @@ class InterleafProcessor:
         add_eos, add_end_of_utterance). ``counts``: each image's token count when it depends on the
         image (LLaVA-NeXT, whose images are loaded here to read their sizes), else None."""
         sized = self.format.sized_images
-        loaded = [self._load_row(row, allow_urls) for row in parsed] if sized else [row.images for row in parsed]
-        texts = []
-        for row, images in zip(parsed, loaded):
-            pending = iter(images)
-            segments = [s.text if isinstance(s, Text) else next(pending) for s in row.segments]
-            texts.append(self.format.render(segments, row.is_chat, *flags))
+        tiled = self.format.tiled_images
+        loaded = [self._load_row(row, allow_urls) for row in parsed] if tiled else [row.images for row in parsed]
+        texts = [self._render(row, images, flags) for row, images in zip(parsed, loaded)]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         all_ids, all_images, all_counts = [], [], []
         for r, (ids, row, images) in enumerate(zip(encoded, parsed, loaded)):
             counts = [self.format.image_token_count(img) for img in images] if sized else None
-            ids, images, counts = self._fit(ids, row, images, counts, r, max_length, truncation, side)
+            lengths = self.image_lengths(images) if self.format.xgenmm_images else None
+            ids, images, counts = self._fit(ids, row, (images, lengths), counts, r, max_length, truncation, side)
             all_ids.append(ids)
             all_images.append(images)
             all_counts.append(counts)
         return all_ids, all_images, all_counts
+
+    def _render(self, row: ParsedPrompt, images: list, flags) -> str:
+        pending = iter(images)
+        segments = [s.text if isinstance(s, Text) else next(pending) for s in row.segments]
+        return self.format.render(segments, row.is_chat, *flags)
+
+    def render(self, prompt: Any, *, add_bos: bool = True, add_eos: bool = False,
+               add_end_of_utterance_token: bool | None = None, add_generation_prompt: bool | None = None,
+               allow_urls: bool = False, images_root: str | Path | None = None) -> str:
+        """The text one prompt (a list of text and images, or chat messages) is tokenized from, with each
+        image written as the prompt format spells it; the arguments are :meth:`__call__`'s."""
+        rows, batched = split_batch(prompt)
+        if batched and len(rows) != 1:
+            raise InputError(f"render takes one prompt, got a batch of {len(rows)}; render each row on its own")
+        row = parse_prompt(rows[0], 0, self.tokenizer, images_root=images_root,
+                           add_generation_prompt=add_generation_prompt)
+        self._validate(row, 0)
+        images = self._load_row(row, allow_urls) if self.format.tiled_images else row.images
+        if add_end_of_utterance_token is None:
+            add_end_of_utterance_token = self.tokens.add_end_of_utterance
+        return self._render(row, images, (add_bos, add_eos, add_end_of_utterance_token))
 
     def _validate(self, row: ParsedPrompt, r: int) -> None:
         typed = row.typed_texts()
@@ -226,15 +266,18 @@ class InterleafProcessor:
                         "(a PIL image, path, bytes or {'image': ...} item), and the processor writes their tokens"
                     )
 
-    def _load_row(self, row: ParsedPrompt, allow_urls: bool) -> list["_LoadedImage"]:
+    def _load_row(self, row: ParsedPrompt, allow_urls: bool) -> list[LoadedImage]:
         """A row's images, loaded (their sizes decide their token counts under LLaVA-NeXT tiling)."""
-        return [_LoadedImage(load_image(ref.source, where=ref.where, max_pixels=self.max_pixels, allow_urls=allow_urls),
+        return [LoadedImage(load_image(ref.source, where=ref.where, max_pixels=self.max_pixels, allow_urls=allow_urls),
                              ref.where) for ref in row.images]
 
-    def _fit(self, ids, row: ParsedPrompt, images: list, counts, r: int, max_length, truncation: bool, side: str):
+    def _fit(self, ids, row: ParsedPrompt, images_lengths, counts, r: int, max_length, truncation: bool, side: str):
         """Check one encoded row's image tokens, and fit it into ``max_length`` -> (ids, images, counts).
 
-        ``counts``: each image's token count when it depends on the image (LLaVA-NeXT), else None."""
+        ``images_lengths``: (images, lengths), ``lengths`` each image's positions in the LM's sequence when
+        the model grows its one token (xGen-MM), else None. ``counts``: each image's token count when it
+        depends on the image (LLaVA-NeXT), else None."""
+        images, lengths = images_lengths
         found = self.format.count_images(ids, row.is_chat, counts)
         expected = sum(counts) if counts is not None else len(images) * self.format.image_token_count()
         if found != len(images) or (self.format.is_llava and sum(1 for i in ids if i == self.image_token_id)
@@ -244,14 +287,38 @@ class InterleafProcessor:
                 "check that the chat template keeps every message and that the tokenizer keeps "
                 f"{self.tokens.image_token!r} as one token"
             )
-        if max_length is not None and len(ids) > max_length:
+        grown = len(ids) + (sum(lengths) - len(lengths) if lengths else 0)
+        if max_length is not None and grown > max_length:
             if not truncation:
+                inserted = f" once its images are inserted ({len(ids)} text tokens, images of {lengths})" if lengths \
+                    else ""
                 raise InputError(
-                    f"batch row {r}: the prompt is {len(ids)} tokens, longer than max_length={max_length} "
+                    f"batch row {r}: the prompt is {grown} tokens{inserted}, longer than max_length={max_length} "
                     "(the model's context); shorten it, use fewer images, or pass truncation=True"
                 )
+            if lengths:
+                return self._truncate_grown(ids, images, lengths, max_length, side, r, row.is_chat)
             ids, images, counts = self._truncate(ids, images, counts, max_length, side, r, row.is_chat)
         return ids, images, counts
+
+    def _truncate_grown(self, ids, images, lengths, max_length, side, r, chat):
+        """:meth:`_truncate` for rows whose images the model grows (xGen-MM): each ``<image>`` token weighs its
+        image's grown length, and the row keeps the most tokens from its kept end whose weights fit
+        ``max_length`` (an image is one token, so no cut splits it)."""
+        weights = [1] * len(ids)
+        for (start, _), length in zip(self.format.image_spans(ids, chat), lengths):
+            weights[start] = length
+        bos_id = self.tokenizer.bos_token_id
+        head = 1 if side == "left" and bos_id is not None and ids[:1] == [bos_id] else 0
+        order = range(len(ids) - 1, head - 1, -1) if side == "left" else range(len(ids))
+        total, kept = head, head
+        for p in order:
+            if total + weights[p] > max_length:
+                break
+            total += weights[p]
+            kept += 1
+        ids, images, _ = self._truncate(ids, images, None, kept, side, r, chat)
+        return ids, images, None
 
     def _truncate(self, ids, images, counts, max_length, side, r, chat):
         """Cut a row to ``max_length`` tokens without splitting an image's tokens (BOS stays first
@@ -344,20 +411,17 @@ class InterleafProcessor:
                 pixels[b, n] = self.image_transform(img)
         return pixels
 
-    def _tiled_pixels(self, all_images: list[list["_LoadedImage"]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every kept image's views -> ``pixel_values`` (K, max_views, 3, S, S) and ``image_sizes`` (K, 2) (H, W)."""
-        mean, std = self.image_transform.mean, self.image_transform.std
-        views, sizes = [], []
-        for images in all_images:
-            for loaded in images:
-                pixels, _ = anyres_tiling.pixel_values(loaded.image, self.anyres, mean, std, where=loaded.where)
-                views.append(pixels)  # (1+N, 3, S, S)
-                sizes.append((loaded.size[1], loaded.size[0]))
-        s = self.anyres.base_size
-        out = torch.zeros((len(views), max(v.shape[0] for v in views), 3, s, s), dtype=torch.float32)
-        for k, v in enumerate(views):
-            out[k, : v.shape[0]] = v
-        return out, torch.tensor(sizes, dtype=torch.long)
+    def image_lengths(self, images: list) -> list[int]:
+        """The positions each image takes in the LM's sequence once the model has placed it.
+
+        ``images``: PIL images, anything with a ``size`` (width, height), or such pairs. xGen-MM: its
+        views times ``tokens_per_view`` (one ``<image>`` token in the text, grown by the model; 1 when
+        ``tokens_per_view`` is unknown); LLaVA and LLaVA-NeXT: its ``<image>`` tokens; other families:
+        its image token. An image too small or too large for the grids is refused by name.
+        """
+        if self.format.xgenmm_images:
+            return grown_lengths(images, self.anyres, self.tokens_per_view)
+        return [self.format.image_token_count(img) for img in images]
 
     def process_images(self, images: list, *, where: str = "image", allow_urls: bool = False) -> torch.Tensor:
         """A list of images -> (N, 3, S, S), with the processor's limits."""
@@ -387,6 +451,7 @@ class InterleafProcessor:
             "max_length": self.max_length,
             "images_key": self.images_key,
             "anyres": dataclasses.asdict(self.anyres) if self.anyres is not None else None,
+            "tokens_per_view": self.tokens_per_view,
         }
 
     def save_pretrained(self, save_directory: str | Path) -> None:
@@ -418,7 +483,8 @@ class InterleafProcessor:
             if key not in config:
                 raise CheckpointError(f"{str(path / PROCESSOR_CONFIG)!r} lacks the {key!r} section")
         tokenizer = load_tokenizer(path)
-        limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length", "images_key", "anyres")
+        limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length", "images_key", "anyres",
+                                             "tokens_per_view")
                   if k in config}
         limits.update(overrides)
         return cls(
@@ -433,15 +499,3 @@ class InterleafProcessor:
             f"InterleafProcessor(format={self.tokens.prompt_format!r}, {self.image_transform!r}, "
             f"max_images={self.max_images}, max_length={self.max_length})"
         )
-
-
-@dataclasses.dataclass
-class _LoadedImage:
-    """A loaded image and the name errors give it; ``size`` is (width, height)."""
-
-    image: Any
-    where: str
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.image.size

@@ -14,7 +14,11 @@ Images, by family (``tokens.prompt_format``):
   per-image count is decided: the fixed ``tokens.image_seq_length``, or with LLaVA-NeXT's
   any-resolution tiling (``anyres``, convention ``llava_next``) the count of that image's size,
   :func:`interleaf.processing.anyres.num_image_tokens`). With ``image_seq_length`` 1 it is one
-  ``<image>`` per image, which the model grows (``replace``).
+  ``<image>`` per image, which the model grows (``replace``). xGen-MM's instruct convention
+  (``anyres`` convention ``xgenmm``, placement ``replace``) is that: one ``<image>`` per image, and
+  in a chat conversation ``"<image> "`` (the token and a space), as the instruct checkpoints are
+  prompted; the image's length in the LM's sequence follows from its size
+  (:attr:`PromptFormat.xgenmm_images`).
 - ``"idefics"``: an image is ``<fake_token_around_image><image><fake_token_around_image>``;
   consecutive images share the fake token between them (``<fake><image><fake><image><fake>``), as
   transformers' ``IdeficsProcessor`` writes them. Plain-prompt text is stripped of spaces at both
@@ -92,6 +96,16 @@ class PromptFormat:
         return self.tokens.prompt_format == "llava"
 
     @property
+    def xgenmm_images(self) -> bool:
+        """Whether images are tiled the xGen-MM way: one ``<image>`` each, grown by the model to its size's length."""
+        return self.is_llava and self.anyres is not None and self.anyres.convention == "xgenmm"
+
+    @property
+    def tiled_images(self) -> bool:
+        """Whether images are tiled into views (any-resolution, either convention)."""
+        return self.is_llava and self.anyres is not None
+
+    @property
     def sized_images(self) -> bool:
         """Whether an image's token count depends on its size (``llava`` format with LLaVA-NeXT tiling)."""
         return self.is_llava and self.anyres is not None and self.anyres.convention == "llava_next"
@@ -145,6 +159,8 @@ class PromptFormat:
     def image_text(self, last_was_image: bool, chat: bool, image: object = None) -> str:
         """The text of one image; ``last_was_image``: the token before it ends another image."""
         t = self.tokens
+        if self.xgenmm_images and chat:
+            return t.image_token + " "  # xGen-MM's instruct prompts: "<image> " per image
         if self.is_llava:
             return t.image_token * self.image_token_count(image)
         if self.is_idefics:
@@ -153,7 +169,7 @@ class PromptFormat:
         return t.end_of_chunk_token + t.image_token if chat else t.image_token
 
     def image_ids(self, last_was_image: bool, chat: bool, image: object = None) -> list[int]:
-        """The token ids of :meth:`image_text`."""
+        """The token ids of :meth:`image_text` (without the space xGen-MM's chat spelling puts after it)."""
         if self.is_llava:
             return [self.image_token_id] * self.image_token_count(image)
         image = self.image_token_id
@@ -174,7 +190,8 @@ class PromptFormat:
 
         Chat rows are the chat template's text with the images in place; plain IDEFICS rows have
         their texts stripped of spaces, ``<end_of_utterance>`` between consecutive texts with
-        ``add_eou``.
+        ``add_eou``. Under xGen-MM's tiling ``add_bos`` holds only when the tokenizer itself puts a
+        BOS first (the released tokenizer does not).
         """
         plain_idefics = self.is_idefics and not chat
         out: list[str] = []
@@ -194,6 +211,8 @@ class PromptFormat:
             last_was_image = False
         body = "".join(out)
         bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
+        if self.xgenmm_images and not uses_bos(self.tokenizer):
+            add_bos = False  # xGen-MM's prompts have no BOS: its tokenizer adds none (add_bos_token false)
         if add_bos and bos and not body.startswith(bos):
             body = bos + body
         if add_eos and eos:

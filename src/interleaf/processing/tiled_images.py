@@ -1,0 +1,64 @@
+"""The processor's any-resolution inputs: loaded images, their stacked views, and xGen-MM's grown lengths.
+
+LLaVA-NeXT and xGen-MM both tile an image into a base view and crops (:mod:`.anyres`); the processor
+returns every image's views as one ``(K, max_views, 3, S, S)`` tensor, zero-padded on the view axis, with
+``image_sizes`` ``(K, 2)`` in the model's own order: (height, width) for LLaVA-NeXT, (width, height) for
+xGen-MM. xGen-MM writes one ``<image>`` token per image, which its model replaces by ``(1 + N crops) *
+tokens_per_view`` positions (:func:`grown_lengths`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+
+from ..config import AnyresConfig
+from . import anyres as anyres_tiling
+
+
+@dataclasses.dataclass
+class LoadedImage:
+    """A loaded image and the name errors give it; ``size`` is (width, height)."""
+
+    image: Any
+    where: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+def grown_lengths(images: Sequence[Any], cfg: AnyresConfig, tokens_per_view: int | None) -> list[int]:
+    """xGen-MM: the positions each image takes in the LM's sequence, its views times ``tokens_per_view``
+    (1, its ``<image>`` token, when that is None). ``images``: anything with a ``size`` (width, height) and
+    optionally a ``where`` naming it, or (width, height) pairs. Too small or too large: an InputError by name."""
+    out = []
+    for i, img in enumerate(images):
+        size = img if isinstance(img, (tuple, list)) else img.size
+        tiles = anyres_tiling.plan(size, cfg, getattr(img, "where", f"image {i}"))
+        out.append(tiles.num_views * tokens_per_view if tokens_per_view else 1)
+    return out
+
+
+def tiled_pixels(
+    images: Sequence[LoadedImage], cfg: AnyresConfig, mean: Sequence[float], std: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images' views -> ``pixel_values`` (K, max_views, 3, S, S), zero-padded on the view axis, and
+    ``image_sizes`` (K, 2): (width, height) under the ``xgenmm`` convention, (height, width) under
+    ``llava_next``."""
+    views, sizes = [], []
+    for loaded in images:
+        pixels, _ = anyres_tiling.pixel_values(loaded.image, cfg, mean, std, where=loaded.where)
+        views.append(pixels)  # (1+N, 3, S, S)
+        width, height = loaded.size
+        sizes.append((width, height) if cfg.convention == "xgenmm" else (height, width))
+    s = cfg.base_size
+    out = torch.zeros((len(views), max(v.shape[0] for v in views), 3, s, s), dtype=torch.float32)
+    for k, v in enumerate(views):
+        out[k, : v.shape[0]] = v
+    return out, torch.tensor(sizes, dtype=torch.long)
+
+
+__all__ = ["LoadedImage", "grown_lengths", "tiled_pixels"]
