@@ -143,4 +143,18 @@ def checkpoint_tokenizer(directory: Path, tokenizer: Any, family: str):
     tok = load_tokenizer(source)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
+    if getattr(tok, "chat_template", None) is None:
+        tok.chat_template = processor_chat_template(source)
     return tok
+
+
+def processor_chat_template(directory: Path) -> str | None:
+    """The chat template a transformers processor saved in ``directory`` (``chat_template.json``, as llava-hf
+    checkpoints hold it, or ``chat_template.jinja``), for a tokenizer that has none of its own; else None."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if (directory / "chat_template.json").is_file():
+        data = read_json(directory / "chat_template.json", "chat template", error=CheckpointError)
+        template = data.get("chat_template") if isinstance(data, dict) else None
+        return template if isinstance(template, str) else None
+    return None
