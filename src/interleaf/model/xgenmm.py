@@ -20,9 +20,11 @@ Two modes, both with the perceiver token sampler as projector (``projector.kind:
 
 Accepted layouts of ``pixel_values`` with anyres (each image a ``(V, 3, S, S)`` or ``(1, V, 3, S, S)``
 tensor of its V = 1+N views, base view first): a list per row of its images (the released code's
-``[[img, img], [img]]``), one flat list of the batch's images in reading order, a ``(K, V, 3, S, S)``
-tensor when every image has V views, or ``(B, N, V_max, 3, S, S)`` zero-padded per row. ``image_sizes``
-follows the same nesting: per row, flat ``(K, 2)``, or ``(B, N, 2)``.
+``[[img, img], [img]]``), one flat list of the batch's images in reading order, a ``(K, V_max, 3, S, S)``
+tensor of the batch's K images in reading order, each zero-padded on the view axis past its own V views
+(what :class:`~interleaf.processing.InterleafProcessor` returns; an image's V follows from its size), or
+``(B, N, V_max, 3, S, S)`` zero-padded per row. ``image_sizes`` follows the same nesting: per row, flat
+``(K, 2)`` (the processor's), or ``(B, N, 2)``; each size is (width, height).
 """
 
 from __future__ import annotations
