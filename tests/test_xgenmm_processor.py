@@ -261,6 +261,7 @@ def test_the_presets_carry_their_chat_template_and_stop(tmp_path):
     assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (32007, 32011)
     preset = get_preset("xgen-mm-phi3-mini")
     assert (preset.chat_template, preset.stop_token) == (seeds.XGENMM_CHAT_TEMPLATE, "<|end|>")
+    assert seeds.XGENMM_INSTRUCT_TEMPLATE == REFERENCE  # the format-string constant says the same
     assert preset.generation == dict(eos_token_id=seeds.XGENMM_STOP_TOKEN_ID, pad_token_id=seeds.XGENMM_PAD_TOKEN_ID)
     for name, template in (("llava-1.5-7b", seeds.LLAVA_15_CHAT_TEMPLATE),
                            ("llava-1.5-13b", seeds.LLAVA_15_CHAT_TEMPLATE),

@@ -157,7 +157,9 @@ class InterleafProcessor:
         Returns ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long, ``pixel_values``
         (B, N_max, 3, S, S) float (rows with fewer images zero-padded; absent when the batch has
         no image) and ``image_attention_mask`` (B, T, N_max) long: 1 where the token's latest image
-        at or before it is that image. ``add_generation_prompt`` (chat only; default: when the last
+        at or before it is that image. With any-resolution tiling (LLaVA-NeXT, xGen-MM) ``pixel_values``
+        is ``(K, max_views, 3, S, S)`` with ``image_sizes`` ``(K, 2)`` instead (see the module docstring).
+        ``add_generation_prompt`` (chat only; default: when the last
         message is not the assistant's). ``truncation_side`` defaults to ``padding_side``: left
         keeps the end of the prompt (generation), right keeps its start (training); whole images
         are dropped with their tokens.
@@ -228,6 +230,7 @@ class InterleafProcessor:
         return all_ids, all_images, all_counts
 
     def _render(self, row: ParsedPrompt, images: list, flags) -> str:
+        """One parsed row as text, its images (loaded or not) in their places; ``flags`` as in :meth:`_encode`."""
         pending = iter(images)
         segments = [s.text if isinstance(s, Text) else next(pending) for s in row.segments]
         return self.format.render(segments, row.is_chat, *flags)
