@@ -12,6 +12,7 @@ instruct string.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ from interleaf.config import AnyresConfig
 from interleaf.convert.xgenmm import from_xgenmm
 from interleaf.errors import ConfigError, InputError
 from interleaf.generation import generation_kwargs
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 # The instruct prompt, literally as the reference notes give it (VLMEvalKit's xgen_mm.py, LAVIS conv_phi_3).
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -282,7 +285,8 @@ def test_the_presets_carry_their_chat_template_and_stop(tmp_path):
 
 
 def test_the_readme_snippet_runs_on_the_tiny_converted_model(tmp_path, monkeypatch):
-    """Suggested README text: xGen-MM instruct inference (convert, load, chat messages, generate)."""
+    """The README's xGen-MM instruct snippet, as written, on the tiny fixture model converted with
+    `interleaf convert xgen-mm` (the command the README shows)."""
     download = released_like_folder(tmp_path)  # stands for a released xGen-MM instruct folder
     image_path = pngs(anyres_pixel_fixtures()[0])[0]
     monkeypatch.chdir(tmp_path)
@@ -293,18 +297,12 @@ def test_the_readme_snippet_runs_on_the_tiny_converted_model(tmp_path, monkeypat
         main(["convert", "xgen-mm", str(download), "xgen-mm-instruct"])
     assert exit_info.value.code == 0
 
-    # --- snippet ---
-    import interleaf
-    from PIL import Image
-
-    model, processor = interleaf.load("xgen-mm-instruct")
-    messages = [{"role": "user", "content": [
-        {"type": "image", "image": Image.open(image_path)},
-        {"type": "text", "text": "What is in this image?"},
-    ]}]
-    inputs = processor([messages])  # input_ids, attention_mask, pixel_values (K, views, 3, S, S), image_sizes
-    out = model.generate(**inputs, max_new_tokens=16, do_sample=False)  # stops at <|end|>
-    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    # --- end ---
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("xGen-MM instruct, from the released folder"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code.replace('"photo.jpg"', repr(str(image_path))).replace("max_new_tokens=256", "max_new_tokens=16")
+    namespace: dict = {}
+    exec(compile(code, "README xGen-MM instruct", "exec"), namespace)
+    inputs, out, answer = namespace["inputs"], namespace["out"], namespace["answer"]
     assert isinstance(answer, str)
     assert out.shape[1] <= inputs["input_ids"].shape[1] + 16
