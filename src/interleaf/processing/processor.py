@@ -26,6 +26,18 @@ Truncation drops whole images with their tokens (see ``PromptFormat.cut_left`` /
 
 When no row of a batch has an image, ``pixel_values`` is absent and ``image_attention_mask`` has
 shape ``(B, T, 0)``.
+
+InfiMM's conventions (its released processor, less its faults), for a processor built with
+``images_key="batch_images"`` and ``default_system=""``: chat messages with ``{"image": ...}``
+parts, each image written ``<|endofchunk|><image>`` in its place (the ``openflamingo`` format's
+chat spelling), a system message with empty content put first when the conversation has none,
+then the tokenizer's chat template; every turn is rendered once (InfiMM's own processor appends
+each non-user turn twice, the second time as a user turn: not reproduced). Images are resized on
+their shortest edge (bicubic) and centre-cropped (``ImageTransform``), normalised with the vision
+config's mean and std (OpenAI CLIP's by default), and handed over as ``batch_images`` ``(B,
+N_img, 1, 3, S, S)``. A batch without any image still gets ``batch_images``: zeros ``(B, 1, 1, 3,
+S, S)`` (InfiMM encodes a black image there); no ``<image>`` token points at it, so the model
+never encodes it and the output is the text-only one.
 """
 
 from __future__ import annotations
@@ -64,6 +76,9 @@ class InterleafProcessor:
     them). ``max_images`` limits images per row, ``max_pixels`` the size of one image, and
     ``max_length`` (the LM's context) the tokens per row. ``anyres``: the model's any-resolution
     tiling (``config.insertion_cfg.anyres``); its views use ``image_transform``'s mean and std.
+    ``images_key="batch_images"``: images come back under InfiMM's name and shape. ``default_system``:
+    the content of a system message put first in a chat conversation that has none (InfiMM: ``""``;
+    ``None``, the default, adds nothing).
     """
 
     def __init__(
@@ -76,7 +91,11 @@ class InterleafProcessor:
         max_length: int | None = None,
         images_key: str = "pixel_values",
         anyres: AnyresConfig | dict | None = None,
+        default_system: str | None = None,
     ):
+        if default_system is not None and not isinstance(default_system, str):
+            raise ConfigError("default_system", f"must be a string or None, got {type(default_system).__name__}")
+        self.default_system = default_system  # chat: a system message put first when there is none (InfiMM: "")
         if images_key not in ("pixel_values", "batch_images"):
             raise ConfigError("images_key", f"must be 'pixel_values' or 'batch_images', got {images_key!r}")
         self.images_key = images_key  # "batch_images": InfiMM's name and (B, N_img, 1, 3, H, W) shape
@@ -157,7 +176,8 @@ class InterleafProcessor:
 
         rows, _ = split_batch(prompts)
         parsed = [
-            parse_prompt(p, r, self.tokenizer, images_root=images_root, add_generation_prompt=add_generation_prompt)
+            parse_prompt(p, r, self.tokenizer, images_root=images_root, add_generation_prompt=add_generation_prompt,
+                         default_system=self.default_system)
             for r, p in enumerate(rows)
         ]
         for r, row in enumerate(parsed):
@@ -184,6 +204,9 @@ class InterleafProcessor:
                 data["batch_images"] = pixels[:, :, None]  # (B, N_img, 1, 3, S, S)
             else:
                 data["pixel_values"] = pixels
+        elif self.images_key == "batch_images":  # InfiMM's callers read it unconditionally; never encoded
+            s = self.image_size
+            data["batch_images"] = torch.zeros((input_ids.shape[0], 1, 1, 3, s, s), dtype=torch.float32)
         return BatchFeature(data=data)
 
     # -- steps --
@@ -387,6 +410,7 @@ class InterleafProcessor:
             "max_length": self.max_length,
             "images_key": self.images_key,
             "anyres": dataclasses.asdict(self.anyres) if self.anyres is not None else None,
+            "default_system": self.default_system,
         }
 
     def save_pretrained(self, save_directory: str | Path) -> None:
@@ -411,15 +435,16 @@ class InterleafProcessor:
         config = read_json(path / PROCESSOR_CONFIG, "processor directory", error=CheckpointError)
         for key in _HUB_LOADING_KWARGS:  # passed by transformers' AutoProcessor; everything here is local
             overrides.pop(key, None)
-        unknown = set(overrides) - {"max_images", "max_pixels", "max_length", "images_key"}
+        unknown = set(overrides) - {"max_images", "max_pixels", "max_length", "images_key", "default_system"}
         if unknown:
-            raise InputError(f"from_pretrained: unknown overrides {sorted(unknown)}; known: max_images, max_pixels, max_length")
+            raise InputError(f"from_pretrained: unknown overrides {sorted(unknown)}; known: max_images, max_pixels, "
+                             "max_length, images_key, default_system")
         for key in ("tokens", "image_transform"):
             if key not in config:
                 raise CheckpointError(f"{str(path / PROCESSOR_CONFIG)!r} lacks the {key!r} section")
         tokenizer = load_tokenizer(path)
-        limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length", "images_key", "anyres")
-                  if k in config}
+        limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length", "images_key", "anyres",
+                                             "default_system") if k in config}
         limits.update(overrides)
         return cls(
             tokenizer,
