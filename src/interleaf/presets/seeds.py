@@ -21,10 +21,18 @@ Dimensions (REFERENCE.md and the released configs):
   placeholder>`` 32013, ``<|endofchunk|>`` 32014) and xGen-MM's biased head; anyres with the (W, H) grids
   (1,2), (2,1), (2,2), (3,1), (1,3) x 384. The preset is the instruct form (one ``<image>`` per image,
   replaced by its anyres tokens); the base checkpoint's format is ``interleaf convert xgen-mm --mode base``.
-- InfiMM: EVA-CLIP at 336 px with Zephyr-7B (Mistral), LLaMA2-13B or Vicuna-13B, cross-attention
-  every 2nd layer, perceiver 6 x 64 latents, 16 heads x 96. transformers has no EVA-CLIP, so
-  these presets declare the tower unavailable (``Preset.unavailable``) and
-  building them raises an error that says so.
+- InfiMM (the released config.json files): ``infimm-zephyr-7b`` is EVA02-CLIP-L/14 at 336 px (RoPE,
+  SwiGLU, sub-LN) + Zephyr-7B-beta (Mistral) with cross-attention before every 2nd layer (1, 3, ...,
+  31); ``infimm-vicuna-13b`` is EVA-CLIP-4B (EVA02-CLIP-bigE-14's tower, post-norm) at 224 px +
+  Vicuna-13B-v1.5 with cross-attention before every 4th layer (3, 7, ..., 39). Both: the perceiver
+  as InfiMM's code builds it (6 x 64 latents, 8 heads x 64, no projection; its model card's 16 x 96
+  is not what loads the weights), OpenFlamingo's gated cross-attention (8 heads x 64), and 32002
+  token rows: ``<|endofchunk|>`` 32000 and ``<image>`` 32001 after the LM's 32000. The towers are
+  written as InfiMM's ``visual`` config dicts for the EVA-CLIP vision kind; transformers has no
+  EVA-CLIP, so these presets declare the tower unavailable (``Preset.unavailable``) and building
+  them raises an error that says so. ``infimm-llama2-13b`` (Llama-2-13B + a "ViT-G-224" tower, says
+  its card) has no public config: its tower and cross-attention interval are not established, and
+  the preset says so.
 - LLaVA-NeXT (v1.6, llava-hf's ``llava-v1.6-mistral-7b-hf`` / ``llava-v1.6-vicuna-7b-hf``): CLIP
   ViT-L/14 at 336 px read at its penultimate layer without the class token, a two-layer GELU
   MLP, any-resolution tiling over five grids (pinpoints (height, width) 336x672, 672x336,
@@ -196,25 +204,78 @@ def _xgenmm(name: str) -> Preset:
     )
 
 
-EVA_CLIP_UNAVAILABLE = (
-    "this preset's vision tower is EVA-CLIP (EVA02-CLIP-L/14 at 336 px), which transformers does not implement "
-    "(and interleaf never loads timm or open_clip); build it with your own tower: interleaf.build(vision=<local "
-    "CLIP or SigLIP directory>, lm=..., cross_attention=..., resampler=...)"
+# -- InfiMM (Infi-MM/infimm-zephyr and Infi-MM/infimm-vicuna13b config.json values) --
+
+# The "visual" dicts of the released configs, as InfiMM's code reads them (keys a dict leaves out take
+# InfiMM's CLIPVisionCfg defaults: qkv_bias True, rope, subln, naiveswiglu and postnorm False). The
+# features InfiMM takes: the last block's output, every token (class token first), no final norm; the
+# final norm and the head (to embed_dim) are in the checkpoints but unused.
+INFIMM_ZEPHYR_VISUAL = dict(  # EVA02-CLIP-L/14-336
+    image_size=336, layers=24, width=1024, head_width=64, patch_size=14, mlp_ratio=2.6667,
+    eva_model_name="eva-clip-l-14-336", drop_path_rate=0.0, xattn=False, fusedLN=True, rope=True,
+    pt_hw_seq_len=16, intp_freq=True, naiveswiglu=True, subln=True, embed_dim=768,
+)
+INFIMM_VICUNA_VISUAL = dict(  # EVA-CLIP-4B: the vision tower of EVA02-CLIP-bigE-14 (MLP 15360 wide)
+    image_size=224, layers=64, width=1792, head_width=112, patch_size=14, mlp_ratio=8.571428571428571,
+    eva_model_name="eva-clip-4b-14-x", xattn=False, fusedLN=False, postnorm=True, embed_dim=1024,
+    patch_dropout=0.0,
+)
+# The LMs as the checkpoints hold them: 32000 rows of the base LM, then InfiMM's two added tokens as
+# interleaf's decoupled rows (32002 rows in all, the released "vocab_size").
+ZEPHYR_7B_BETA = {**MISTRAL_7B, "pad_token_id": 2, "rope_theta": 10000.0}
+VICUNA_13B_V15_BASE = dict(LLAMA2_13B)  # lmsys/vicuna-13b-v1.5: Llama-2-13B's dimensions
+INFIMM_TOKENS = dict(prompt_format="openflamingo", extra_start=32000, num_extra=2, image_token_id=32001)
+INFIMM_RESAMPLER = OPENFLAMINGO_RESAMPLER  # InfiMM's PerceiverResampler defaults: 6 x 64 latents, 8 heads x 64
+INFIMM_PREPROCESSING = dict(  # InfiMM's processor: Resize(shortest edge, bicubic), CenterCrop, OpenAI CLIP's statistics
+    image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711),
+    resize="shortest_edge_crop",
 )
 
 
-def _infimm(name: str, text: dict, lm: str) -> Preset:
+def _eva_clip_unavailable(tower: str) -> str:
+    return (
+        f"this preset's vision tower is EVA-CLIP ({tower}), which transformers does not implement (and interleaf "
+        "never loads timm or open_clip); build it with your own tower: interleaf.build(vision=<local CLIP or SigLIP "
+        "directory>, lm=..., cross_attention=..., resampler=...)"
+    )
+
+
+def _infimm(name: str, text: dict, lm: str, visual: dict, every: int, tower: str) -> Preset:
     return Preset(
         name=name,
-        description=f"InfiMM architecture: EVA-CLIP (336 px) + {lm}, cross-attention every 2 layers (needs EVA-CLIP)",
-        vision={},
-        resampler=dict(depth=6, num_latents=64, heads=16, head_dim=96, ff_mult=4, activation="gelu"),
-        cross_attention=dict(every_n_layers=2, **OPENFLAMINGO_XATTN),
+        description=f"InfiMM architecture: EVA-CLIP tower {tower} ({visual['image_size']} px) + {lm}, "
+        f"cross-attention every {every} layers (needs the EVA-CLIP vision kind)",
+        vision=dict(kind="eva_clip", eva=dict(visual), image_size=visual["image_size"],
+                    patch_size=visual["patch_size"], **INFIMM_PREPROCESSING),
+        resampler=dict(INFIMM_RESAMPLER),
+        cross_attention=dict(every_n_layers=every, **OPENFLAMINGO_XATTN),
         text_config=text,
-        tokens=dict(prompt_format="openflamingo"),
+        tokens=dict(INFIMM_TOKENS),
         tokenizer="none",
-        note="InfiMM's code defaults disagree with its model card on the perceiver; the card's values are used.",
-        unavailable=EVA_CLIP_UNAVAILABLE,
+        note="The perceiver is what InfiMM's code builds and its checkpoints hold (8 heads x 64); its model card's "
+        "16 heads x 96 is not. Images: shortest edge to the tower's size (bicubic), centre crop, OpenAI CLIP's "
+        "mean and std; chat prompts with an empty system turn first (InterleafProcessor(..., default_system='')).",
+        unavailable=_eva_clip_unavailable(f"{tower} at {visual['image_size']} px"),
+    )
+
+
+def _infimm_llama2_13b() -> Preset:
+    """Infi-MM/infimm-llama13b: its card names the parts, but no public config gives their dimensions."""
+    return Preset(
+        name="infimm-llama2-13b",
+        description="InfiMM architecture: EVA-CLIP (\"ViT-G-224\" per its card) + LLaMA2-13B; tower and "
+        "cross-attention interval not established from public facts",
+        vision={},
+        resampler=dict(INFIMM_RESAMPLER),
+        cross_attention=dict(OPENFLAMINGO_XATTN),  # the interval (every_n_layers) is not known
+        text_config=LLAMA2_13B,
+        tokens=dict(INFIMM_TOKENS),
+        tokenizer="none",
+        note="Infi-MM/infimm-llama13b's config.json was not found in public sources: its model card names "
+        "Llama-2-13B and a 224 px \"ViT-G-224\" EVA-CLIP tower (probably EVA01-CLIP-g/14, unverified).",
+        unavailable=_eva_clip_unavailable('"ViT-G-224" per the model card') + "; and this preset's tower "
+        "dimensions and cross-attention interval are not established from public facts (the released config.json "
+        "was not found), so it cannot state the architecture",
     )
 
 
@@ -329,8 +390,8 @@ for _preset in (
         "MPT-7B is transformers' MPT; its 50432-row embedding is resized to 50280 as OpenFlamingo does.",
     ),
     _xgenmm("xgen-mm-phi3-mini"),
-    _infimm("infimm-zephyr-7b", MISTRAL_7B, "Zephyr-7B"),
-    _infimm("infimm-llama2-13b", LLAMA2_13B, "LLaMA2-13B"),
-    _infimm("infimm-vicuna-13b", LLAMA2_13B, "Vicuna-13B"),
+    _infimm("infimm-zephyr-7b", ZEPHYR_7B_BETA, "Zephyr-7B-beta", INFIMM_ZEPHYR_VISUAL, 2, "EVA02-CLIP-L/14"),
+    _infimm_llama2_13b(),
+    _infimm("infimm-vicuna-13b", VICUNA_13B_V15_BASE, "Vicuna-13B-v1.5", INFIMM_VICUNA_VISUAL, 4, "EVA-CLIP-4B"),
 ):
     register(_preset)

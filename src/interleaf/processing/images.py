@@ -326,8 +326,10 @@ class ImageTransform:
         (Pillow's ``box``), the same resampling up to the rounding of overshoots on sharp edges.
         """
         w, h = img.size
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        # The long side as torchvision's Resize(s) and transformers' shortest-edge resize size it:
+        # int(s * long / short), truncated (rounding it would resample 405x300 to 454x336, not 453x336).
+        long = max(s, int(s * max(w, h) / min(w, h)))
+        nw, nh = (s, long) if w <= h else (long, s)
         left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))  # the crop, in resized pixels
         if nw * nh > ImageTransform.MAX_RESIZED_PIXELS:
             sx, sy = nw / w, nh / h

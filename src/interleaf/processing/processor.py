@@ -36,6 +36,18 @@ Truncation drops whole images with their tokens (see ``PromptFormat.cut_left`` /
 
 When no row of a batch has an image, ``pixel_values`` is absent and ``image_attention_mask`` has
 shape ``(B, T, 0)``.
+
+InfiMM's conventions (its released processor, less its faults), for a processor built with
+``images_key="batch_images"`` and ``default_system=""``: chat messages with ``{"image": ...}``
+parts, each image written ``<|endofchunk|><image>`` in its place (the ``openflamingo`` format's
+chat spelling), a system message with empty content put first when the conversation has none,
+then the tokenizer's chat template; every turn is rendered once (InfiMM's own processor appends
+each non-user turn twice, the second time as a user turn: not reproduced). Images are resized on
+their shortest edge (bicubic) and centre-cropped (``ImageTransform``), normalised with the vision
+config's mean and std (OpenAI CLIP's by default), and handed over as ``batch_images`` ``(B,
+N_img, 1, 3, S, S)``. A batch without any image still gets ``batch_images``: zeros ``(B, 1, 1, 3,
+S, S)`` (InfiMM encodes a black image there); no ``<image>`` token points at it, so the model
+never encodes it and the output is the text-only one.
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ from ..config import AnyresConfig, TokensConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..files import read_json
 from .images import ImageTransform, load_image
+from .layout import image_attention_mask, pad_rows
 from .prompt_format import PromptFormat
 from .prompts import ImageRef, ParsedPrompt, Text, parse_prompt, split_batch
 from .tiled_images import LoadedImage, grown_lengths, tiled_pixels
@@ -77,6 +90,9 @@ class InterleafProcessor:
     ``tokens_per_view``: xGen-MM's positions per view in the LM's sequence (the token sampler's
     ``num_latents``), so that ``max_length`` counts each image at the length the model grows it to;
     None (another family, or unknown) counts the text tokens only.
+    ``images_key="batch_images"``: images come back under InfiMM's name and shape. ``default_system``:
+    the content of a system message put first in a chat conversation that has none (InfiMM: ``""``;
+    ``None``, the default, adds nothing).
     """
 
     def __init__(
@@ -90,7 +106,11 @@ class InterleafProcessor:
         images_key: str = "pixel_values",
         anyres: AnyresConfig | dict | None = None,
         tokens_per_view: int | None = None,
+        default_system: str | None = None,
     ):
+        if default_system is not None and not isinstance(default_system, str):
+            raise ConfigError("default_system", f"must be a string or None, got {type(default_system).__name__}")
+        self.default_system = default_system  # chat: a system message put first when there is none (InfiMM: "")
         if images_key not in ("pixel_values", "batch_images"):
             raise ConfigError("images_key", f"must be 'pixel_values' or 'batch_images', got {images_key!r}")
         self.images_key = images_key  # "batch_images": InfiMM's name and (B, N_img, 1, 3, H, W) shape
@@ -177,7 +197,8 @@ class InterleafProcessor:
 
         rows, _ = split_batch(prompts)
         parsed = [
-            parse_prompt(p, r, self.tokenizer, images_root=images_root, add_generation_prompt=add_generation_prompt)
+            parse_prompt(p, r, self.tokenizer, images_root=images_root, add_generation_prompt=add_generation_prompt,
+                         default_system=self.default_system)
             for r, p in enumerate(rows)
         ]
         for r, row in enumerate(parsed):
@@ -207,6 +228,9 @@ class InterleafProcessor:
                 data["batch_images"] = pixels[:, :, None]  # (B, N_img, 1, 3, S, S)
             else:
                 data["pixel_values"] = pixels
+        elif self.images_key == "batch_images":  # InfiMM's callers read it unconditionally; never encoded
+            s = self.image_size
+            data["batch_images"] = torch.zeros((input_ids.shape[0], 1, 1, 3, s, s), dtype=torch.float32)
         return BatchFeature(data=data)
 
     # -- steps --
@@ -347,63 +371,16 @@ class InterleafProcessor:
         return head + kept, images, counts
 
     def _pad(self, rows: list[list[int]], padding, side: str, max_length: int | None):
-        longest = max(len(ids) for ids in rows)
-        if padding in ("longest", True):
-            target = longest
-        elif padding == "max_length":
-            if max_length is None:
-                raise InputError("padding='max_length' needs max_length (pass it, or set processor.max_length)")
-            target = max(max_length, longest)
-        elif padding in ("do_not_pad", False, None):
-            if any(len(ids) != longest for ids in rows):
-                raise InputError(
-                    "padding is off but the rows have different lengths; pass padding='longest' to batch them"
-                )
-            target = longest
-        else:
-            raise InputError(f"padding must be 'longest', 'max_length' or False, got {padding!r}")
-        input_ids = torch.full((len(rows), target), self.pad_token_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((len(rows), target), dtype=torch.long)  # (B, T)
-        for b, ids in enumerate(rows):
-            n = len(ids)
-            sl = slice(target - n, target) if side == "left" else slice(0, n)
-            input_ids[b, sl] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[b, sl] = 1
-        return input_ids, attention_mask
+        return pad_rows(rows, self.pad_token_id, padding, side, max_length)
 
     def image_attention_mask(
         self, input_ids: torch.Tensor, num_images: int, reset_after_eos: list[bool] | bool = False,
         counts: list[list[int]] | None = None,
     ) -> torch.Tensor:
-        """(B, T) ids -> (B, T, N) long: 1 where the token's latest image at or before it is image n.
-
-        Tokens before a row's first image see none. With ``reset_after_eos`` (IDEFICS' packed
-        inputs), tokens after an EOS see no image until the next image token. ``counts``: each
-        row's image token counts, when they depend on the image (LLaVA-NeXT).
-        """
-        b, t = input_ids.shape
-        is_image = input_ids == self.image_token_id  # (B, T): the first token of each image
-        if self.format.is_llava:  # an image is a run of image tokens: keep the first of each
-            is_image = torch.zeros((b, t), dtype=torch.bool)
-            for r in range(b):
-                row_counts = counts[r] if counts is not None else None
-                is_image[r, self.format.image_starts(input_ids[r].tolist(), row_counts)] = True
-        latest = torch.cumsum(is_image.long(), dim=1) - 1  # (B, T): -1 before the first image
-        eos_id = self.tokenizer.eos_token_id
-        if isinstance(reset_after_eos, bool):
-            reset_after_eos = [reset_after_eos] * b
-        if eos_id is not None and any(reset_after_eos):
-            pos = torch.arange(t).expand(b, t)
-            last_image = torch.cummax(torch.where(is_image, pos, -1), dim=1).values  # (B, T)
-            last_eos = torch.cummax(torch.where(input_ids == eos_id, pos, -1), dim=1).values
-            eos_before = torch.cat([torch.full((b, 1), -1), last_eos[:, :-1]], dim=1)  # strictly before
-            reset = (eos_before > last_image) & torch.tensor(reset_after_eos).unsqueeze(1)
-            latest = latest.masked_fill(reset, -1)
-        if num_images == 0:
-            return torch.zeros((b, t, 0), dtype=torch.long)
-        latest = latest.masked_fill(latest >= num_images, -1)
-        mask = torch.nn.functional.one_hot(latest.clamp(min=0), num_classes=num_images)  # (B, T, N)
-        return mask.masked_fill((latest < 0).unsqueeze(-1), 0)
+        """(B, T) ids -> (B, T, N) long: 1 where the token's latest image at or before it is image n
+        (see :func:`interleaf.processing.layout.image_attention_mask`)."""
+        return image_attention_mask(input_ids, num_images, self.format, self.tokenizer.eos_token_id,
+                                    reset_after_eos, counts)
 
     def _pixels(self, all_images: list[list[ImageRef]], n_max: int, allow_urls: bool) -> torch.Tensor:
         s = self.image_size
@@ -455,6 +432,7 @@ class InterleafProcessor:
             "images_key": self.images_key,
             "anyres": dataclasses.asdict(self.anyres) if self.anyres is not None else None,
             "tokens_per_view": self.tokens_per_view,
+            "default_system": self.default_system,
         }
 
     def save_pretrained(self, save_directory: str | Path) -> None:
@@ -479,15 +457,16 @@ class InterleafProcessor:
         config = read_json(path / PROCESSOR_CONFIG, "processor directory", error=CheckpointError)
         for key in _HUB_LOADING_KWARGS:  # passed by transformers' AutoProcessor; everything here is local
             overrides.pop(key, None)
-        unknown = set(overrides) - {"max_images", "max_pixels", "max_length", "images_key"}
+        unknown = set(overrides) - {"max_images", "max_pixels", "max_length", "images_key", "default_system"}
         if unknown:
-            raise InputError(f"from_pretrained: unknown overrides {sorted(unknown)}; known: max_images, max_pixels, max_length")
+            raise InputError(f"from_pretrained: unknown overrides {sorted(unknown)}; known: max_images, max_pixels, "
+                             "max_length, images_key, default_system")
         for key in ("tokens", "image_transform"):
             if key not in config:
                 raise CheckpointError(f"{str(path / PROCESSOR_CONFIG)!r} lacks the {key!r} section")
         tokenizer = load_tokenizer(path)
         limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length", "images_key", "anyres",
-                                             "tokens_per_view")
+                                             "tokens_per_view", "default_system")
                   if k in config}
         limits.update(overrides)
         return cls(

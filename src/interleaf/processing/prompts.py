@@ -143,12 +143,18 @@ def parse_prompt(
     *,
     images_root: str | Path | None = None,
     add_generation_prompt: bool | None = None,
+    default_system: str | None = None,
 ) -> ParsedPrompt:
-    """Parse one batch row (a list of items, or a list of chat messages)."""
+    """Parse one batch row (a list of items, or a list of chat messages).
+
+    ``default_system``: a chat conversation whose first message is not a system message gets a
+    system message with this content before the chat template renders it (InfiMM's processor
+    inserts one with empty content); ``None`` inserts nothing.
+    """
     if not isinstance(prompt, (list, tuple)):
         raise InputError(f"batch row {row}: a prompt must be a list of text and images, got {type(prompt).__name__}")
     if prompt and all(_is_message(m) for m in prompt):
-        return _parse_chat(list(prompt), row, tokenizer, images_root, add_generation_prompt)
+        return _parse_chat(list(prompt), row, tokenizer, images_root, add_generation_prompt, default_system)
     if any(_is_message(m) for m in prompt):
         first = next(i for i, m in enumerate(prompt) if _is_message(m))
         raise InputError(
@@ -161,7 +167,7 @@ def parse_prompt(
     return ParsedPrompt(segments, is_chat=False)
 
 
-def _parse_chat(messages, row, tokenizer, images_root, add_generation_prompt) -> ParsedPrompt:
+def _parse_chat(messages, row, tokenizer, images_root, add_generation_prompt, default_system=None) -> ParsedPrompt:
     if getattr(tokenizer, "chat_template", None) is None:
         raise InputError(
             f"batch row {row}: chat messages need a chat template but the tokenizer has none; set "
@@ -190,6 +196,8 @@ def _parse_chat(messages, row, tokenizer, images_root, add_generation_prompt) ->
                 text.append(seg.text)
                 typed.append(seg)
         rendered_messages.append({"role": role, "content": "".join(text)})
+    if default_system is not None and rendered_messages[0]["role"] != "system":
+        rendered_messages.insert(0, {"role": "system", "content": default_system})
     if add_generation_prompt is None:
         add_generation_prompt = messages[-1].get("role") != "assistant"
     rendered = tokenizer.apply_chat_template(rendered_messages, tokenize=False, add_generation_prompt=add_generation_prompt)
