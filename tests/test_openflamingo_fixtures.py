@@ -77,6 +77,24 @@ def test_greedy_tokens_match_openflamingo(cases):
             assert out.tolist() == outputs[f"generated_ids{suffix}"].tolist()
 
 
+def test_each_row_alone_without_padding_gives_the_batch_results(cases):
+    """Every row run alone, without pads and with only its own images (OpenFlamingo's own generate
+    fails on a batch without padding under transformers 5), gives the reference logits and tokens."""
+    for folder, inputs, outputs, models in cases:
+        media, eoc = config(folder)["media_token_id"], config(folder)["eoc_token_id"]
+        model = models[""][1]
+        for r, keep in enumerate(inputs["attention_mask"].bool()):
+            ids = inputs["lang_x"][r : r + 1, keep]
+            pixels = inputs["vision_x"][r : r + 1, : int((ids == media).sum())]
+            with torch.no_grad():
+                logits = model(input_ids=ids, pixel_values=pixels).logits[0]
+            torch.testing.assert_close(logits, outputs["logits"][r, keep], atol=ATOL, rtol=0, msg=f"{folder.name} row {r}")
+            new = outputs["new_tokens"][r]
+            out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=len(new), do_sample=False,
+                                 eos_token_id=eoc)
+            assert out[0, ids.shape[1]:].tolist() == new.tolist(), f"{folder.name} row {r}"
+
+
 def test_vision_tokens_and_perceiver_output_match(cases):
     """The open_clip tower read into interleaf's CLIP tower, and the perceiver, each on their own."""
     for folder, inputs, outputs, models in cases:
@@ -221,3 +239,22 @@ def test_a_pickle_that_needs_code_is_refused(tmp_path):
     torch.save({"epoch": 0, "model_state_dict": {"perceiver.latents": Payload()}}, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match=r"weights_only=True"):
         convert_fixture(of_fixture_dirs()[0], tmp_path / "out", tmp_path / "checkpoint.pt")
+
+
+def test_command_line_imports_the_training_script_checkpoint_with_ln_post(tmp_path, cases):
+    from interleaf.cli import main
+
+    folder, inputs, outputs, models = cases[0]
+    suffix = next(s for s, (ln, _) in models.items() if ln)
+    args = ["convert", "openflamingo", str(folder / "checkpoint_0.pt"), str(tmp_path / "out"), "--lm",
+            str(folder / "lm"), "--vision", str(folder / "vision"), "--every",
+            str(config(folder)["cross_attn_every_n_layers"]), "--patch-ln-post"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    model, _ = interleaf.load(tmp_path / "out")
+    keep = inputs["attention_mask"].bool()
+    torch.testing.assert_close(_logits(model.eval(), inputs)[keep], outputs[f"logits{suffix}"][keep], atol=ATOL, rtol=0)
+    with pytest.raises(SystemExit) as exit_info:  # a user error: one line, exit code 2
+        main(args[:-1] + ["--added-head-rows", "random"])
+    assert exit_info.value.code == 2
