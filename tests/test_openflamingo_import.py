@@ -91,6 +91,18 @@ def test_tokens_follow_openflamingo_order_and_embedding_rows_land(converted):
     full = state["lang_encoder.model.embed_tokens.weight"]
     ids = torch.tensor([[0, 5, base - 1, base, base + 1]])
     torch.testing.assert_close(emb(ids)[0], full[ids[0]], rtol=0, atol=0)
+    # Untied head, not in checkpoint.pt: the added rows are the resized LM's, as OpenFlamingo ran with
+    # (this LM has no spare rows, so transformers' resize initialised them near the other rows' mean).
+    head = model.get_output_embeddings()
+    torch.testing.assert_close(head.extra, head.weight[:base].mean(0).expand(2, D), atol=1e-3, rtol=0)
+    assert not torch.equal(head.extra, torch.zeros(2, D))
+
+
+def test_added_head_rows_zeros_leaves_the_untied_heads_added_rows_at_zero(pieces, tmp_path):
+    root, _, _ = pieces
+    out = from_openflamingo(root / "checkpoint.pt", root / "lm", root / "clip", tmp_path / "out",
+                            cross_attn_every_n_layers=2, added_head_rows="zeros")
+    model, _ = interleaf.load(out)
     assert torch.equal(model.get_output_embeddings().extra, torch.zeros(2, D))  # untied head: not in checkpoint.pt
 
 

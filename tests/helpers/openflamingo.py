@@ -1,13 +1,16 @@
 """A tiny OpenFlamingo checkpoint with OpenFlamingo's names and shapes, and the pieces it is converted
-with (a tiny LLaMA with the tiny tokenizer, a tiny CLIP vision tower)."""
+with (a tiny LLaMA with the tiny tokenizer, a tiny CLIP vision tower); and the reference fixtures
+``openflamingo-*`` (found, their output variants read, converted)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from helpers.fixtures import config, fixture_dirs
 from tiny import tiny_clip, tiny_lm
 
+from interleaf.convert import from_openflamingo
 from interleaf.processing import build_tiny_tokenizer
 
 D, DV, HEADS, DH_X, DH_P, LAYERS, DEPTH, LATENTS = 32, 16, 8, 4, 2, 4, 2, 3
@@ -58,3 +61,37 @@ def write_pieces(root: Path) -> tuple[dict[str, torch.Tensor], int]:
     state = of_checkpoint(base + 2, every=2)  # <|endofchunk|>, <image>; the tiny tokenizer has a pad token
     torch.save(state, root / "checkpoint.pt")
     return state, base
+
+
+# --------------------------------------------------------------------------------------------
+# The reference fixtures openflamingo-* (numbers from OpenFlamingo's own code)
+# --------------------------------------------------------------------------------------------
+
+FIXTURE_FILES = ("checkpoint.pt", "config.json", "inputs.safetensors", "outputs.safetensors", "lm/config.json",
+                 "vision/open_clip_config.json")
+LN_POST_SINCE = (2, 23)  # open_clip passes the patch tokens through ln_post from this version on
+
+
+def of_fixture_dirs() -> list[Path]:
+    """Every ``openflamingo-*`` fixture folder (fails when there is none)."""
+    return fixture_dirs("openflamingo-", has=FIXTURE_FILES)
+
+
+def output_variants(folder: Path, outputs: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """Suffix of each set of reference outputs ("" or e.g. "_open_clip_3_3_0") -> whether the open_clip
+    version that produced it (the fixture's config.json) applies ln_post to the patch tokens."""
+    reference = config(folder)["reference"]
+    variants = {}
+    for name in outputs:
+        if name.startswith("logits"):
+            suffix = name.removeprefix("logits")
+            version = reference[f"open_clip_version_for_outputs{suffix}"]
+            variants[suffix] = tuple(int(p) for p in version.split(".")[:2]) >= LN_POST_SINCE
+    return variants
+
+
+def convert_fixture(folder: Path, dst: Path, checkpoint: str | Path = "checkpoint.pt", **options) -> Path:
+    """``from_openflamingo`` on a fixture folder's pieces (``lm/``, ``vision/``, a checkpoint)."""
+    every = config(folder)["cross_attn_every_n_layers"]
+    return from_openflamingo(folder / checkpoint, folder / "lm", folder / "vision", dst,
+                             cross_attn_every_n_layers=every, **options)

@@ -2,7 +2,9 @@
 
     interleaf convert idefics SRC DST          transformers IDEFICS directory -> interleaf
     interleaf convert to-idefics SRC DST       interleaf (IDEFICS architecture) -> transformers IDEFICS
-    interleaf convert openflamingo CKPT --lm LM --vision CLIP DST --every N
+    interleaf convert openflamingo CKPT DST --lm LM --vision CLIP --every N
+                                               OpenFlamingo checkpoint.pt (released or training-script
+                                               form) + base LM + open_clip or transformers CLIP -> interleaf
     interleaf convert llava SRC DST            transformers LLaVA directory (either hub layout) -> interleaf
     interleaf convert llava SRC DST --to llava interleaf (LLaVA architecture) -> transformers LLaVA
     interleaf convert xgen-mm SRC DST          released xGen-MM (BLIP-3) r-v1.5 folder -> interleaf
@@ -50,17 +52,36 @@ def to_idefics_cmd(
 
 @convert_app.command("openflamingo")
 def openflamingo_cmd(
-    checkpoint: Path = typer.Argument(..., help="OpenFlamingo checkpoint.pt (trainable weights)."),
+    checkpoint: Path = typer.Argument(..., help="OpenFlamingo checkpoint: the released checkpoint.pt (flat state "
+                                      "dict) or the training script's checkpoint_<epoch>.pt (model_state_dict)."),
     dst: Path = typer.Argument(..., help="Output interleaf directory."),
     lm: Path = typer.Option(..., "--lm", help="The base LM as a local transformers directory (with tokenizer)."),
-    vision: Path = typer.Option(..., "--vision", help="The CLIP vision tower as a local transformers directory."),
+    vision: Path = typer.Option(..., "--vision", help="The CLIP vision tower: an open_clip directory "
+                                "(open_clip_config.json + open_clip_model.safetensors) or a transformers CLIP "
+                                "directory."),
     every: int = typer.Option(1, "--every", min=1, help="cross_attn_every_n_layers: 1 (3B), 2 (4B), 4 (9B)."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory, if not the LM's."),
+    patch_ln_post: bool = typer.Option(
+        False, "--patch-ln-post/--no-patch-ln-post",
+        help="Pass the patch tokens through the tower's final ln_post, as open_clip >= 2.23 does. The released "
+        "OpenFlamingo v2 weights were trained with open_clip 2.20, without it (the default).",
+    ),
+    head_key: Optional[str] = typer.Option(
+        None, "--head-key", help="The checkpoint's name of an untied output head, if neither the installed "
+        "transformers' module name nor its other-version name (GPT-NeoX: embed_out / lm_head).",
+    ),
+    added_head_rows: str = typer.Option(
+        "lm", "--added-head-rows", help="Without a saved output head, the added tokens' output rows: lm (the "
+        "resized base LM's rows, what OpenFlamingo computed with; default) or zeros.",
+    ),
 ) -> None:
     """Import an OpenFlamingo checkpoint with its base LM and vision tower."""
     from ..convert import from_openflamingo
 
-    out = from_openflamingo(checkpoint, lm, vision, dst, cross_attn_every_n_layers=every, tokenizer=tokenizer)
+    out = from_openflamingo(
+        checkpoint, lm, vision, dst, cross_attn_every_n_layers=every, tokenizer=tokenizer,
+        patch_ln_post=patch_ln_post, head_key=head_key, added_head_rows=added_head_rows,
+    )
     typer.echo(f"wrote {out}")
 
 

@@ -3,15 +3,21 @@
 OpenFlamingo releases only the weights it trains (``checkpoint.pt``: the perceiver, the gated
 cross-attention blocks and the LM's resized input embedding, plus the output embedding when its
 name contains "embed"); the LM and the vision tower come from their own checkpoints. Here both
-are local transformers directories: the LM (``lm_dir``, with its tokenizer unless ``tokenizer``
-is given) and a CLIP vision model (``vision_dir``, e.g. ``openai/clip-vit-large-patch14`` saved
-with ``save_pretrained``, the same ViT-L/14 OpenFlamingo takes from open_clip).
+are local directories: the LM as transformers saves it (``lm_dir``, with its tokenizer unless
+``tokenizer`` is given) and the CLIP vision tower (``vision_dir``), either in open_clip's hub
+layout (``open_clip_config.json`` + ``open_clip_model.safetensors``, the tower OpenFlamingo
+itself loads; read by :mod:`interleaf.convert.open_clip`) or as a transformers CLIP model (e.g.
+``openai/clip-vit-large-patch14`` saved with ``save_pretrained``, the same ViT-L/14).
+
+The checkpoint is read as released (a flat ``name -> tensor`` dict) or as OpenFlamingo's training
+script saves it (``{"epoch", "model_state_dict", "optimizer_state_dict", ...}`` with the DDP
+``module.`` prefix); both load to the same weights. Pickles are read with ``weights_only=True``.
 
 What OpenFlamingo computes, in interleaf's terms
 ------------------------------------------------
-- Vision: open_clip's ``visual`` with ``output_tokens=True`` gives the last layer's patch tokens
-  after ``ln_post``, class token dropped: ``feature_layer=-1, drop_cls_token=True,
-  post_layernorm=True``.
+- Vision: open_clip's ``visual`` with ``output_tokens=True`` gives the last block's patch tokens,
+  class token dropped: ``feature_layer=-1, drop_cls_token=True``; whether they pass through
+  ``ln_post`` depends on the open_clip version (``patch_ln_post``, below).
 - Perceiver: LayerNorm'd media and latents, keys/values over ``concat(media, latents)``, a GELU
   feed-forward (x4), a final LayerNorm; 8 heads (hard-coded in OpenFlamingo), ``dim_head`` from
   the weights.
@@ -22,6 +28,27 @@ What OpenFlamingo computes, in interleaf's terms
   when it has no pad token) and resizes the embedding to ``len(tokenizer)``; those rows become
   the decoupled ``extra`` rows. Because OpenFlamingo trains the *whole* input embedding, the base
   rows are taken from the checkpoint too.
+
+Three choices the checkpoint does not record (options of :func:`from_openflamingo`)
+------------------------------------------------------------------------------------
+- ``patch_ln_post`` (default ``False``): open_clip up to 2.22 returns the patch tokens *without*
+  its final ``ln_post`` LayerNorm (only the pooled class token gets it); from 2.23 they pass
+  through it. OpenFlamingo v2 was trained and evaluated with open_clip 2.20 (its release predates
+  2.23), so the released weights saw tokens without ``ln_post``. ``True`` reproduces OpenFlamingo
+  run under open_clip >= 2.23. (The perceiver LayerNorms its input, so the two differ through
+  ``ln_post``'s affine weights only, but they do differ.)
+- ``head_key`` (default: found by name): the checkpoint's name of an untied output head.
+  OpenFlamingo keeps every parameter whose name contains "embed", so a GPT-NeoX head saved under
+  transformers 4.x (module ``embed_out``, as the released OpenFlamingo-4B) is in the checkpoint
+  as ``lang_encoder.embed_out.weight``, while transformers 5 names the same module ``lm_head`` and
+  OpenFlamingo then drops it. By default either name is accepted whatever the installed
+  transformers calls the module; pass ``head_key`` for a checkpoint that uses another name.
+- ``added_head_rows`` (default ``"lm"``): when the checkpoint holds no output head (an untied head
+  whose name lacks "embed": GPT-NeoX under transformers 5, LLaMA's ``lm_head``), the output rows
+  of the added tokens are the ones OpenFlamingo computed with: the base LM's rows after
+  ``resize_token_embeddings(len(tokenizer))`` (for LMs with spare rows, like RedPajama's 50432
+  for a 50280-token tokenizer, the LM's own rows, not zeros). ``"zeros"`` gives those tokens zero
+  logits instead. A tied head (MPT) always follows the checkpoint's input embedding.
 
 The key table (``P`` = ``perceiver.``, ``X`` = ``lang_encoder.<decoder layers>.{i}.gated_cross_attn_layer.``,
 ``<decoder layers>`` = the LM's layer list, e.g. ``model.layers``, ``transformer.blocks``)::
@@ -40,12 +67,10 @@ The key table (``P`` = ``perceiver.``, ``X`` = ``lang_encoder.<decoder layers>.{
     X attn.to_kv                      L <layers>.{i}.cross_attention.k_proj | v_proj (split)
     X ff.0 / ff.1 / ff.3              L <layers>.{i}.cross_attention.ffn_norm / ffn.up_proj / ffn.down_proj
     lang_encoder.<embedding>.weight   L <embedding>.weight (all rows) and .extra (the added rows)
-    lang_encoder.<head>.weight        L <head>.extra (added rows; only if saved, e.g. GPT-NeoX embed_out)
+    lang_encoder.<head>.weight        L <head>.weight and .extra (untied head, when saved: GPT-NeoX embed_out)
 
 (``L`` = ``language_model.``.) A missing or unexpected key raises :class:`CheckpointError`
-listing them. The one deliberate gap: an untied output head whose name lacks "embed" (LLaMA's
-``lm_head``) is not in ``checkpoint.pt``; OpenFlamingo left its new rows at their small random
-initialisation, untrained, and here they are zero.
+listing them.
 """
 
 from __future__ import annotations
@@ -67,6 +92,9 @@ __all__ = ["from_openflamingo", "openflamingo_key_map", "OPENFLAMINGO_TOKENS"]
 PathLike = str | Path
 OPENFLAMINGO_TOKENS = ("<|endofchunk|>", "<image>")  # the order OpenFlamingo adds them in
 OPENFLAMINGO_HEADS = 8  # both the perceiver and the cross-attention use 8 heads
+ADDED_HEAD_ROWS = ("lm", "zeros")
+# an untied head's module name under transformers 4.x and 5 (OpenFlamingo saves it only when it contains "embed")
+_HEAD_NAMES = {"gpt_neox": ("embed_out", "lm_head")}
 
 _PERCEIVER_ATTN = {"0.norm_media": "attn.norm_media", "0.norm_latents": "attn.norm_latents"}
 _PERCEIVER_LINEAR = {"0.to_q": "attn.q_proj", "0.to_out": "attn.out_proj", "1.1": "ff.fc1", "1.3": "ff.fc2"}
@@ -206,19 +234,30 @@ def _tokens_config(tokenizer, base_vocab: int) -> TokensConfig:
     )
 
 
+def _head_keys(lm_type: str, head_path: str | None, head_key: str | None) -> list[str]:
+    """The checkpoint names an untied output head may have: ``head_key``, else its module name under the
+    installed transformers and under the other major version (GPT-NeoX: ``embed_out`` / ``lm_head``)."""
+    if head_key is not None:
+        return [head_key]
+    if head_path is None:
+        return []
+    names = [head_path.removeprefix("language_model."), *_HEAD_NAMES.get(lm_type, ())]
+    return [f"lang_encoder.{n}.weight" for n in dict.fromkeys(names)]
+
+
 def _map_checkpoint(
     model: torch.nn.Module, state: dict[str, torch.Tensor], table: dict[str, tuple[str, ...]],
-    vocab: int, base_vocab: int, what: str,
+    vocab: int, base_vocab: int, what: str, *, lm_type: str = "", head_key: str | None = None,
+    added_head_rows: str = "lm",
 ) -> dict[str, torch.Tensor]:
-    """``state`` in interleaf's names: the table's keys, the embedding (all rows) and the added rows."""
+    """``state`` in interleaf's names: the table's keys, the embedding (all rows), the head and the added rows."""
     emb_path = _module_path(model, model.get_input_embeddings())
     head = model.get_output_embeddings()
     head_path = _module_path(model, head) if head is not None else None
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     emb_src = "lang_encoder." + emb_path.removeprefix("language_model.") + ".weight"
-    head_src = "lang_encoder." + head_path.removeprefix("language_model.") + ".weight" if head_path else None
-    special = {emb_src} | ({head_src} if head_src else set())
-    unknown = [k for k in state if k not in table and k not in special]
+    head_keys = _head_keys(lm_type, head_path, head_key)
+    unknown = [k for k in state if k not in table and k != emb_src and k not in head_keys]
     missing = [k for k in [*table, emb_src] if k not in state]
     if unknown or missing:
         check_keys(
@@ -239,15 +278,38 @@ def _map_checkpoint(
     mapped[f"{emb_path}.weight"] = embedding
     if vocab > base_vocab:
         mapped[f"{emb_path}.extra"] = embedding[base_vocab:]
-        if head_path is not None:
-            if tied:
-                mapped[f"{head_path}.extra"] = embedding[base_vocab:]
-            elif head_src in state:
-                mapped[f"{head_path}.weight"] = state[head_src]
-                mapped[f"{head_path}.extra"] = state[head_src][base_vocab:]
-            else:  # not saved by OpenFlamingo (untrained rows): zero
-                mapped[f"{head_path}.extra"] = torch.zeros_like(model.get_output_embeddings().extra)
+    if head_path is not None:
+        mapped.update(_head_rows(head, head_path, state, head_keys, embedding if tied else None,
+                                 vocab, base_vocab, what, added_head_rows))
     return mapped
+
+
+def _head_rows(
+    head: torch.nn.Module, head_path: str, state: dict[str, torch.Tensor], head_keys: list[str],
+    tied_to: torch.Tensor | None, vocab: int, base_vocab: int, what: str, added_head_rows: str,
+) -> dict[str, torch.Tensor]:
+    """The output head's tensors: from the checkpoint when it holds them, else per ``added_head_rows``."""
+    found = [k for k in head_keys if k in state]
+    if len(found) > 1:
+        raise CheckpointError(f"{what}: holds the output head twice ({found}); pass head_key=<the one to use>")
+    src = found[0] if found else None
+    if tied_to is not None:  # the head is the input embedding (MPT): a saved copy must agree with it
+        if src is not None and not torch.equal(state[src], tied_to):
+            raise CheckpointError(f"{what}: {src} differs from the input embedding, but this LM ties its head to it")
+        return {f"{head_path}.extra": tied_to[base_vocab:]} if vocab > base_vocab else {}
+    out: dict[str, torch.Tensor] = {}
+    if src is not None:
+        if state[src].shape[0] != vocab:
+            raise CheckpointError(f"{what}: {src} has {state[src].shape[0]} rows but the tokenizer has {vocab}")
+        out[f"{head_path}.weight"] = state[src]
+        rows = state[src][base_vocab:]
+    elif added_head_rows == "lm":  # the resized base LM's rows, which OpenFlamingo computed with
+        rows = head.weight[base_vocab:vocab].detach().clone()
+    else:
+        rows = torch.zeros_like(head.extra)
+    if vocab > base_vocab:
+        out[f"{head_path}.extra"] = rows
+    return out
 
 
 def _check_mapped(model: torch.nn.Module, mapped: dict[str, torch.Tensor], what: str) -> None:
@@ -272,25 +334,47 @@ def from_openflamingo(
     cross_attn_every_n_layers: int = 1,
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
+    patch_ln_post: bool = False,
+    head_key: str | None = None,
+    added_head_rows: str = "lm",
 ) -> Path:
     """Convert an OpenFlamingo ``checkpoint.pt`` (with its base LM and CLIP tower) to an interleaf directory.
 
+    ``checkpoint_pt`` is the released flat state dict or the training script's
+    ``checkpoint_<epoch>.pt`` (``model_state_dict``, ``module.`` keys). ``vision_dir`` is an
+    open_clip directory (``open_clip_config.json``) or a transformers CLIP directory.
     ``cross_attn_every_n_layers`` must be the value the model was trained with (1 for
     OpenFlamingo-3B, 2 for 4B, 4 for 9B); the checkpoint's block positions are checked against it.
+
+    The defaults reproduce the released OpenFlamingo v2 checkpoints (see the module docstring):
+    ``patch_ln_post=False`` (patch tokens without open_clip's ``ln_post``, as open_clip <= 2.22
+    gave them; ``True`` for a model run under open_clip >= 2.23); ``head_key=None`` (an untied
+    head is read under its transformers 4 or 5 name, e.g. GPT-NeoX's ``lang_encoder.embed_out.weight``
+    or ``lang_encoder.lm_head.weight``; give the checkpoint's name otherwise); ``added_head_rows="lm"``
+    (without a saved head, the added tokens' output rows are the resized base LM's, as OpenFlamingo
+    ran; ``"zeros"`` gives them zero logits).
     """
     from ..api import save
     from ..model import InterleafForConditionalGeneration
     from ..model.lm import find_decoder_layers
     from ..model.vision import load_vision_tower
     from ..processing import ImageTransform, InterleafProcessor
+    from .open_clip import is_open_clip_dir, load_open_clip_vision
 
+    if added_head_rows not in ADDED_HEAD_ROWS:
+        raise ConfigError("added_head_rows", f"must be one of {list(ADDED_HEAD_ROWS)}, got {added_head_rows!r}")
     ckpt_path, lm_path = Path(checkpoint_pt).expanduser(), Path(lm_dir).expanduser()
     what = f"OpenFlamingo checkpoint {str(ckpt_path)!r}"
     # 1. the pieces: trained weights, tokenizer with OpenFlamingo's tokens, base LM, vision tower
     state = _read_checkpoint(ckpt_path)
     tok, base_vocab = _tokenizer(lm_path, tokenizer)
     lm = _load_lm(lm_path, tok, dtype)
-    vcfg, vision = load_vision_tower(vision_dir, feature_layer=-1, drop_cls_token=True, post_layernorm=True, dtype=dtype)
+    if is_open_clip_dir(vision_dir):
+        vcfg, vision = load_open_clip_vision(vision_dir, patch_ln_post=patch_ln_post, dtype=dtype)
+    else:
+        vcfg, vision = load_vision_tower(
+            vision_dir, feature_layer=-1, drop_cls_token=True, post_layernorm=patch_ln_post, dtype=dtype
+        )
 
     # 2. the config, read from the pieces' shapes
     num_layers = lm.config.num_hidden_layers
@@ -306,7 +390,10 @@ def from_openflamingo(
 
     # 3. the checkpoint's tensors into the model
     table = openflamingo_key_map(config.resampler_cfg.depth, layers_path, xcfg.layer_indices(num_layers))
-    mapped = _map_checkpoint(model, state, table, len(tok), base_vocab, what)
+    mapped = _map_checkpoint(
+        model, state, table, len(tok), base_vocab, what,
+        lm_type=getattr(lm.config, "model_type", ""), head_key=head_key, added_head_rows=added_head_rows,
+    )
     _check_mapped(model, mapped, what)
     with torch.no_grad():
         model.load_state_dict(mapped, strict=False)
