@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers.fixtures import config, fixture_dirs, tensors
-from interleaf.convert.infimm import from_infimm
+from interleaf.convert.infimm import from_infimm, load_infimm
 from interleaf.errors import CheckpointError
 from interleaf.model import InterleafForConditionalGeneration
 from interleaf.model.eva_clip import rope_tables
@@ -201,6 +201,8 @@ def test_any_alias_path_and_a_deepspeed_pickle_give_the_same_model(tmp_path, con
             "model.layers.{i}.decoder_layer / gated_cross_attn_layer, safetensors":
                 (_only(state, ("old_decoder_blocks", "gated_cross_attn_layers")), False, ""),
         }
+        direct = load_infimm(source, **heads(source)).state_dict()  # built on the CPU, loaded strictly
+        assert direct.keys() == want.keys() and all(torch.equal(direct[k], want[k]) for k in want)
         for name, (variant, pickle, prefix) in variants.items():
             folder = _folder(tmp_path, source, variant, pickle, prefix)
             got = _convert(folder, source, tmp_path / f"out{len(list(tmp_path.iterdir()))}").state_dict()
@@ -234,3 +236,92 @@ def test_bad_checkpoints_are_refused_by_name(tmp_path):
         from_infimm(folder, tmp_path / "e", **heads(source))
     with pytest.raises(CheckpointError, match="config.json"):
         from_infimm(tmp_path / "nowhere", tmp_path / "f")
+
+
+def _word_tokenizer(size: int, eoc: int, image: int):
+    """A word-level tokenizer of ``size`` ids with InfiMM's two tokens at ``eoc`` and ``image``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = {1: "<s>", 2: "</s>", 0: "<unk>", eoc: "<|endofchunk|>", image: "<image>"}
+    vocab = {names.get(i, f"w{i}"): i for i in range(size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    return fast
+
+
+def test_the_checkpoints_tokenizer_makes_a_loadable_processor(tmp_path):
+    import interleaf
+
+    source = infimm_fixtures()[0]
+    data = config(source)
+    vocab, eoc, image = data["language"]["vocab_size"], data["eoc_token_id"], data["image_token_id"]
+    folder = _folder(tmp_path, source)
+    shutil.copy(source / "model.safetensors", folder / "model.safetensors")
+    _word_tokenizer(vocab, eoc, image).save_pretrained(folder)
+    model, processor = interleaf.load(from_infimm(folder, tmp_path / "out", **heads(source)))
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == image == model.image_token_id
+    size = data["visual"]["image_size"]
+    from PIL import Image
+
+    batch = processor([["w5 w6", Image.new("RGB", (size + 10, size)), "w7"]])
+    assert (batch["input_ids"] == image).sum() == 1
+    assert model(**{k: v for k, v in batch.items() if k != "image_attention_mask"}).logits.shape[-1] == vocab
+    wrong = _folder(tmp_path, source)
+    shutil.copy(source / "model.safetensors", wrong / "model.safetensors")
+    _word_tokenizer(vocab, image, eoc).save_pretrained(wrong)  # the two tokens swapped
+    with pytest.raises(CheckpointError, match="own tokenizer"):
+        from_infimm(wrong, tmp_path / "out2", **heads(source))
+
+
+# -- the released sizes ------------------------------------------------------------------------
+
+# The published configs' "visual" and "language" (Infi-MM/infimm-zephyr, Infi-MM/infimm-vicuna13b) and the
+# reference parameter counts: the public InfiMM code built on the meta device from those configs, unique
+# parameters, checked against the released pytorch_model.bin sizes (2 bytes per parameter, 3 significant
+# figures); see the shared REFERENCE notes on token insertion, section 5.
+RELEASED = {
+    "infimm-zephyr": (
+        dict(image_size=336, layers=24, width=1024, head_width=64, patch_size=14, mlp_ratio=2.6667, rope=True,
+             pt_hw_seq_len=16, intp_freq=True, naiveswiglu=True, subln=True, embed_dim=768, xattn=False,
+             fusedLN=True, drop_path_rate=0.0, eva_model_name="eva-clip-l-14-336"),
+        dict(model_type="mistral", vocab_size=32002, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=8, sliding_window=4096, tie_word_embeddings=False),
+        2, 9_840_832_224, 304_432_832),
+    "infimm-vicuna13b": (
+        dict(image_size=224, layers=64, width=1792, head_width=112, patch_size=14, mlp_ratio=8.571428571428571,
+             postnorm=True, embed_dim=1024, xattn=False, fusedLN=False, eva_model_name="eva-clip-4b-14-x"),
+        dict(vocab_size=32002, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+             num_attention_heads=40, num_key_value_heads=40, tie_word_embeddings=False),
+        4, 19_710_920_980, 4_350_556_928),
+}
+
+
+def _released_shapes(width: int, hidden: int, blocks: list[int]) -> dict[str, torch.Tensor]:
+    """The weight shapes the converter reads its perceiver and block sizes from (InfiMM's code defaults)."""
+    shapes = {"perceiver.latents": (64, width)}
+    for d in range(6):
+        shapes |= {f"perceiver.layers.{d}.0.to_q.weight": (512, width), f"perceiver.layers.{d}.1.1.weight": (4 * width, width)}
+    for i in blocks:
+        prefix = f"lang_encoder.model.layers.{i}.gated_cross_attn_layer."
+        shapes |= {prefix + "attn.to_q.weight": (512, hidden), prefix + "ff.1.weight": (4 * hidden, hidden)}
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_the_released_architectures_have_their_parameter_counts(name):
+    from interleaf.convert.infimm import infimm_to_interleaf_config
+
+    visual, language, every, total, tower = RELEASED[name]
+    layers = language["num_hidden_layers"]
+    state = _released_shapes(visual["width"], language["hidden_size"],
+                             [i for i in range(layers) if (i + 1) % every == 0])
+    data = dict(visual=visual, language=language, cross_attn_every_n_layers=every, image_token_id=32001,
+                eoc_token_id=32000)
+    with torch.device("meta"):
+        model = InterleafForConditionalGeneration(infimm_to_interleaf_config(data, state))
+    assert sum(p.numel() for p in model.vision_tower.parameters()) == tower
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert model.config.text_config.model_type == language.get("model_type", "llama")

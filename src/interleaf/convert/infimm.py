@@ -15,9 +15,10 @@ code computes, in interleaf's terms:
   attends only its latest image; InfiMM's per-sample flag (``skip_rows_without_image``): a row
   without any ``<image>`` skips every block and is exactly the plain LM.
 - The LM: ``language`` as a transformers config (``model_type`` when it names one; else Mistral when it
-  has ``sliding_window``, LLaMA otherwise; ``lm_type`` overrides); the two InfiMM tokens, when they are
-  the vocabulary's last two ids (32000, 32001 in the released models), get interleaf's decoupled rows,
-  filled from the checkpoint.
+  has ``sliding_window``, LLaMA otherwise; ``lm_type`` overrides). InfiMM's two tokens (``<|endofchunk|>``
+  and ``<image>``, ids 32000 and 32001 in the released models) are rows of the LM's own embedding and
+  head, as released: no decoupled rows, so the converted model has the released parameter count; the
+  default freeze policy follows ``freeze_llm`` (``flamingo``, else ``unfreeze_lm``).
 
 The same tensors are registered by InfiMM's code under several names, and a checkpoint may hold any of
 them (its ``state_dict()`` holds all)::
@@ -35,7 +36,7 @@ each goes (``L`` = ``language_model.``; the perceiver and block tables are OpenF
     lang_encoder.model.layers.{i}.gated_cross_attn_layer.*  L model.layers.{i}.cross_attention.*
     lang_encoder.model.layers.{i}.decoder_layer.X     L model.layers.{i}.decoder_layer.X (a block there)
                                                       L model.layers.{i}.X               (no block)
-    lang_encoder.X (embeddings, norm, lm_head)        L X  (+ .extra: the rows of the InfiMM tokens)
+    lang_encoder.X (embeddings, norm, lm_head)        L X
 
 A key the table does not know, a missing one, a wrong shape, or two aliases holding different values
 is one :class:`~interleaf.errors.CheckpointError` listing them.
@@ -50,7 +51,7 @@ from typing import Any
 
 import torch
 
-from ..config import CrossAttentionConfig, InterleafConfig, ResamplerConfig, TokensConfig
+from ..config import CrossAttentionConfig, InterleafConfig, TokensConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json
 from ._common import check_keys, fill_meta_model, has_tokenizer_files, read_weights
@@ -164,10 +165,12 @@ def infimm_to_interleaf_config(data: dict, state: dict[str, torch.Tensor], *, pe
     if not isinstance(num_layers, int) or not isinstance(vocab, int):
         raise ConfigError("language", "needs num_hidden_layers and vocab_size", "pass the checkpoint's own config.json")
     every = data["cross_attn_every_n_layers"]
-    ids = sorted({int(data["image_token_id"]), int(data.get("eoc_token_id", data["image_token_id"]))})
-    extra = ids[0] if ids == [vocab - 2, vocab - 1] else None  # InfiMM's two added tokens, the last rows
-    tokens = TokensConfig(prompt_format="openflamingo", image_token_id=int(data["image_token_id"]),
-                          extra_start=extra, num_extra=2 if extra is not None else 0)
+    image_id = int(data["image_token_id"])
+    if not 0 <= image_id < vocab:
+        raise ConfigError("image_token_id", f"{image_id} is outside the LM's vocabulary of {vocab}")
+    # The LM's rows hold InfiMM's tokens (32000, 32001 in the released vocabularies of 32002): no
+    # decoupled rows, so the model is the released architecture, parameter for parameter.
+    tokens = TokensConfig(prompt_format="openflamingo", image_token_id=image_id)
     return InterleafConfig(
         vision=dataclasses.asdict(vision),
         resampler=_resampler_config(state, perceiver_heads, what),
@@ -189,9 +192,12 @@ def _check_rope(rope: dict[str, torch.Tensor], model, what: str) -> None:
 
 def map_from_infimm(state: dict[str, torch.Tensor], model, what: str = "InfiMM checkpoint") -> dict[str, torch.Tensor]:
     """InfiMM's tensors (any of its key paths) renamed to ``model``'s keys, strictly."""
+    return _map_canonical(*canonical_state(state, what), model, what)
+
+
+def _map_canonical(canon: dict[str, torch.Tensor], rope: dict[str, torch.Tensor], model, what: str) -> dict:
     from ..model.lm import find_decoder_layers
 
-    canon, rope = canonical_state(state, what)
     lm = model.language_model
     layers_path, _ = find_decoder_layers(lm, lm.config.num_hidden_layers)
     blocks = model.config.xattn_cfg.layer_indices(lm.config.num_hidden_layers)
@@ -215,22 +221,9 @@ def map_from_infimm(state: dict[str, torch.Tensor], model, what: str = "InfiMM c
             unknown.append(key)  # named as the checkpoint names it
             continue
         mapped.update(zip(targets, value.chunk(len(targets), dim=0)))  # to_kv: two targets, split into k, v
-    _add_extra_rows(model, mapped)
     check_keys(mapped, expected, what=what, unmapped=unknown)
     _check_rope(rope, model, what)
     return mapped
-
-
-def _add_extra_rows(model, mapped: dict[str, torch.Tensor]) -> None:
-    """The InfiMM tokens' rows of the embedding and the head, copied into the decoupled ``extra`` tables."""
-    tcfg = model.config.tokens_cfg
-    if tcfg.extra_start is None:
-        return
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        name = next((n for n, m in model.named_modules() if m is module), None)
-        weight = mapped.get(f"{name}.weight")
-        if name is not None and weight is not None:
-            mapped[f"{name}.extra"] = weight[tcfg.extra_start: tcfg.extra_start + tcfg.num_extra].clone()
 
 
 # ---------------------------------------------------------------------------------- entry points
@@ -250,16 +243,15 @@ def load_infimm(src_dir: PathLike, *, for_saving: bool = False, **options: Any):
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{str(src)!r} has no config.json; expected an InfiMM checkpoint folder")
     data = read_json(src / "config.json", "InfiMM config", error=CheckpointError)
-    state = read_weights(src)
-    canon, _ = canonical_state(state, what)
+    canon, rope = canonical_state(read_weights(src), what)
     cfg = infimm_to_interleaf_config(data, canon, what=what, **options)
     if for_saving:
         with torch.device("meta"):
             model = InterleafForConditionalGeneration(cfg)
-        fill_meta_model(model, map_from_infimm(state, model, what), what=what)
+        fill_meta_model(model, _map_canonical(canon, rope, model, what), what=what)
     else:
         model = InterleafForConditionalGeneration(cfg)
-        model.load_state_dict(map_from_infimm(state, model, what), strict=True)
+        model.load_state_dict(_map_canonical(canon, rope, model, what), strict=True)
     model.apply_freeze()
     return model.eval()
 
