@@ -303,7 +303,8 @@ def _released_shapes(width: int, hidden: int, blocks: list[int]) -> dict[str, to
     """The weight shapes the converter reads its perceiver and block sizes from (InfiMM's code defaults)."""
     shapes = {"perceiver.latents": (64, width)}
     for d in range(6):
-        shapes |= {f"perceiver.layers.{d}.0.to_q.weight": (512, width), f"perceiver.layers.{d}.1.1.weight": (4 * width, width)}
+        shapes |= {f"perceiver.layers.{d}.0.to_q.weight": (512, width),
+                   f"perceiver.layers.{d}.1.1.weight": (4 * width, width)}
     for i in blocks:
         prefix = f"lang_encoder.model.layers.{i}.gated_cross_attn_layer."
         shapes |= {prefix + "attn.to_q.weight": (512, hidden), prefix + "ff.1.weight": (4 * hidden, hidden)}

@@ -37,7 +37,7 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 
 @dataclass
 class EvaClipConfig:
-    """EVA-CLIP settings beyond the sizes, named as InfiMM's ``visual``: EVA02 (rope, swiglu, subln) or 4B (postnorm)."""
+    """EVA-CLIP settings beyond the sizes, named as in InfiMM's ``visual``: EVA02 (rope, subln) or 4B (postnorm)."""
 
     mlp_ratio: float = setting(4.0, gt=0)  # MLP hidden size = int(width * mlp_ratio)
     qkv_bias: bool = True  # q and v biases (k has none)

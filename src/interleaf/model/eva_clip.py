@@ -327,7 +327,9 @@ def save_eva_clip(tower: nn.Module, cfg: VisionConfig, path: str | Path) -> Path
     return directory
 
 
-def load_eva_clip(path: str | Path, dtype: torch.dtype | None = None, **options: Any) -> tuple[VisionConfig, EvaVisionTransformer]:
+def load_eva_clip(
+    path: str | Path, dtype: torch.dtype | None = None, **options: Any
+) -> tuple[VisionConfig, EvaVisionTransformer]:
     """Read a directory written by :func:`save_eva_clip` (strictly: a missing or extra weight is an error).
 
     ``options`` are ``VisionConfig`` fields (``feature_layer``, ``drop_cls_token``, ``post_layernorm``).

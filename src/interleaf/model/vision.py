@@ -296,7 +296,8 @@ class VisionTower(nn.Module):
             self.out_dim = cfg.width
         elif cfg.kind == "eva_clip":
             if model is not None and not isinstance(model, EvaVisionTransformer):
-                raise ConfigError("vision.kind", f"an 'eva_clip' tower wraps an EvaVisionTransformer, got {type(model).__name__}")
+                raise ConfigError("vision.kind",
+                                  f"an 'eva_clip' tower wraps an EvaVisionTransformer, got {type(model).__name__}")
             self.backbone = model if model is not None else EvaVisionTransformer(cfg)
             self.out_dim = self.backbone.out_dim
         else:
