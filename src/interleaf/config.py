@@ -36,10 +36,30 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass
+class EvaClipConfig:
+    """EVA-CLIP settings beyond the sizes, named as in InfiMM's ``visual``: EVA02 (rope, subln) or 4B (postnorm)."""
+
+    mlp_ratio: float = setting(4.0, gt=0)  # MLP hidden size = int(width * mlp_ratio)
+    qkv_bias: bool = True  # q and v biases (k has none)
+    rope: bool = False  # 2D rotary embedding on the patch tokens' queries and keys
+    pt_hw_seq_len: int = setting(16, ge=1)  # the rotary grid side the tower was trained with
+    intp_freq: bool = True  # rotary positions scaled to pt_hw_seq_len whatever the grid
+    naiveswiglu: bool = False  # SwiGLU MLP (w1, w2, w3) instead of fc1 -> GELU -> fc2
+    subln: bool = False  # separate q/k/v projections, LayerNorm after attention and inside the MLP
+    postnorm: bool = False  # x + norm(f(x)) instead of x + f(norm(x))
+    norm_eps: float = setting(1e-6, gt=0)  # every LayerNorm of the tower
+    trained_image_size: int | None = setting(None, ge=1)  # pos_embed's size, interpolated if not image_size
+    embed_dim: int | None = setting(None, ge=1)  # the CLIP head's width (kept, unused); None: no head
+
+    def __post_init__(self):
+        validate(self, "eva")
+
+
+@dataclass
 class VisionConfig:
     """The vision tower. Output features are ``(B, N_img, V, Dv)``."""
 
-    kind: Literal["builtin", "clip", "siglip"] = "builtin"
+    kind: Literal["builtin", "clip", "siglip", "eva_clip"] = "builtin"
     # -- built-in ViT, for training from scratch --
     image_size: int = setting(32, ge=1)  # square input side in pixels
     patch_size: int = setting(4, ge=1)  # side of one patch; V = (image_size / patch_size) ** 2
@@ -48,6 +68,7 @@ class VisionConfig:
     heads: int = setting(4, ge=1)
     mlp_ratio: int = setting(4, ge=1)
     conv_stem: bool = False  # strided 3x3 convolutions instead of one patchify conv: learns shapes faster
+    eva: EvaClipConfig | None = None  # kind "eva_clip" (None there: the defaults)
     # -- transformers towers (CLIP, SigLIP) --
     hf_config: dict | None = None  # the tower's transformers config as a dict
     # Which hidden layer's patch features: -1 last, -2 penultimate (LLaVA), ...; a list of layers
@@ -68,23 +89,30 @@ class VisionConfig:
         validate(self, "vision")
 
     def _check(self, path: str) -> None:
-        if self.kind == "builtin":
+        if self.eva is not None and self.kind != "eva_clip":
+            raise ConfigError(f"{path}.eva", f"is set but the tower is {self.kind!r}", "remove it, or set kind: eva_clip")
+        if self.kind in ("builtin", "eva_clip"):  # sizes from the fields above (EVA-CLIP's heads too)
             if self.image_size % self.patch_size:
                 raise ConfigError(f"{path}.patch_size", f"{self.patch_size} does not divide image_size {self.image_size}")
             if self.width % self.heads:
                 raise ConfigError(f"{path}.heads", f"{self.heads} does not divide width {self.width}")
+        if self.kind == "builtin":
             if self.conv_stem and self.patch_size & (self.patch_size - 1):
                 raise ConfigError(f"{path}.patch_size", "the convolutional stem needs a power-of-two patch size")
             return
-        if self.hf_config is None:
-            raise ConfigError(
-                f"{path}.hf_config",
-                f"a '{self.kind}' tower needs its transformers vision config as a dict",
-                "pass vision=<local directory> to interleaf.build, or a CLIPVisionConfig().to_dict()",
-            )
+        if self.kind == "eva_clip":
+            self.eva = self.eva or EvaClipConfig()
+            if self.eva.rope and (self.width // self.heads) % 4:
+                raise ConfigError(f"{path}.heads", f"the head width {self.width // self.heads} is not a multiple of 4",
+                                  "the 2D rotary embedding rotates pairs in each half of a head")
+            if (self.eva.trained_image_size or self.image_size) % self.patch_size:
+                raise ConfigError(f"{path}.eva.trained_image_size", f"is not a multiple of patch_size {self.patch_size}")
+        elif self.hf_config is None:
+            raise ConfigError(f"{path}.hf_config", f"a '{self.kind}' tower needs its transformers vision config as a dict",
+                              "pass vision=<local directory> to interleaf.build, or a CLIPVisionConfig().to_dict()")
         for name, key in (("image_size", "image_size"), ("patch_size", "patch_size"), ("width", "hidden_size"),
                           ("layers", "num_hidden_layers")):
-            value = self.hf_config.get(key, getattr(self, name))
+            value = self.hf_config.get(key, getattr(self, name)) if self.hf_config is not None else getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{path}.hf_config.{key}", f"must be a positive integer, got {value!r}")
             setattr(self, name, value)
@@ -109,8 +137,8 @@ class VisionConfig:
 
     @property
     def num_tokens(self) -> int:
-        """Feature tokens per image: the patches, plus CLIP's class token unless it is dropped."""
-        return self.num_patches + (1 if self.kind == "clip" and not self.drop_cls_token else 0)
+        """Feature tokens per image: the patches, plus a CLIP / EVA-CLIP class token unless it is dropped."""
+        return self.num_patches + (1 if self.kind in ("clip", "eva_clip") and not self.drop_cls_token else 0)
 
 
 @dataclass
@@ -169,6 +197,7 @@ class CrossAttentionConfig:
     gate_init_std: float = setting(0.0, ge=0)  # std for gate_init="normal"
     gate_shape: Literal["scalar", "vector"] = "scalar"
     ffn_without_image: bool = False  # apply the gated FFN to tokens that see no image (IDEFICS, OpenFlamingo)
+    skip_rows_without_image: bool = False  # InfiMM's per-row flag: a row without image is the plain LM
     norm_eps: float = setting(1e-6, gt=0)
 
     def __post_init__(self):

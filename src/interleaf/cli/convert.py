@@ -9,6 +9,8 @@
     interleaf convert llava SRC DST --to llava interleaf (LLaVA architecture) -> transformers LLaVA
     interleaf convert xgen-mm SRC DST          released xGen-MM (BLIP-3) r-v1.5 folder -> interleaf
     interleaf convert llava-next SRC DST       transformers LLaVA-NeXT directory (either hub layout) -> interleaf
+    interleaf convert infimm SRC DST           InfiMM checkpoint folder (config.json + pytorch_model.bin or
+                                               safetensors) -> interleaf
     interleaf convert llava-next SRC DST --to llava-next
                                                interleaf (LLaVA-NeXT architecture) -> transformers LLaVA-NeXT
 """
@@ -148,6 +150,29 @@ def llava_next_cmd(
     else:
         raise InputError(f"--to must be 'interleaf' or 'llava-next', got {to!r}")
     typer.echo(f"wrote {out}")
+
+
+@convert_app.command("infimm")
+def infimm_cmd(
+    src: Path = typer.Argument(..., help="InfiMM folder: config.json, pytorch_model.bin or model.safetensors (or "
+                               "shards with their index), tokenizer files if present."),
+    dst: Path = typer.Argument(..., help="Output interleaf directory."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory, if SRC has none."),
+    perceiver_heads: int = typer.Option(8, "--perceiver-heads", min=1, help="The perceiver's heads (InfiMM: 8)."),
+    xattn_heads: int = typer.Option(8, "--xattn-heads", min=1, help="The cross-attention's heads (InfiMM: 8)."),
+    lm_type: Optional[str] = typer.Option(None, "--lm-type", help="The LM's transformers model_type, when the "
+                                          "config's 'language' names none (default: mistral with sliding_window, "
+                                          "else llama)."),
+) -> None:
+    """Convert an InfiMM checkpoint (EVA-CLIP tower, perceiver, gated cross-attention, LM) to interleaf."""
+    from ..convert.infimm import from_infimm
+
+    out = from_infimm(src, dst, tokenizer=tokenizer, perceiver_heads=perceiver_heads, xattn_heads=xattn_heads,
+                      lm_type=lm_type)
+    typer.echo(f"wrote {out}")
+    if not (out / "tokenizer_config.json").is_file():
+        typer.echo("note: no tokenizer was found, so the directory holds the model without a processor; "
+                   "pass --tokenizer <the checkpoint's tokenizer folder> for one that interleaf.load reads")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,10 @@ One block sits in front of a chosen decoder layer of the LM::
     x = x + tanh(ffn_gate)  * ffn(norm(x))    (zeroed too for tokens without image, unless
                                                cross_attention.ffn_without_image, as IDEFICS does)
 
+With ``cross_attention.skip_rows_without_image`` (InfiMM's per-sample flag) both residuals are also
+multiplied by 1 for a row whose prompt holds an image and 0 for a row without one, so such a row
+computes exactly the plain LM.
+
 Gates start at zero, so an untrained model is exactly its base LM. Per-call inputs reach the
 blocks through a ``ContextVar`` set by the top model around the LM call (nothing is stored on a
 module between calls, and threads never see each other's images).
@@ -118,6 +122,7 @@ class MediaContext:
     image_index: torch.Tensor  # (B_run, T) index of each token's image, -1 for none
     row_index: torch.Tensor | None  # (B_run,) cache row per running row, or None
     sees_image: torch.Tensor  # (B_run, T, 1) float 1.0 where the token has an image
+    row_has_image: torch.Tensor | None = None  # (B_run, 1, 1) float 1.0 for a row whose prompt has an image
 
 
 _MEDIA: contextvars.ContextVar[MediaContext | None] = contextvars.ContextVar("interleaf_media", default=None)
@@ -206,6 +211,8 @@ class GatedCrossAttentionBlock(nn.Module):
         h = self.ffn(self.ffn_norm(x))
         if not self.cfg.ffn_without_image:
             h = h * sees
+        elif self.cfg.skip_rows_without_image and ctx.row_has_image is not None:
+            h = h * ctx.row_has_image.to(h.dtype)  # (rows without image: their attention part is already 0)
         return x + torch.tanh(self.ffn_gate).to(x.dtype) * h
 
 
@@ -220,7 +227,8 @@ class CrossAttentionDecoderLayer(nn.Module):
 
     def forward(self, *args, **kwargs):
         ctx = _MEDIA.get()
-        if ctx is not None or self.cross_attention.cfg.ffn_without_image:
+        cfg = self.cross_attention.cfg
+        if ctx is not None or (cfg.ffn_without_image and not cfg.skip_rows_without_image):
             if "hidden_states" in kwargs:
                 kwargs["hidden_states"] = self._cross_attend(kwargs["hidden_states"], ctx)
             else:

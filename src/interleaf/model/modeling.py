@@ -278,7 +278,9 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
             index = (num_images - 1)[:, None].expand_as(input_ids)
         index = torch.minimum(index, (num_images - 1)[:, None])
         sees = (index >= 0)[..., None].float()  # (B, T, 1)
-        return MediaContext(cache=cache, image_index=index, row_index=row_index, sees_image=sees)
+        row_has_image = (num_images > 0)[:, None, None].float()  # (B, 1, 1)
+        return MediaContext(cache=cache, image_index=index, row_index=row_index, sees_image=sees,
+                            row_has_image=row_has_image)
 
     # ------------------------------------------------------------------ forward
     def forward(

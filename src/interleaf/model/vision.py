@@ -1,15 +1,18 @@
 """Vision towers: images ``(B, N_img, 3, H, W)`` -> patch features ``(B, N_img, V, Dv)``.
 
-Two backbones sit behind one interface, :class:`VisionTower`:
+Three backbones sit behind one interface, :class:`VisionTower`:
 
 - :class:`BuiltinViT`, a small ViT for training from scratch (``VisionConfig.kind == "builtin"``),
   optionally with a convolutional stem, which learns shapes much faster than a single patchify
   convolution when there is no pretraining.
 - :class:`HFVisionAdapter`, a transformers ``CLIPVisionModel`` or ``SiglipVisionModel`` read at a
   chosen hidden layer (``feature_layer``), as LLaVA and OpenFlamingo-style models do.
+- :class:`~interleaf.model.eva_clip.EvaVisionTransformer`, an EVA-CLIP tower (EVA02 or EVA-CLIP-4B
+  style, InfiMM's), interleaf's own code (``kind == "eva_clip"``).
 
 :func:`load_vision_tower` reads a local transformers directory (a vision model or a full
-CLIP / SigLIP model) offline and returns the matching :class:`~interleaf.config.VisionConfig`.
+CLIP / SigLIP model, or an EVA-CLIP tower written by :func:`~interleaf.model.eva_clip.save_eva_clip`)
+offline and returns the matching :class:`~interleaf.config.VisionConfig`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from interleaf.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, Visio
 from interleaf.errors import CheckpointError, ConfigError, InputError
 from interleaf.files import read_json
 from interleaf.model.attention import attend
+from interleaf.model.eva_clip import EVA_MODEL_TYPE, EvaVisionTransformer, load_eva_clip
 
 __all__ = [
     "BuiltinViT",
@@ -288,8 +292,14 @@ class VisionTower(nn.Module):
         if cfg.kind == "builtin":
             if model is not None:
                 raise ConfigError("vision.kind", "a 'builtin' tower is built from the config; do not pass a model")
-            self.backbone: BuiltinViT | HFVisionAdapter = BuiltinViT(cfg)
+            self.backbone: BuiltinViT | HFVisionAdapter | EvaVisionTransformer = BuiltinViT(cfg)
             self.out_dim = cfg.width
+        elif cfg.kind == "eva_clip":
+            if model is not None and not isinstance(model, EvaVisionTransformer):
+                raise ConfigError("vision.kind",
+                                  f"an 'eva_clip' tower wraps an EvaVisionTransformer, got {type(model).__name__}")
+            self.backbone = model if model is not None else EvaVisionTransformer(cfg)
+            self.out_dim = self.backbone.out_dim
         else:
             self.backbone = HFVisionAdapter(cfg, model)
             self.out_dim = self.backbone.out_dim
@@ -378,10 +388,15 @@ def load_vision_tower(
     if not config_file.is_file():
         raise CheckpointError(f"{str(directory)!r} has no config.json; expected a transformers CLIP or SigLIP directory")
     model_type = read_json(config_file, "vision tower directory", error=CheckpointError).get("model_type")
+    if model_type == EVA_MODEL_TYPE:
+        cfg, eva = load_eva_clip(directory, dtype, feature_layer=feature_layer, drop_cls_token=drop_cls_token,
+                                 post_layernorm=post_layernorm)
+        return cfg, VisionTower(cfg, eva)
     if model_type not in _MODEL_TYPES:
         raise CheckpointError(
             f"{config_file}: model_type {model_type!r} is not a supported vision tower; "
-            f"expected one of {sorted(_MODEL_TYPES)} (a CLIP or SigLIP model saved by transformers)"
+            f"expected one of {sorted(_MODEL_TYPES)} (a CLIP or SigLIP model saved by transformers) or "
+            f"{EVA_MODEL_TYPE!r} (an EVA-CLIP tower written by interleaf.model.eva_clip.save_eva_clip)"
         )
     kind, full = _MODEL_TYPES[model_type]
     from transformers import CLIPModel, CLIPVisionModel, SiglipModel, SiglipVisionModel
