@@ -11,9 +11,8 @@ References (the reference notes on token insertion, InfiMM part and "Released si
   blocks x 139,476,994 + LM 7,241,748,480; infimm-vicuna13b 19,710,920,980 = tower 4,350,556,928 +
   perceiver 176,343,552 + 10 blocks x 216,813,570 + LM 13,015,884,800.
 
-The EVA-CLIP towers are a vision kind of their own; until it is part of interleaf the presets stay
-``unavailable``, and everything but the tower is counted here with a stand-in tower of the same
-width (its own parameters left out of the count).
+The presets build with interleaf's EVA-CLIP vision kind; everything but the tower is also counted
+on its own, with a stand-in tower of the same width (its own parameters left out of the count).
 """
 
 from __future__ import annotations
@@ -21,7 +20,9 @@ from __future__ import annotations
 import pytest
 
 import interleaf
+from interleaf.config import VisionConfig
 from interleaf.errors import ConfigError
+from interleaf.model.eva_clip import eva_vision_config
 from interleaf.presets import get_preset
 
 ZEPHYR_VISUAL = {  # Infi-MM/infimm-zephyr config.json, "visual"
@@ -57,16 +58,18 @@ RELEASED = {
 def test_every_field_is_the_released_configs(name):
     visual, language, every, _, _ = RELEASED[name]
     preset = get_preset(name)
-    assert preset.vision["kind"] == "eva_clip" and preset.vision["eva"] == visual
+    # the preset's tower is exactly what interleaf makes of the released "visual" dict
+    assert VisionConfig(**dict(preset.vision)) == eva_vision_config(visual)
     assert preset.vision["image_size"] == visual["image_size"] and preset.vision["patch_size"] == 14
     assert preset.vision["resize"] == "shortest_edge_crop"
     assert preset.vision["image_mean"] == (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's
     assert preset.vision["image_std"] == (0.26862954, 0.26130258, 0.27577711)
     for key, value in language.items():
         assert preset.text_config[key] == value, key
-    # 32000 rows of the LM, then <|endofchunk|> 32000 and <image> 32001 (eoc_token_id, image_token_id)
-    assert preset.text_config["vocab_size"] == 32000
-    assert preset.tokens == dict(prompt_format="openflamingo", extra_start=32000, num_extra=2, image_token_id=32001)
+    # 32002 rows in the LM, <|endofchunk|> 32000 and <image> 32001 among them (eoc_token_id, image_token_id)
+    assert preset.text_config["vocab_size"] == 32002
+    assert preset.tokens == dict(prompt_format="openflamingo", image_token_id=32001)
+    assert preset.cross_attention["skip_rows_without_image"]  # InfiMM's per-row flag
     # the perceiver as InfiMM's code builds it (the model card's 16 heads x 96 is not what loads the weights)
     assert preset.resampler == dict(depth=6, num_latents=64, heads=8, head_dim=64, ff_mult=4, activation="gelu")
     xattn = preset.cross_attention
@@ -79,7 +82,7 @@ def test_every_field_is_the_released_configs(name):
 def _without_tower(name: str):
     """The preset built on the meta device with a stand-in tower of the EVA tower's width."""
     preset = get_preset(name)
-    width = preset.vision["eva"]["width"]
+    width = preset.vision["width"]
     model, _ = interleaf.build(
         vision=dict(kind="builtin", image_size=14, patch_size=14, width=width, layers=1, heads=16),
         lm=dict(preset.text_config), tokenizer="none", resampler=dict(preset.resampler),
@@ -103,12 +106,12 @@ def test_everything_but_the_tower_has_the_released_parameter_counts(name):
     assert model.language_model.get_input_embeddings().num_embeddings == 32002
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason="EVA-CLIP kind not merged yet")
 @pytest.mark.parametrize("name", list(RELEASED))
 def test_the_presets_have_the_released_parameter_counts(name):
     model, processor = interleaf.build(name, device="meta")
     assert processor is None and next(model.parameters()).is_meta
     assert model.num_parameters() == RELEASED[name][4]["total"]  # 9,840,832,224 / 19,710,920,980
+    assert sum(p.numel() for p in model.vision_tower.parameters()) == RELEASED[name][4]["tower"]
 
 
 def test_the_llama2_13b_preset_says_its_tower_is_not_established():

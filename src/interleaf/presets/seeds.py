@@ -206,56 +206,59 @@ def _xgenmm(name: str) -> Preset:
 
 # -- InfiMM (Infi-MM/infimm-zephyr and Infi-MM/infimm-vicuna13b config.json values) --
 
-# The "visual" dicts of the released configs, as InfiMM's code reads them (keys a dict leaves out take
-# InfiMM's CLIPVisionCfg defaults: qkv_bias True, rope, subln, naiveswiglu and postnorm False). The
-# features InfiMM takes: the last block's output, every token (class token first), no final norm; the
-# final norm and the head (to embed_dim) are in the checkpoints but unused.
-INFIMM_ZEPHYR_VISUAL = dict(  # EVA02-CLIP-L/14-336
-    image_size=336, layers=24, width=1024, head_width=64, patch_size=14, mlp_ratio=2.6667,
-    eva_model_name="eva-clip-l-14-336", drop_path_rate=0.0, xattn=False, fusedLN=True, rope=True,
-    pt_hw_seq_len=16, intp_freq=True, naiveswiglu=True, subln=True, embed_dim=768,
-)
-INFIMM_VICUNA_VISUAL = dict(  # EVA-CLIP-4B: the vision tower of EVA02-CLIP-bigE-14 (MLP 15360 wide)
-    image_size=224, layers=64, width=1792, head_width=112, patch_size=14, mlp_ratio=8.571428571428571,
-    eva_model_name="eva-clip-4b-14-x", xattn=False, fusedLN=False, postnorm=True, embed_dim=1024,
-    patch_dropout=0.0,
-)
-# The LMs as the checkpoints hold them: 32000 rows of the base LM, then InfiMM's two added tokens as
-# interleaf's decoupled rows (32002 rows in all, the released "vocab_size").
-ZEPHYR_7B_BETA = {**MISTRAL_7B, "pad_token_id": 2, "rope_theta": 10000.0}
-VICUNA_13B_V15_BASE = dict(LLAMA2_13B)  # lmsys/vicuna-13b-v1.5: Llama-2-13B's dimensions
-INFIMM_TOKENS = dict(prompt_format="openflamingo", extra_start=32000, num_extra=2, image_token_id=32001)
-INFIMM_RESAMPLER = OPENFLAMINGO_RESAMPLER  # InfiMM's PerceiverResampler defaults: 6 x 64 latents, 8 heads x 64
+# The towers of the released configs' "visual" dicts, as interleaf's EVA-CLIP vision kind takes them
+# (interleaf.model.eva_clip.eva_vision_config maps a "visual" dict to exactly these; the tests check it).
+# The features InfiMM takes: the last block's output, every token (class token first), no final norm;
+# the final norm and the head (to embed_dim) are in the checkpoints, built and counted, but unused.
 INFIMM_PREPROCESSING = dict(  # InfiMM's processor: Resize(shortest edge, bicubic), CenterCrop, OpenAI CLIP's statistics
     image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711),
     resize="shortest_edge_crop",
 )
+INFIMM_ZEPHYR_VISION = dict(  # EVA02-CLIP-L/14-336: "eva-clip-l-14-336", head_width 64
+    kind="eva_clip", image_size=336, patch_size=14, width=1024, layers=24, heads=16,
+    eva=dict(mlp_ratio=2.6667, rope=True, pt_hw_seq_len=16, intp_freq=True, naiveswiglu=True, subln=True,
+             embed_dim=768),
+    **INFIMM_PREPROCESSING,
+)
+INFIMM_VICUNA_VISION = dict(  # EVA-CLIP-4B ("eva-clip-4b-14-x"), the vision tower of EVA02-CLIP-bigE-14, head_width 112
+    kind="eva_clip", image_size=224, patch_size=14, width=1792, layers=64, heads=16,
+    eva=dict(mlp_ratio=8.571428571428571, postnorm=True, embed_dim=1024),
+    **INFIMM_PREPROCESSING,
+)
+# The LMs as the checkpoints hold them: 32002 rows, InfiMM's two added tokens (<|endofchunk|> 32000,
+# <image> 32001) among the LM's own rows, as `interleaf convert infimm` writes them.
+ZEPHYR_7B_BETA = {**MISTRAL_7B, "vocab_size": 32002, "pad_token_id": 2, "rope_theta": 10000.0}
+VICUNA_13B_V15_BASE = {**LLAMA2_13B, "vocab_size": 32002}  # lmsys/vicuna-13b-v1.5: Llama-2-13B's dimensions
+INFIMM_TOKENS = dict(prompt_format="openflamingo", image_token_id=32001)
+INFIMM_RESAMPLER = OPENFLAMINGO_RESAMPLER  # InfiMM's PerceiverResampler defaults: 6 x 64 latents, 8 heads x 64
+# OpenFlamingo's blocks; InfiMM's per-row flag: a row without an <image> skips every gated block
+INFIMM_XATTN = dict(OPENFLAMINGO_XATTN, skip_rows_without_image=True)
 
 
 def _eva_clip_unavailable(tower: str) -> str:
     return (
-        f"this preset's vision tower is EVA-CLIP ({tower}), which transformers does not implement (and interleaf "
-        "never loads timm or open_clip); build it with your own tower: interleaf.build(vision=<local CLIP or SigLIP "
+        f"this preset's vision tower is EVA-CLIP ({tower}) and its dimensions are not established from public "
+        "facts; build it with a tower you know: interleaf.build(vision=<local CLIP, SigLIP or EVA-CLIP "
         "directory>, lm=..., cross_attention=..., resampler=...)"
     )
 
 
-def _infimm(name: str, text: dict, lm: str, visual: dict, every: int, tower: str) -> Preset:
+def _infimm(name: str, text: dict, lm: str, vision: dict, every: int, tower: str) -> Preset:
     return Preset(
         name=name,
-        description=f"InfiMM architecture: EVA-CLIP tower {tower} ({visual['image_size']} px) + {lm}, "
-        f"cross-attention every {every} layers (needs the EVA-CLIP vision kind)",
-        vision=dict(kind="eva_clip", eva=dict(visual), image_size=visual["image_size"],
-                    patch_size=visual["patch_size"], **INFIMM_PREPROCESSING),
+        description=f"InfiMM architecture: EVA-CLIP tower {tower} ({vision['image_size']} px) + {lm}, "
+        f"cross-attention every {every} layers (random weights; convert real ones with `interleaf convert infimm`)",
+        vision=dict(vision, eva=dict(vision["eva"])),
         resampler=dict(INFIMM_RESAMPLER),
-        cross_attention=dict(every_n_layers=every, **OPENFLAMINGO_XATTN),
+        cross_attention=dict(every_n_layers=every, **INFIMM_XATTN),
         text_config=text,
         tokens=dict(INFIMM_TOKENS),
         tokenizer="none",
         note="The perceiver is what InfiMM's code builds and its checkpoints hold (8 heads x 64); its model card's "
         "16 heads x 96 is not. Images: shortest edge to the tower's size (bicubic), centre crop, OpenAI CLIP's "
-        "mean and std; chat prompts with an empty system turn first (InterleafProcessor(..., default_system='')).",
-        unavailable=_eva_clip_unavailable(f"{tower} at {visual['image_size']} px"),
+        "mean and std; chat prompts with an empty system turn first (InterleafProcessor(..., default_system='')). "
+        "Real weights: download the released folder (config.json, pytorch_model.bin, the tokenizer files) and run "
+        "`interleaf convert infimm <that folder> <output>`.",
     )
 
 
@@ -267,15 +270,14 @@ def _infimm_llama2_13b() -> Preset:
         "cross-attention interval not established from public facts",
         vision={},
         resampler=dict(INFIMM_RESAMPLER),
-        cross_attention=dict(OPENFLAMINGO_XATTN),  # the interval (every_n_layers) is not known
-        text_config=LLAMA2_13B,
+        cross_attention=dict(INFIMM_XATTN),  # the interval (every_n_layers) is not known
+        text_config=VICUNA_13B_V15_BASE,  # Llama-2-13B's dimensions, 32002 rows
         tokens=dict(INFIMM_TOKENS),
         tokenizer="none",
         note="Infi-MM/infimm-llama13b's config.json was not found in public sources: its model card names "
         "Llama-2-13B and a 224 px \"ViT-G-224\" EVA-CLIP tower (probably EVA01-CLIP-g/14, unverified).",
-        unavailable=_eva_clip_unavailable('"ViT-G-224" per the model card') + "; and this preset's tower "
-        "dimensions and cross-attention interval are not established from public facts (the released config.json "
-        "was not found), so it cannot state the architecture",
+        unavailable=_eva_clip_unavailable('"ViT-G-224" per the model card') + "; its cross-attention interval "
+        "is not established either (the released config.json was not found), so it cannot state the architecture",
     )
 
 
@@ -390,8 +392,8 @@ for _preset in (
         "MPT-7B is transformers' MPT; its 50432-row embedding is resized to 50280 as OpenFlamingo does.",
     ),
     _xgenmm("xgen-mm-phi3-mini"),
-    _infimm("infimm-zephyr-7b", ZEPHYR_7B_BETA, "Zephyr-7B-beta", INFIMM_ZEPHYR_VISUAL, 2, "EVA02-CLIP-L/14"),
+    _infimm("infimm-zephyr-7b", ZEPHYR_7B_BETA, "Zephyr-7B-beta", INFIMM_ZEPHYR_VISION, 2, "EVA02-CLIP-L/14"),
     _infimm_llama2_13b(),
-    _infimm("infimm-vicuna-13b", VICUNA_13B_V15_BASE, "Vicuna-13B-v1.5", INFIMM_VICUNA_VISUAL, 4, "EVA-CLIP-4B"),
+    _infimm("infimm-vicuna-13b", VICUNA_13B_V15_BASE, "Vicuna-13B-v1.5", INFIMM_VICUNA_VISION, 4, "EVA-CLIP-4B"),
 ):
     register(_preset)
