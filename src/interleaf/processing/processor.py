@@ -176,10 +176,8 @@ class InterleafProcessor:
             add_end_of_utterance_token = self.tokens.add_end_of_utterance
 
         rows, _ = split_batch(prompts)
-        parsed = [
-            parse_prompt(p, r, self.tokenizer, images_root=images_root, add_generation_prompt=add_generation_prompt)
-            for r, p in enumerate(rows)
-        ]
+        parsed = [parse_prompt(p, r, self.tokenizer, images_root=images_root, add_generation_prompt=add_generation_prompt,
+                               image_token=self.tokens.image_token) for r, p in enumerate(rows)]
         for r, row in enumerate(parsed):
             self._validate(row, r)
         sized = self.format.sized_images  # LLaVA-NeXT: images are loaded first, their sizes set their tokens
@@ -244,7 +242,7 @@ class InterleafProcessor:
         if batched and len(rows) != 1:
             raise InputError(f"render takes one prompt, got a batch of {len(rows)}; render each row on its own")
         row = parse_prompt(rows[0], 0, self.tokenizer, images_root=images_root,
-                           add_generation_prompt=add_generation_prompt)
+                           add_generation_prompt=add_generation_prompt, image_token=self.tokens.image_token)
         self._validate(row, 0)
         images = self._load_row(row, allow_urls) if self.format.tiled_images else row.images
         if add_end_of_utterance_token is None:
