@@ -198,7 +198,7 @@ class InterleafProcessor:
         rows, _ = split_batch(prompts)
         parsed = [
             parse_prompt(p, r, self.tokenizer, images_root=images_root, add_generation_prompt=add_generation_prompt,
-                         default_system=self.default_system)
+                         default_system=self.default_system, image_token=self.tokens.image_token)
             for r, p in enumerate(rows)
         ]
         for r, row in enumerate(parsed):
@@ -268,7 +268,7 @@ class InterleafProcessor:
         if batched and len(rows) != 1:
             raise InputError(f"render takes one prompt, got a batch of {len(rows)}; render each row on its own")
         row = parse_prompt(rows[0], 0, self.tokenizer, images_root=images_root,
-                           add_generation_prompt=add_generation_prompt)
+                           add_generation_prompt=add_generation_prompt, image_token=self.tokens.image_token)
         self._validate(row, 0)
         images = self._load_row(row, allow_urls) if self.format.tiled_images else row.images
         if add_end_of_utterance_token is None:

@@ -26,7 +26,10 @@ Images, by family (``tokens.prompt_format``):
   mask is reset until the next image (chat conversations excepted).
 
 Turns: a chat conversation goes through the tokenizer's chat template, images in the place their
-part had in the message, written as above.
+part had in the message, written as above. A template that loops over the content parts and writes
+``<image>`` for each image part itself (transformers' LLaVA processors' templates) gets list content,
+and each ``<image>`` it writes is one image written as above
+(:func:`interleaf.processing.prompts.template_wants_parts`).
 
 Image spans (:meth:`PromptFormat.image_spans`): ``[start, end)`` of the tokens the format writes
 for one image: ``<image>``, with the ``<|endofchunk|>`` before it in a chat conversation, and for

@@ -5,6 +5,20 @@ A prompt is a list mixing text and images; a chat conversation is a list of mess
 :class:`Text` and :class:`ImageRef` segments, with chat conversations already rendered by the
 tokenizer's chat template (images come back in the place their part had in the message).
 Every problem raises :class:`~interleaf.errors.InputError` naming the batch row and item.
+
+Chat templates come in two kinds, told apart by :func:`template_wants_parts`:
+
+- *string content* (interleaf's own templates, most text-only ones): each message's content is
+  handed to the template as one string in which every image stands as a private-use character;
+  the image comes back exactly where its part was in the message.
+- *list content* (transformers' multimodal processors' templates, such as the llava-hf
+  checkpoints' ``chat_template.json``): the template loops over ``message['content']`` as a list of
+  ``{"type": "text", "text": ...}`` and ``{"type": "image"}`` parts and writes the model's image
+  token (``tokens.image_token``, ``<image>``) itself for each image part; with string content it
+  renders nothing of the message. Such a template gets list content, and each image token it
+  writes becomes one image, in the conversation's order (a template may move a message's images
+  before its text, as LLaVA's do; the images keep their order). The prompt format then spells
+  each image as its family does (LLaVA: one ``<image>`` per vision token), once per image part.
 """
 
 from __future__ import annotations
@@ -25,6 +39,8 @@ ACCEPTED_ITEMS = (
 CHAT_ROLES = ("system", "user", "assistant")
 # Stands for an image while a conversation goes through the chat template (Unicode private use).
 IMAGE_SENTINEL = "\ue000"
+# The text of the conversation that tells which way a chat template takes message content.
+_PROBE = "\ue001"
 
 
 @dataclass
@@ -144,17 +160,21 @@ def parse_prompt(
     images_root: str | Path | None = None,
     add_generation_prompt: bool | None = None,
     default_system: str | None = None,
+    image_token: str = "<image>",
 ) -> ParsedPrompt:
     """Parse one batch row (a list of items, or a list of chat messages).
 
     ``default_system``: a chat conversation whose first message is not a system message gets a
     system message with this content before the chat template renders it (InfiMM's processor
-    inserts one with empty content); ``None`` inserts nothing.
+    inserts one with empty content); ``None`` inserts nothing. ``image_token``: the model's image
+    token (``tokens.image_token``), which a list-content chat template writes for each image part
+    (see the module docstring).
     """
     if not isinstance(prompt, (list, tuple)):
         raise InputError(f"batch row {row}: a prompt must be a list of text and images, got {type(prompt).__name__}")
     if prompt and all(_is_message(m) for m in prompt):
-        return _parse_chat(list(prompt), row, tokenizer, images_root, add_generation_prompt, default_system)
+        return _parse_chat(list(prompt), row, tokenizer, images_root, add_generation_prompt, image_token,
+                           default_system)
     if any(_is_message(m) for m in prompt):
         first = next(i for i, m in enumerate(prompt) if _is_message(m))
         raise InputError(
@@ -167,12 +187,35 @@ def parse_prompt(
     return ParsedPrompt(segments, is_chat=False)
 
 
-def _parse_chat(messages, row, tokenizer, images_root, add_generation_prompt, default_system=None) -> ParsedPrompt:
+def template_wants_parts(tokenizer) -> bool:
+    """Whether the tokenizer's chat template needs message content as a list of parts.
+
+    The template renders a probe conversation (one user message) twice: its content a string, then
+    a list of one text part. A template that shows the probe's text from the string takes string
+    content (what interleaf hands every template by default); one that shows it only from the list
+    iterates over the parts (``{% for part in message['content'] %}``, or
+    ``selectattr('type', 'equalto', 'text')`` as transformers' LLaVA templates do). A rendering
+    that raises counts as not showing the text; a template that shows it neither way is treated as
+    a string-content one (and fails as it did before when a conversation goes through it).
+    """
+    def shows(content) -> bool:
+        try:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        except Exception:  # a template that refuses the probe does not take content that way
+            return False
+        return isinstance(rendered, str) and _PROBE in rendered
+
+    return not shows(_PROBE) and shows([{"type": "text", "text": _PROBE}])
+
+
+def _parse_chat(messages, row, tokenizer, images_root, add_generation_prompt, image_token,
+                default_system=None) -> ParsedPrompt:
     if getattr(tokenizer, "chat_template", None) is None:
         raise InputError(
             f"batch row {row}: chat messages need a chat template but the tokenizer has none; set "
             "tokenizer.chat_template, or pass the prompt as a list of text and images"
         )
+    as_parts = template_wants_parts(tokenizer)
     rendered_messages = []
     images: list[ImageRef] = []
     typed: list[Text] = []  # the user's own words, for checks the template's text must not trip
@@ -184,28 +227,26 @@ def _parse_chat(messages, row, tokenizer, images_root, add_generation_prompt, de
         parts = [content] if isinstance(content, str) else content
         if not isinstance(parts, (list, tuple)):
             raise InputError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
-        text: list[str] = []
-        for p, part in enumerate(parts):
-            seg = classify_item(part, f"{where}, part {p}", images_root)
+        segments = [classify_item(part, f"{where}, part {p}", images_root) for p, part in enumerate(parts)]
+        for seg in segments:
             if isinstance(seg, ImageRef):
                 images.append(seg)
-                text.append(IMAGE_SENTINEL)
             else:
-                if IMAGE_SENTINEL in seg.text:
-                    raise InputError(f"{seg.where}: the text holds the reserved character U+E000; remove it")
-                text.append(seg.text)
+                _check_typed(seg, image_token if as_parts else None)
                 typed.append(seg)
-        rendered_messages.append({"role": role, "content": "".join(text)})
+        rendered_messages.append({"role": role, "content": _content(segments, as_parts)})
     if default_system is not None and rendered_messages[0]["role"] != "system":
-        rendered_messages.insert(0, {"role": "system", "content": default_system})
+        rendered_messages.insert(0, {"role": "system", "content": _content([Text(default_system, "system")], as_parts)})
     if add_generation_prompt is None:
         add_generation_prompt = messages[-1].get("role") != "assistant"
     rendered = tokenizer.apply_chat_template(rendered_messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    pieces = rendered.split(IMAGE_SENTINEL)
+    pieces = rendered.split(image_token if as_parts else IMAGE_SENTINEL)
     if len(pieces) - 1 != len(images):
+        wrote = f"wrote {image_token!r} {len(pieces) - 1} times for" if as_parts else f"kept {len(pieces) - 1} of"
         raise InputError(
-            f"batch row {row}: the chat template kept {len(pieces) - 1} of the conversation's {len(images)} "
-            "images (it drops or repeats some message content); use a template that renders every message"
+            f"batch row {row}: the chat template {wrote} the conversation's {len(images)} images (it drops or "
+            "repeats some message content); use a template that renders every message"
+            + (f" and writes {image_token!r} once for each image part" if as_parts else "")
         )
     segments: list[Segment] = []
     for i, piece in enumerate(pieces):
@@ -214,3 +255,23 @@ def _parse_chat(messages, row, tokenizer, images_root, add_generation_prompt, de
         if i < len(images):
             segments.append(images[i])
     return ParsedPrompt(segments, is_chat=True, user_texts=typed)
+
+
+def _check_typed(seg: Text, image_token: str | None) -> None:
+    """A text part may not hold what stands for an image in the template's output: the image token a
+    list-content template writes (``image_token``), else the private-use character (``None``)."""
+    if image_token is None and IMAGE_SENTINEL in seg.text:
+        raise InputError(f"{seg.where}: the text holds the reserved character U+E000; remove it")
+    if image_token is not None and image_token in seg.text:
+        raise InputError(
+            f"{seg.where}: the text contains {image_token!r} typed literally; images must be passed as images "
+            "(a PIL image, path, bytes or {'image': ...} item), and the processor writes their tokens"
+        )
+
+
+def _content(segments: list[Segment], as_parts: bool) -> str | list[dict]:
+    """A message's content for the chat template: one string with :data:`IMAGE_SENTINEL` for each image, or
+    (list-content templates) text and image parts."""
+    if as_parts:
+        return [{"type": "image"} if isinstance(s, ImageRef) else {"type": "text", "text": s.text} for s in segments]
+    return "".join(IMAGE_SENTINEL if isinstance(s, ImageRef) else s.text for s in segments)
