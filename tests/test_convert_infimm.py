@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers.fixtures import config, fixture_dirs, tensors
+from helpers.infimm import fixture_heads
 from interleaf.convert.infimm import from_infimm, load_infimm
 from interleaf.errors import CheckpointError
 from interleaf.model import InterleafForConditionalGeneration
@@ -35,11 +36,7 @@ def infimm_fixtures() -> list[Path]:
                                         "outputs.safetensors"))
 
 
-def heads(folder: Path) -> dict[str, int]:
-    """The heads the fixture's perceiver and blocks were built with (the released models: 8 and 8)."""
-    over = config(folder).get("_fixture", {})
-    return dict(perceiver_heads=over.get("perceiver_constructor_overrides", {}).get("heads", 8),
-                xattn_heads=over.get("xattn_constructor_overrides", {}).get("heads", 8))
+heads = fixture_heads  # the heads the fixture's perceiver and blocks were built with
 
 
 def pad_id(folder: Path) -> int:

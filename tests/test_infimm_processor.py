@@ -14,22 +14,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.infimm import ZEPHYR_TEMPLATE, zephyr_like_tokenizer
 from PIL import Image
+from tiny import tiny_preset
 
 from interleaf.config import TokensConfig
 from interleaf.errors import ConfigError
-from interleaf.processing import ImageTransform, InterleafProcessor, build_tiny_tokenizer
+from interleaf.processing import ImageTransform, InterleafProcessor
 
-from tiny import tiny_preset
-
-# Zephyr-7B-beta's chat template as InfiMM's tokenizer_config.json holds it (rendered with
-# transformers' jinja settings: blocks trimmed, so the newlines after ``}}`` stay).
-ZEPHYR_TEMPLATE = (
-    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
-    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
-    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
-)
 # The reference notes' rendering of the model card's one-image conversation.
 ZEPHYR_CARD_PROMPT = (
     "<|system|>\n</s>\n<|user|>\n<|endofchunk|><image>Please explain this image to me.</s>\n<|assistant|>\n"
@@ -37,14 +29,6 @@ ZEPHYR_CARD_PROMPT = (
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 S = 336
-
-
-def zephyr_like_tokenizer():
-    """The tiny tokenizer with Zephyr's chat template and InfiMM's two added tokens."""
-    tok = build_tiny_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
-    tok.chat_template = ZEPHYR_TEMPLATE
-    return tok
 
 
 def infimm_processor(tok=None, size: int = S) -> InterleafProcessor:

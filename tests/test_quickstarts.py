@@ -14,16 +14,18 @@ tiny interleaf one was converted from) on the same inputs, in float32: identical
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import pytest
 import torch
 from PIL import Image
+from helpers.fixtures import fixture_dirs
+from helpers.infimm import fixture_heads, infimm_checkpoint
 from tiny import tiny_idefics
+from transformers import AutoTokenizer
 from transformers import IdeficsForVisionText2Text as TransformersIdefics
 
-from interleaf.convert import from_idefics, from_openflamingo
+from interleaf.convert import from_idefics, from_infimm
 
 
 @pytest.fixture(scope="module")
@@ -147,20 +149,20 @@ def test_idefics_instruct_quickstart(idefics_dirs, capsys):
 
 
 @pytest.fixture(scope="module")
-def infimm_dir(openflamingo_pieces, tmp_path_factory):
-    """A tiny OpenFlamingo-format model (InfiMM is an OpenFlamingo fork), converted from checkpoint.pt."""
-    pieces, _, _ = openflamingo_pieces
+def infimm_dir(tmp_path_factory):
+    """A tiny InfiMM checkpoint in InfiMM's own layout (EVA02-style tower, perceiver, gated blocks, Mistral;
+    the weights of the first infimm-* fixture, the LM's rows resized to a Zephyr-style tokenizer),
+    converted with `interleaf convert infimm`."""
+    fixture = fixture_dirs("infimm-", has=("model.safetensors", "config.json"))[0]
     root = tmp_path_factory.mktemp("quickstart-infimm")
-    from_openflamingo(pieces / "checkpoint.pt", pieces / "lm", pieces / "clip", root / "model", cross_attn_every_n_layers=2)
-    # InfiMM's processor hands images over as batch_images (B, N_img, 1, 3, H, W): ask for that.
-    config_file = root / "model" / "processor_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "images_key": "batch_images"}))
+    released = infimm_checkpoint(fixture, root / "released")
+    from_infimm(released, root / "model", **fixture_heads(fixture))
     (root / "run" / "assets").mkdir(parents=True)
     Image.new("RGB", (40, 30), (10, 180, 90)).save(root / "run" / "assets" / "infimm-logo.webp")
     return root
 
 
-def _run_infimm_snippet(model_dir: str) -> list[str]:
+def _run_infimm_snippet(model_dir: str) -> tuple[list[str], dict, object]:
     # ---- model card snippet (InfiMM) ----
     import torch
     from transformers import AutoModelForCausalLM, AutoProcessor
@@ -196,12 +198,18 @@ def _run_infimm_snippet(model_dir: str) -> list[str]:
     # ---- end of snippet ----
     assert inputs["batch_images"].dtype == torch.bfloat16
     assert generated_ids.shape[1] <= inputs["input_ids"].shape[1] + 256
-    return generated_text
+    return generated_text, inputs, model
 
 
 def test_infimm_quickstart(infimm_dir, monkeypatch, capsys):
     monkeypatch.chdir(infimm_dir / "run")  # the snippet's relative image path
-    text = _run_infimm_snippet(str(infimm_dir / "model"))
+    text, inputs, model = _run_infimm_snippet(str(infimm_dir / "model"))
     # interleaf's generate returns the prompt and the new tokens (InfiMM's returned the new ones only)
     assert len(text) == 1 and "Please explain this image to me." in text[0]
     assert capsys.readouterr().out.startswith("['")
+    # the real tower, InfiMM's prompt (an empty system turn, <|endofchunk|><image> per image) and pixels
+    assert model.config.vision_cfg.kind == "eva_clip" and model.config.xattn_cfg.skip_rows_without_image
+    tok = AutoTokenizer.from_pretrained(infimm_dir / "model")
+    card = "<|system|>\n</s>\n<|user|>\n<|endofchunk|><image>Please explain this image to me.</s>\n<|assistant|>\n"
+    assert inputs["input_ids"][0].tolist() == tok([card])["input_ids"][0]
+    assert inputs["batch_images"].shape == (1, 1, 1, 3, 42, 42)  # the fixture tower's image size

@@ -296,8 +296,10 @@ def from_infimm(src_dir: PathLike, dst_dir: PathLike, *, tokenizer: Any = None, 
         dst.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(dst)
         return dst
+    # InfiMM's processor: images under its name and shape (batch_images), an empty system turn first
     processor = InterleafProcessor(
         tok, model.config.tokens_cfg, ImageTransform.from_vision_config(model.config.vision_cfg),
         max_length=getattr(model.config.text_config, "max_position_embeddings", None),
+        images_key="batch_images", default_system="",
     )
     return save(model, processor, dst)
