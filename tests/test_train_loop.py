@@ -86,8 +86,9 @@ def test_freeze_policy_decides_which_parameters_move(corpus, tmp_path, family, p
     before = start.state_dict()
     after = _weights(result.final)
     trainable = {n for n, p in start.named_parameters() if p.requires_grad}
-    if family != "cross_attention":  # the <image> row of the input embeddings: its positions get the image's
-        trainable.discard("language_model.model.embed_tokens.extra")  # embeddings, so it is never read
+    # token insertion: the <image> row of the input embeddings is never read (its positions get the
+    # image's embeddings), so no policy trains it
+    assert ("language_model.model.embed_tokens.extra" in trainable) == (family == "cross_attention")
     for name, p in start.named_parameters():
         changed = not torch.equal(before[name], after[name])
         assert changed == (name in trainable), (policy, name, changed)
