@@ -109,11 +109,26 @@ def test_max_length_cuts_the_grown_row_as_expand_cuts_the_same_row(corpus, max_l
             assert media.grown_mask.sum(-1).max() <= max_length
 
 
-def test_tokens_seen_counts_the_positions_the_lm_sees(corpus, tmp_path):
+def _stale_replace_model(path):
+    """A saved replace model whose processor_config.json predates ``tokens.image_lm_length``."""
+    model, processor = build_family("replace")
+    interleaf.save(model, processor, path)
+    data = json.loads((path / "processor_config.json").read_text())
+    del data["tokens"]["image_lm_length"]
+    (path / "processor_config.json").write_text(json.dumps(data))
+    assert interleaf.load(path)[1].tokens.image_lm_length is None
+    return path
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_tokens_seen_counts_the_positions_the_lm_sees(corpus, tmp_path, saved):
+    """``saved``: the replace model comes from a directory whose processor lacks the length; training
+    takes it from the model."""
     summaries = {}
     for family in ("expand", "replace"):
+        model = {"path": str(_stale_replace_model(tmp_path / "m"))} if saved and family == "replace" else None
         stage = {
-            "model": stage_model(family), "data": _mixture(corpus, 64),
+            "model": model or stage_model(family), "data": _mixture(corpus, 64),
             "optim": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0},
             "batch_size": 4, "max_steps": 2, "log_every": 1, "out": str(tmp_path / family), "freeze": "projector",
         }

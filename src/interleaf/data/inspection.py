@@ -17,8 +17,8 @@ from __future__ import annotations
 import glob
 import json
 import re
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 

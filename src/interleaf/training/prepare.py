@@ -52,6 +52,9 @@ def _build_model(stage: StageConfig, finals: dict[str, Path]):
         model, processor = load(spec.path)
     else:
         model, processor = build(spec.preset, seed=stage.seed, **spec.options)
+    # what one image becomes in the LM's row follows the model (a processor saved before the field existed
+    # lacks it), so that max_length and the token counts measure that row
+    processor.tokens.image_lm_length = model.config.tokens_cfg.image_lm_length
     return model, processor
 
 
