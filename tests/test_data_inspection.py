@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import interleaf
 from helpers.data import png, write_tar
 from helpers.families import FAMILIES, build_family
 
@@ -19,7 +20,7 @@ from interleaf.data.inspection import (
     shorten_image_runs,
     source_size,
 )
-from interleaf.data.stream import BadSampleCounter
+from interleaf.data.stream import BadSampleCounter, iter_source
 from interleaf.errors import InputError
 
 
@@ -80,3 +81,41 @@ def test_shorten_image_runs_counts_each_image_apart():
     text = "<s>" + "<image>" * 8 + "a" + "<image>" * 4
     assert shorten_image_runs(text, "<image>", 4) == "<s><image>*4<image>*4a<image>*4"
     assert shorten_image_runs(text, "<image>", 1) == text  # one token per image: as written
+    # each image's own count, in order (LLaVA-NeXT): a run of two images is split by the counts
+    assert shorten_image_runs(text, "<image>", [5, 3, 4]) == "<s><image>*5<image>*3a<image>*4"
+    assert shorten_image_runs(text, "<image>", [8]) == "<s><image>*8a" + "<image>" * 4  # no count left: as written
+
+
+def _pairs_source(tmp_path):
+    members = [("a.png", png(RED, 32)), ("a.txt", b"a red square."),
+               ("c.png", png(RED, 48)), ("c.txt", b"another red square.")]
+    (cfg,) = mixture_for_source(write_tar(tmp_path / "s.tar", members), "pairs").sources
+    return cfg
+
+
+def test_inspect_reports_the_rows_the_lm_sees_in_every_placement(tmp_path):
+    """Expand writes every vision token, replace one <image> the model grows: the LM sees the same row,
+    and the report gives its length (and the text's, where shorter)."""
+    cfg = _pairs_source(tmp_path)
+    shown = {}
+    for family in ("expand", "replace"):
+        model, processor = build_family(family)
+        report = inspect_source(cfg, processor, counter=BadSampleCounter(max_bad_fraction=1.0), max_length=64, show=2)
+        shown[family] = report.shown
+    for x, y in zip(shown["expand"], shown["replace"], strict=True):
+        assert (x.key, x.num_tokens, x.num_trained, x.num_images) == (y.key, y.num_tokens, y.num_trained, y.num_images)
+        assert x.num_text_tokens is None and y.num_text_tokens == x.num_tokens - 15  # one <image> for 16
+        assert "<image>*16[[" in x.rendered and "<image>[[" in y.rendered
+
+
+def test_inspect_shows_llava_next_images_with_the_count_of_their_size(tmp_path):
+    cfg = _pairs_source(tmp_path)
+    model, processor = interleaf.build("tiny-llava-next", seed=0)
+    samples = [s for s, _ in iter_source(cfg, processor, max_length=512)]
+    report = inspect_source(cfg, processor, counter=BadSampleCounter(max_bad_fraction=1.0), max_length=512, show=2)
+    assert [s.key for s in report.shown] == ["a", "c"]
+    for shown, sample in zip(report.shown, samples, strict=True):
+        n = sample["input_ids"].count(processor.image_token_id)  # what the processor wrote for the image
+        assert f"<image>*{n}[[" in shown.rendered and shown.num_tokens == len(sample["input_ids"])
+    counts = [s["input_ids"].count(processor.image_token_id) for s in samples]
+    assert counts[0] != counts[1]  # the two sizes take different counts

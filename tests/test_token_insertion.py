@@ -352,11 +352,14 @@ def test_freeze_policies():
     model, _ = interleaf.build("tiny-llava", seed=0)
     model.apply_freeze("projector")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert _trainable(model) == {"projector", "language_model"}  # the added <image> row is in the LM
+    assert _trainable(model) == {"projector", "language_model"}  # the added <image> output row is in the LM
     assert all(n.startswith("projector.") or ".extra" in n for n in names)
     model.apply_freeze("projector_lm")
     assert _trainable(model) == {"projector", "language_model"}
-    assert all(p.requires_grad for p in model.language_model.parameters())
+    # the whole LM but the <image> input row, which is never read (its positions get the image's embeddings)
+    lm = dict(model.language_model.named_parameters())
+    assert not lm.pop("model.embed_tokens.extra").requires_grad
+    assert all(p.requires_grad for p in lm.values())
     assert not any(p.requires_grad for p in model.vision_tower.parameters())
     model.apply_freeze("all_trainable")
     assert all(p.requires_grad for p in model.parameters())

@@ -35,8 +35,8 @@ def _stage(corpus: Path, out: Path, json_name: str = "llava/vqa_train.json", fam
         "model": stage_model(family),
         "data": {"sources": [{"name": "vqa", "format": "llava", "paths": str(corpus / json_name), "images_root": str(corpus / "images")}]},
         "optim": {"lr": 3e-3, "schedule": "constant", "warmup_steps": 0},
-        # LLaVA's placement writes an image as its 16 vision tokens
-        "batch_size": 4, "max_steps": 3, "max_length": 48 + (15 if family == "expand" else 0), "log_every": 1,
+        # token insertion: an image takes its 16 vision tokens in the LM's row (written so, or grown so)
+        "batch_size": 4, "max_steps": 3, "max_length": 48 + (15 if family != "cross_attention" else 0), "log_every": 1,
         "out": str(out),
     }
     for k, v in kw.items():
@@ -86,8 +86,9 @@ def test_freeze_policy_decides_which_parameters_move(corpus, tmp_path, family, p
     before = start.state_dict()
     after = _weights(result.final)
     trainable = {n for n, p in start.named_parameters() if p.requires_grad}
-    if family != "cross_attention":  # the <image> row of the input embeddings: its positions get the image's
-        trainable.discard("language_model.model.embed_tokens.extra")  # embeddings, so it is never read
+    # token insertion: the <image> row of the input embeddings is never read (its positions get the
+    # image's embeddings), so no policy trains it
+    assert ("language_model.model.embed_tokens.extra" in trainable) == (family == "cross_attention")
     for name, p in start.named_parameters():
         changed = not torch.equal(before[name], after[name])
         assert changed == (name in trainable), (policy, name, changed)
@@ -269,7 +270,7 @@ def test_user_llava_json_command_end_to_end(corpus, tmp_path, family):
     out = tmp_path / "sft"
     args = ["train", str(recipe), "--model", str(saved), "--data", str(corpus / "llava" / "vqa_train.json"),
             "--images", str(corpus / "images"), "--out", str(out), "--no-progress",
-            "max_steps=2", "batch_size=2", f"max_length={48 + (15 if family == 'expand' else 0)}", "checkpoint.every=1"]
+            "max_steps=2", "batch_size=2", f"max_length={48 + (15 if family != 'cross_attention' else 0)}", "checkpoint.every=1"]
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 0

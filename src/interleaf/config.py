@@ -253,6 +253,11 @@ class TokensConfig:
     # any); "xgenmm" is xGen-MM's DecoupledLinear: a bias on the base rows and on the added rows, and the
     # logits end after the added rows: cat((h W^T + b)[..., :extra_start], h A^T + a).
     decoupled_head: Literal["lm", "xgenmm"] = "lm"
+    # Placement "replace" (xGen-MM): the positions one image takes in the sequence the LM sees once the
+    # model replaces its one <image> token by the image's embeddings (per view under xGen-MM's anyres
+    # tiling), so that max_length and token counts measure that sequence. Derived from the model's
+    # sections by InterleafConfig; None for every other placement, where the text holds every position.
+    image_lm_length: int | None = setting(None, ge=1)
 
     def __post_init__(self):
         validate(self, "tokens")
@@ -457,6 +462,7 @@ class InterleafConfig(PreTrainedConfig):
         self.vision, self.resampler, self.cross_attention, self.tokens = vision, resampler, cross_attention, tokens
         self.projector, self.insertion = projector, insertion
         self._check_family()
+        self._fill_image_lm_length()
         if isinstance(text_config, dict):
             text_config = _text_config_from_dict(text_config)
         elif isinstance(text_config, PreTrainedConfig):
@@ -490,6 +496,16 @@ class InterleafConfig(PreTrainedConfig):
                 "tokens.prompt_format", f"placement 'expand' needs the 'llava' prompt format, got "
                 f"{self.tokens_cfg.prompt_format!r}", "set tokens.prompt_format: llava",
             )
+
+    def _fill_image_lm_length(self) -> None:
+        """``tokens.image_lm_length``: what the model makes of one image under placement ``replace``.
+
+        Always derived from the other sections (a value given, e.g. in a config.json whose projector
+        was then edited, is replaced), so it cannot disagree with the model."""
+        grown = None
+        if self.fusion == "token_insertion" and self.insertion_cfg.placement == "replace":
+            grown = image_embeddings_per_image(self.projector_cfg, self.vision_cfg)
+        self.tokens_cfg.image_lm_length = grown
 
     def get_text_config_object(self) -> PreTrainedConfig:
         """The LM's config as a transformers config object."""

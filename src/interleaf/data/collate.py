@@ -8,6 +8,8 @@
                labels (B, T) long         -100 on padding (and wherever the sample had -100)
                pixel_values (B, N_max, 3, S, S) float, zero-padded; absent when no sample has images
                loss_weight (B,) float
+               lm_lengths (B,) long       each row's length in the LM: its tokens, or the sample's
+                                          "lm_length" when the model grows its images (placement replace)
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def collate(samples: list[dict], pad_token_id: int, *, pad_to_multiple_of: int |
         "attention_mask": attention_mask,
         "labels": labels,
         "loss_weight": torch.tensor([float(s.get("loss_weight", 1.0)) for s in samples]),  # (B,)
+        "lm_lengths": torch.tensor([int(s.get("lm_length", len(s["input_ids"]))) for s in samples]),  # (B,)
     }
     n_max = max(len(s.get("images", [])) for s in samples)
     if n_max:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,10 +104,11 @@ class ShownSample:
     """One tokenised sample as text, its trained tokens wrapped in ``[[ ]]``."""
 
     key: str
-    num_tokens: int
+    num_tokens: int  # positions of the row the LM sees (a grown image at its length, as training counts them)
     num_trained: int  # tokens with a label (the loss sees them)
     num_images: int
     rendered: str
+    num_text_tokens: int | None = None  # the text's tokens, where fewer than num_tokens (placement replace)
 
 
 @dataclass
@@ -122,12 +124,28 @@ class SourceReport:
     bad: list[BadSample] = field(default_factory=list)  # the first MAX_BAD_EXAMPLES bad ones
 
 
-def shorten_image_runs(text: str, image_token: str, per_image: int) -> str:
+def shorten_image_runs(text: str, image_token: str, per_image: int | Sequence[int]) -> str:
     """``text`` with each image written as ``per_image`` copies of ``image_token`` (LLaVA's
-    placement: one per vision token) shown as ``<image>*N``; one token per image stays as it is."""
-    if per_image <= 1:
-        return text
-    return re.sub(f"(?:{re.escape(image_token)}){{{per_image}}}", f"{image_token}*{per_image}", text)
+    placement: one per vision token) shown as ``<image>*N``; one token per image stays as it is.
+
+    ``per_image`` is one count for every image, or each image's count in order (LLaVA-NeXT, where
+    it follows the image's size): a run of image tokens is then split into the next counts."""
+    token = re.escape(image_token)
+    if isinstance(per_image, int):
+        if per_image <= 1:
+            return text
+        return re.sub(f"(?:{token}){{{per_image}}}", f"{image_token}*{per_image}", text)
+    queue = list(per_image)
+
+    def split(run: re.Match) -> str:
+        left, out = len(run.group(0)) // len(image_token), []
+        while queue and 0 < queue[0] <= left:
+            n = queue.pop(0)
+            out.append(f"{image_token}*{n}" if n > 1 else image_token)
+            left -= n
+        return "".join(out) + image_token * left
+
+    return re.sub(f"(?:{token})+", split, text)
 
 
 def _shown(sample: dict, processor: InterleafProcessor) -> ShownSample:
@@ -138,14 +156,22 @@ def _shown(sample: dict, processor: InterleafProcessor) -> ShownSample:
 
     def render(row: dict) -> str:
         text = render_sample(processor.tokenizer, row["input_ids"], row["labels"])
-        return shorten_image_runs(text, fmt.tokens.image_token, fmt.image_token_count()) if fmt.is_llava else text
+        if not fmt.is_llava:
+            return text
+        if fmt.sized_images:  # each image's count follows its size: (height, width) -> (width, height)
+            counts = [fmt.image_token_count((w, h)) for h, w in row.get("image_sizes", [])]
+            return shorten_image_runs(text, fmt.tokens.image_token, counts)
+        return shorten_image_runs(text, fmt.tokens.image_token, fmt.image_token_count())
 
+    text_tokens = sum(len(row["input_ids"]) for _, row in rows)
+    lm_tokens = sum(row.get("lm_length", len(row["input_ids"])) for _, row in rows)
     return ShownSample(
         key=sample["key"],
-        num_tokens=sum(len(row["input_ids"]) for _, row in rows),
+        num_tokens=lm_tokens,
         num_trained=sum(1 for _, row in rows for label in row["labels"] if label != IGNORE_INDEX),
         num_images=len(rows[0][1]["images"]),
         rendered="\n".join(head + render(row) for head, row in rows),
+        num_text_tokens=text_tokens if text_tokens != lm_tokens else None,
     )
 
 

@@ -8,8 +8,10 @@ Every function returns a :class:`Tokenized` (``input_ids``, ``labels`` with -100
 is off, and how many images the tokens hold); :func:`encode_sample` adds the images and truncation
 and gives the training sample dict::
 
-    {"input_ids": list[int], "labels": list[int], "images": list[Tensor (3, S, S)],
+    {"input_ids": list[int], "labels": list[int], "lm_length": int, "images": list[Tensor (3, S, S)],
      "source": str, "loss_weight": float, "key": str}
+
+(``lm_length``: the length of the row the LM sees, ``len(input_ids)`` unless the model grows images.)
 
 What is trained (``[...]``), by prompt format (BOS first when the tokenizer uses one):
 
@@ -29,6 +31,12 @@ an image's token count depends on its size, so each image is opened to read its 
 written; its pixels are then its anyres views ``(1+N, 3, S, S)``, and the sample dict also holds
 ``"image_sizes"``, each image's (height, width). An image too small or too large for the grids is a
 bad sample (``unreadable_image``, with the reason).
+
+Placement ``replace`` (xGen-MM; the format's :attr:`~interleaf.processing.prompt_format.PromptFormat.grows_images`):
+each image is one ``<image>`` token in the text, which the model replaces by the image's embeddings,
+so the row the LM sees is longer than the text. :attr:`Tokenized.lm_length` and the sample's
+``"lm_length"`` measure that row, and ``max_length`` applies to it, as it does to the text rows of the
+other placements.
 
 Text is tokenised with special-token strings kept literal (a caption that contains ``"<image>"``
 does not become an image). A task prompt is never trained. Truncation to ``max_length`` cuts
@@ -52,10 +60,19 @@ class Tokenized:
     labels: list[int]
     n_images: int
     image_counts: list[int] | None = None  # each image's token count, when it depends on the image (LLaVA-NeXT)
+    # each image's positions in the LM's sequence, when the model grows its one <image> token (placement replace)
+    lm_counts: list[int] | None = None
 
     @property
     def n_trained(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+    @property
+    def lm_length(self) -> int:
+        """The length of the row the LM sees: the text's, with each grown image's one token replaced
+        by its ``lm_counts`` positions."""
+        grown = self.lm_counts[: self.n_images] if self.lm_counts is not None else []
+        return len(self.input_ids) + sum(n - 1 for n in grown)
 
 
 class _Builder:
@@ -66,13 +83,15 @@ class _Builder:
         self.labels: list[int] = []
         self.n_images = 0
         self.image_counts: list[int] = []
+        self.lm_counts: list[int] = []
 
     def add(self, ids: list[int], train: bool) -> None:
         self.ids += ids
         self.labels += ids if train else [IGNORE_INDEX] * len(ids)
 
-    def done(self, sized: bool = False) -> Tokenized:
-        return Tokenized(self.ids, self.labels, self.n_images, self.image_counts if sized else None)
+    def done(self, fmt) -> Tokenized:
+        return Tokenized(self.ids, self.labels, self.n_images, self.image_counts if fmt.sized_images else None,
+                         self.lm_counts if fmt.grows_images else None)
 
 
 class _SizedImage:
@@ -84,8 +103,8 @@ class _SizedImage:
 
 
 def _image(processor, source: ImageSource | None):
-    """What the prompt format is given for one image: its size when the count depends on it, else nothing."""
-    if source is None or not processor.format.sized_images:
+    """What the prompt format is given for one image: its size when a count depends on it, else nothing."""
+    if source is None or not (processor.format.sized_images or processor.format.lm_sized_images):
         return None
     return _SizedImage(processor, source)
 
@@ -94,12 +113,15 @@ def _image_ids(processor, builder: _Builder, source: ImageSource | None, last_wa
     """One image's token ids (plain prompt), noting its token count in ``builder``."""
     image = _image(processor, source)
     builder.image_counts.append(_count(processor, image))  # first: a bad image is a BadSample
+    builder.lm_counts.append(_count(processor, image, lm=True))
     return processor.format.image_ids(last_was_image, chat=False, image=image)
 
 
-def _count(processor, image) -> int:
+def _count(processor, image, lm: bool = False) -> int:
+    """The image's tokens in the text, or (``lm``) its positions in the LM's sequence."""
+    fmt = processor.format
     try:
-        return processor.format.image_token_count(image)
+        return fmt.lm_token_count(image) if lm else fmt.image_token_count(image)
     except (InputError, ConfigError) as e:  # too small or too large for the grids: this sample cannot be used
         raise BadSample("unreadable_image", getattr(image, "where", "image"), str(e)) from e
 
@@ -137,7 +159,7 @@ def tokenize_pair(
     if processor.format.closes_chunks:
         b.add([processor.end_of_chunk_token_id], train=True)
     b.add(_eos(processor), train=True)
-    return b.done(processor.format.sized_images)
+    return b.done(processor.format)
 
 
 def tokenize_document(processor, items: list) -> Tokenized:
@@ -166,7 +188,7 @@ def tokenize_document(processor, items: list) -> Tokenized:
         b.add(_eos(processor), train=False)
     else:
         b.add(_eos(processor), train=seen_image)
-    return b.done(processor.format.sized_images)
+    return b.done(processor.format)
 
 
 def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
@@ -178,7 +200,7 @@ def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
             "conversation data needs a chat template but the tokenizer has none; set tokenizer.chat_template "
             "(with {% generation %} around assistant turns)"
         )
-    messages, counts = [], []
+    messages, counts, lm_counts = [], [], []
     for message in conversation.messages:
         parts: list[str] = []
         last_was_image = False
@@ -186,6 +208,7 @@ def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
             if isinstance(part, ImageSource):
                 image = _image(processor, part)
                 counts.append(_count(processor, image))
+                lm_counts.append(_count(processor, image, lm=True))
                 parts.append(processor.format.image_text(last_was_image, chat=True, image=image))
                 last_was_image = True
             else:
@@ -209,16 +232,31 @@ def tokenize_conversation(processor, conversation: Conversation) -> Tokenized:
     labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
     for s, e in processor.format.image_spans(ids, chat=True, counts=counts):
         labels[s:e] = [IGNORE_INDEX] * (e - s)
-    return Tokenized(ids, labels, n_images, counts)
+    return Tokenized(ids, labels, n_images, counts, lm_counts if processor.format.grows_images else None)
+
+
+def _text_budget(processor, t: Tokenized, max_length: int) -> int:
+    """The most leading text tokens whose row in the LM (grown images at their length) fits ``max_length``."""
+    if t.lm_counts is None:
+        return max_length
+    image, grown = processor.format.image_token_id, iter(t.lm_counts)
+    used = 0
+    for p, tok in enumerate(t.input_ids):
+        used += next(grown, 1) if tok == image else 1
+        if used > max_length:
+            return p
+    return len(t.input_ids)
 
 
 def truncate(processor, t: Tokenized, max_length: int, *, chat: bool) -> Tokenized:
-    """Keep at most ``max_length`` tokens; a cut inside an image's tokens drops that whole image."""
-    if len(t.input_ids) <= max_length:
+    """Keep at most ``max_length`` positions of the LM's row (:attr:`Tokenized.lm_length`); a cut
+    inside an image's tokens, or one that leaves no room for a grown image, drops that whole image."""
+    if t.lm_length <= max_length:
         return t
-    cut, kept = processor.format.cut_right(t.input_ids, max_length, chat, t.image_counts)
+    cut, kept = processor.format.cut_right(t.input_ids, _text_budget(processor, t, max_length), chat, t.image_counts)
     counts = t.image_counts[:kept] if t.image_counts is not None else None
-    return Tokenized(t.input_ids[:cut], t.labels[:cut], kept, counts)
+    lm_counts = t.lm_counts[:kept] if t.lm_counts is not None else None
+    return Tokenized(t.input_ids[:cut], t.labels[:cut], kept, counts, lm_counts)
 
 
 def _open(processor, source: ImageSource):
@@ -276,6 +314,7 @@ def encode_sample(
     sample = {
         "input_ids": t.input_ids,
         "labels": t.labels,
+        "lm_length": t.lm_length,  # the row the LM sees (longer than input_ids when the model grows images)
         "images": pixels,
         "source": source,
         "loss_weight": float(loss_weight),

@@ -12,6 +12,10 @@ Ids in ``[extra_start, extra_start + num_extra)`` go to the small table::
 
 The base weights are the LM's own ``nn.Parameter`` objects (``weight``), so a tied LM stays tied
 and a checkpoint of the base LM loads into them unchanged.
+
+An added input row that is never read (token insertion writes the image's embeddings over every
+``<image>`` position) can be frozen on its own (:meth:`DecoupledEmbedding.freeze_rows`): it gets no
+gradient, and when every added row is frozen the table stops being a trainable parameter.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class DecoupledEmbedding(nn.Module):
         self.num_extra = num_extra
         d = base.weight.shape[1]
         self.extra = nn.Parameter(torch.empty(num_extra, d, dtype=base.weight.dtype, device=base.weight.device))
+        self.frozen_rows: tuple[int, ...] = ()  # rows of ``extra`` that get no gradient (see freeze_rows)
         with torch.no_grad():
             if self.extra.device.type != "meta":
                 nn.init.normal_(self.extra, std=float(base.weight.float().std()) if base.weight.numel() > 1 else 0.02)
@@ -51,13 +56,34 @@ class DecoupledEmbedding(nn.Module):
     def embedding_dim(self) -> int:
         return self.weight.shape[1]
 
+    def freeze_rows(self, rows: tuple[int, ...] | list[int]) -> None:
+        """Freeze the added rows ``rows`` (0-based within ``extra``) and let the others train.
+
+        The frozen rows take no gradient (they are read detached); with every row frozen,
+        ``extra`` itself stops requiring a gradient. ``()`` leaves ``extra``'s ``requires_grad`` as it is.
+        """
+        self.frozen_rows = tuple(sorted({int(r) for r in rows if 0 <= int(r) < self.num_extra}))
+        if self.num_extra and len(self.frozen_rows) == self.num_extra:
+            self.extra.requires_grad_(False)
+
+    def num_frozen_elements(self) -> int:
+        """Elements of ``extra`` frozen row by row while ``extra`` itself requires a gradient."""
+        return len(self.frozen_rows) * self.extra.shape[1] if self.extra.requires_grad else 0
+
+    def _extra_table(self) -> torch.Tensor:
+        if not self.frozen_rows or not self.extra.requires_grad:
+            return self.extra
+        frozen = torch.zeros(self.num_extra, 1, dtype=torch.bool, device=self.extra.device)
+        frozen[list(self.frozen_rows)] = True
+        return torch.where(frozen, self.extra.detach(), self.extra)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_extra = (input_ids >= self.extra_start) & (input_ids < self.extra_start + self.num_extra)
         base_ids = input_ids.masked_fill(is_extra, 0)
         out = F.embedding(base_ids, self.weight, self.padding_idx)  # (B, T, D)
         if self.num_extra:
             extra_ids = (input_ids - self.extra_start).clamp(0, self.num_extra - 1)
-            out = torch.where(is_extra[..., None], F.embedding(extra_ids, self.extra).to(out.dtype), out)
+            out = torch.where(is_extra[..., None], F.embedding(extra_ids, self._extra_table()).to(out.dtype), out)
         if self.scale is not None:
             out = out * torch.tensor(self.scale, dtype=self.weight.dtype, device=out.device)
         return out

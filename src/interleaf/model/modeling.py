@@ -155,10 +155,12 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
           from scratch (the demo) rather than a pretrained CLIP.
         - ``unfreeze_lm``: as ``flamingo`` plus the whole LM (InfiMM's instruction stage).
         - ``projector`` (token insertion): the projector and the added token rows (LLaVA's
-          pre-training stage).
+          pre-training stage), except the input rows that are never read
+          (:func:`freeze_overwritten_token_rows`: ``<image>``'s positions get the image's embeddings).
         - ``projector_lm`` (token insertion): as ``projector`` plus the whole LM (LLaVA's
           instruction tuning).
-        - ``all_trainable``: everything, vision tower included.
+        - ``all_trainable``: everything, vision tower included (training then freezes what is
+          never used: :func:`freeze_unused_vision_parameters`, :func:`freeze_overwritten_token_rows`).
         """
         policy = policy or self.config.freeze
         from ..config import FREEZE_POLICIES, freeze_policies
@@ -172,6 +174,9 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
             )
         for p in self.parameters():
             p.requires_grad_(policy == "all_trainable")
+        for module in self.modules():
+            if isinstance(module, DecoupledEmbedding):
+                module.freeze_rows(())
         if policy in ("projector", "projector_lm"):
             self.projector.requires_grad_(True)
             if policy == "projector_lm":
@@ -191,17 +196,20 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
                     module.extra.requires_grad_(True)
                     if getattr(module, "extra_bias", None) is not None:
                         module.extra_bias.requires_grad_(True)
+            if policy in ("projector", "projector_lm"):
+                freeze_overwritten_token_rows(self)
         n = self.num_trainable_parameters()
         logger.info("freeze policy %s: %s trainable of %s parameters", policy, f"{n:,}", f"{self.num_parameters():,}")
         return n
 
     def num_trainable_parameters(self) -> int:
+        """Elements that train: those of parameters requiring a gradient, less added rows frozen one by one."""
         seen, n = set(), 0
         for p in self.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 n += p.numel()
-        return n
+        return n - sum(m.num_frozen_elements() for m in self.modules() if isinstance(m, DecoupledEmbedding))
 
     # ------------------------------------------------------------------ images
     def encode_images(self, pixel_values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -416,3 +424,30 @@ def freeze_unused_vision_parameters(model: nn.Module) -> None:
     backbone = getattr(model.vision_tower, "backbone", None)
     for p in getattr(backbone, "unused_parameters", list)():
         p.requires_grad_(False)
+
+
+def overwritten_token_rows(model: nn.Module) -> tuple[int, ...]:
+    """Rows of the added input embeddings (0-based within ``extra``) that the model never reads.
+
+    Token insertion writes the image's embeddings over every ``<image>`` position (and, in
+    xGen-MM's base format, over its ``<image placeholder>`` positions), so those tokens' input rows
+    never reach the LM. Empty for the cross-attention family, where ``<image>`` is read as text.
+    """
+    cfg = model.config
+    tokens = cfg.tokens_cfg
+    if cfg.fusion != "token_insertion" or tokens.extra_start is None or not tokens.num_extra:
+        return ()
+    ids = {tokens.image_token_id, tokens.image_placeholder_token_id} - {None}
+    return tuple(sorted(i - tokens.extra_start for i in ids if 0 <= i - tokens.extra_start < tokens.num_extra))
+
+
+def freeze_overwritten_token_rows(model: nn.Module) -> None:
+    """Freeze the added input rows the model never reads (:func:`overwritten_token_rows`); an
+    embedding whose added rows are all such rows stops being trainable. The output rows stay as
+    they are: every added token's logit is computed, so its row gets a gradient."""
+    rows = overwritten_token_rows(model)
+    if not rows:
+        return
+    for module in model.modules():
+        if isinstance(module, DecoupledEmbedding):
+            module.freeze_rows(rows)

@@ -134,6 +134,36 @@ class PromptFormat:
         return anyres_tiling.num_image_tokens(size, self.anyres, where=getattr(image, "where", "image"))
 
     @property
+    def grows_images(self) -> bool:
+        """Whether the model replaces each image's one ``<image>`` token by more positions
+        (placement ``replace``: ``tokens.image_lm_length`` is set)."""
+        return self.tokens.image_lm_length is not None
+
+    @property
+    def lm_sized_images(self) -> bool:
+        """Whether an image's length in the LM's sequence depends on its size: :attr:`sized_images`, or a
+        grown image under xGen-MM's any-resolution tiling ((1 + N crops) views of ``image_lm_length``)."""
+        return self.sized_images or (self.grows_images and self.anyres is not None and self.anyres.convention == "xgenmm")
+
+    def lm_token_count(self, image: object = None) -> int:
+        """How many positions one image takes in the sequence the LM sees.
+
+        :meth:`image_token_count` when the text holds them all; under placement ``replace``
+        ``tokens.image_lm_length`` (with xGen-MM's tiling, that many per view of the image's size,
+        :func:`interleaf.processing.anyres.num_image_tokens`; ``image`` as for :meth:`image_token_count`).
+        """
+        grown = self.tokens.image_lm_length
+        if grown is None:
+            return self.image_token_count(image)
+        if not self.lm_sized_images:
+            return grown
+        size = image if isinstance(image, (tuple, list)) else getattr(image, "size", None)
+        if size is None:
+            raise InputError("under xGen-MM's tiling an image's length depends on its size; pass the image "
+                             "(or its (width, height)) to lm_token_count")
+        return anyres_tiling.num_image_tokens(size, self.anyres, grown, where=getattr(image, "where", "image"))
+
+    @property
     def closes_chunks(self) -> bool:
         """Whether training documents close each image's text chunk with ``<|endofchunk|>``."""
         return self.tokens.prompt_format == "openflamingo"

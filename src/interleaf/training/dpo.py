@@ -49,7 +49,7 @@ from ..errors import ConfigError, InterleafError, TrainingError
 from ..model.loss import dpo_loss, sequence_logps
 from .config import StageConfig
 from .distributed import DistState, all_reduce_sum, gather_objects
-from .step import StepOutcome, _no_sync, _take, apply_update
+from .step import StepOutcome, _no_sync, _take, apply_update, lm_tokens
 
 # batch keys that are not model inputs
 _NOT_INPUTS = ("labels", "loss_weight", "pairs")
@@ -244,7 +244,7 @@ def dpo_step(stage: StageConfig, trainee, dist: DistState) -> StepOutcome:
         ((w * losses).sum() / den * dist.world_size).backward()
         totals += torch.tensor([
             float((w * losses).detach().sum()), float(chosen.sum()), float(rejected.sum()),
-            float((chosen > rejected).sum()), n, float(b["attention_mask"].sum()), float(counts.sum()),
+            float((chosen > rejected).sum()), n, float(lm_tokens(b)), float(counts.sum()),
             float(logps[:n].detach().sum()), float(logps[n:].detach().sum()),
         ], dtype=torch.float64)
         for s, loss in zip(samples, losses.detach().tolist()):

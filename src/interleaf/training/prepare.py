@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..model.modeling import freeze_unused_vision_parameters
+from ..model.modeling import freeze_overwritten_token_rows, freeze_unused_vision_parameters
 from . import checkpoint as ckpt
 from .config import StageConfig
 from .distributed import DistState, unwrap, wrap_model
@@ -52,6 +52,9 @@ def _build_model(stage: StageConfig, finals: dict[str, Path]):
         model, processor = load(spec.path)
     else:
         model, processor = build(spec.preset, seed=stage.seed, **spec.options)
+    # what one image becomes in the LM's row follows the model (a processor saved before the field existed
+    # lacks it), so that max_length and the token counts measure that row
+    processor.tokens.image_lm_length = model.config.tokens_cfg.image_lm_length
     return model, processor
 
 
@@ -88,7 +91,8 @@ def prepare_model(model: nn.Module, stage: StageConfig) -> int:
     if policy is not None:
         model.config.freeze = policy
     model.apply_freeze(policy)
-    freeze_unused_vision_parameters(model)
+    freeze_unused_vision_parameters(model)  # what never gets a gradient does not train, whatever the policy
+    freeze_overwritten_token_rows(model)
     if stage.gradient_checkpointing:
         lm = model.language_model
         if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5

@@ -28,7 +28,7 @@ class Progress:
     """Where a stage stands: steps, what it has read, and the steps skipped for a non-finite loss."""
 
     step: int = 0
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # positions the LM saw (an image the model grows counts at its grown length)
     trained_seen: int = 0
     samples_seen: int = 0
     elapsed_before: float = 0.0  # seconds trained before this process resumed

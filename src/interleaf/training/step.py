@@ -29,7 +29,7 @@ class StepOutcome:
     grad_norm: float  # before clipping; NaN when the loss was not finite
     finite: bool  # the weights were updated
     z_mean: float  # sum of w * Z^2 over the global batch / the weighted token count
-    tokens: int  # attended positions in the global batch
+    tokens: int  # positions the LM attends in the global batch (grown images at their length)
     trained: int  # trained positions in the global batch
     by_source: dict[str, list[float]] = field(default_factory=dict)  # source -> [CE sum, tokens], this process
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own values (DPO: rewards), logged as they are
@@ -51,6 +51,14 @@ def _collate(samples: list[dict], pad_token_id: int) -> dict:
     from ..data.collate import collate
 
     return collate(samples, pad_token_id)
+
+
+def lm_tokens(batch: dict) -> int:
+    """Positions the LM sees in a collated batch: each row's ``lm_lengths`` (longer than its text when the
+    model grows images), else its attended text tokens."""
+    if "lm_lengths" in batch:
+        return int(batch["lm_lengths"].sum())
+    return int(batch["attention_mask"].sum())
 
 
 def _no_sync(model: nn.Module, sync: bool):
@@ -111,7 +119,7 @@ def optimizer_step(
         loss = (wce.sum() + stage.z_loss * wz.sum()) / den * dist.world_size
         loss.backward()
         totals += torch.tensor(
-            [float(wce.detach().sum()), float(wz.detach().sum()), float(b["attention_mask"].sum()), float(counts.sum())],
+            [float(wce.detach().sum()), float(wz.detach().sum()), float(lm_tokens(b)), float(counts.sum())],
             dtype=torch.float64,
         )
         for src, c, n in zip((x.get("source", "data") for x in raw[j]), ce_rows.detach().tolist(), counts.tolist()):
@@ -127,4 +135,4 @@ def optimizer_step(
     )
 
 
-__all__ = ["StepOutcome", "apply_update", "optimizer_step"]
+__all__ = ["StepOutcome", "apply_update", "lm_tokens", "optimizer_step"]
