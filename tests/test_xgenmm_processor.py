@@ -237,7 +237,7 @@ def test_the_converted_directory_holds_the_template_stop_and_pad(converted, tmp_
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["eos_token_id"], generation["pad_token_id"]) == (87, 89)  # the fixture's <|end|>, <pad>
     saved = json.loads((out / "processor_config.json").read_text())
-    assert saved["anyres"]["convention"] == "xgenmm" and saved["tokens_per_view"] == model.projector.num_latents
+    assert saved["anyres"]["convention"] == "xgenmm" and saved["tokens"]["image_lm_length"] == model.projector.num_latents
     from interleaf.presets import seeds
 
     assert processor.tokenizer.chat_template == seeds.XGENMM_CHAT_TEMPLATE
@@ -245,7 +245,7 @@ def test_the_converted_directory_holds_the_template_stop_and_pad(converted, tmp_
     again = interleaf.save(model, processor, tmp_path / "again")
     model2, processor2 = interleaf.load(again)
     assert processor2.tokenizer.chat_template == seeds.XGENMM_CHAT_TEMPLATE
-    assert processor2.tokenizer.eos_token == "<|end|>" and processor2.tokens_per_view == processor.tokens_per_view
+    assert processor2.tokenizer.eos_token == "<|end|>" and processor2.tokens.image_lm_length == processor.tokens.image_lm_length
     assert model2.generation_config.eos_token_id == 87
 
 
@@ -278,7 +278,7 @@ def test_the_presets_carry_their_chat_template_and_stop(tmp_path):
     assert processor.tokenizer.chat_template == seeds.XGENMM_CHAT_TEMPLATE
     assert processor.tokenizer.eos_token == "<|end|>"
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|end|>")
-    assert processor.anyres.convention == "xgenmm" and processor.tokens_per_view == 128
+    assert processor.anyres.convention == "xgenmm" and processor.tokens.image_lm_length == 128
 
 
 # -- the README snippet -----------------------------------------------------------------------------------

@@ -114,18 +114,15 @@ def build(
 
 def processor_for(config: InterleafConfig, tokenizer) -> InterleafProcessor:
     """The processor of a model of ``config`` over ``tokenizer``: its image transform, context length,
-    and for the token-insertion family its any-resolution tiling (with xGen-MM's positions per view)."""
+    and for the token-insertion family its any-resolution tiling (xGen-MM's positions per view travel in
+    ``tokens.image_lm_length``)."""
     anyres = config.insertion_cfg.anyres if config.fusion == "token_insertion" else None
-    per_view = None
-    if anyres is not None and anyres.convention == "xgenmm":
-        per_view = image_embeddings_per_image(config.projector_cfg, config.vision_cfg)
     return InterleafProcessor(
         tokenizer,
         config.tokens_cfg,
         ImageTransform.from_vision_config(config.vision_cfg),
         max_length=getattr(config.text_config, "max_position_embeddings", None),
         anyres=anyres,
-        tokens_per_view=per_view,
     )
 
 

@@ -24,7 +24,7 @@ reading order, each its base view then its crops, zero-padded on the view axis, 
 
 xGen-MM (``anyres`` with convention ``xgenmm``, placement ``replace``): each image is one
 ``<image>`` token (``"<image> "`` in a chat conversation, as the instruct checkpoints are prompted),
-which the model replaces by the image's whole sequence: ``(1 + N crops) * tokens_per_view``
+which the model replaces by the image's whole sequence: ``(1 + N crops) * tokens.image_lm_length``
 positions (:meth:`InterleafProcessor.image_lengths`). ``pixel_values`` is ``(K, max_views, 3, S,
 S)`` as for LLaVA-NeXT (every image's views, base view first, then its crops row-major, zero-padded
 on the view axis) and ``image_sizes`` ``(K, 2)`` their original (width, height), PIL's
@@ -67,7 +67,7 @@ from .images import ImageTransform, load_image
 from .layout import image_attention_mask, pad_rows
 from .prompt_format import PromptFormat
 from .prompts import ImageRef, ParsedPrompt, Text, parse_prompt, split_batch
-from .tiled_images import LoadedImage, grown_lengths, tiled_pixels
+from .tiled_images import LoadedImage, tiled_pixels
 from .tokenizer import load_tokenizer
 
 PROCESSOR_CONFIG = "processor_config.json"
@@ -87,9 +87,8 @@ class InterleafProcessor:
     them). ``max_images`` limits images per row, ``max_pixels`` the size of one image, and
     ``max_length`` (the LM's context) the tokens per row. ``anyres``: the model's any-resolution
     tiling (``config.insertion_cfg.anyres``); its views use ``image_transform``'s mean and std.
-    ``tokens_per_view``: xGen-MM's positions per view in the LM's sequence (the token sampler's
-    ``num_latents``), so that ``max_length`` counts each image at the length the model grows it to;
-    None (another family, or unknown) counts the text tokens only.
+    Under placement ``replace`` (xGen-MM) ``max_length`` counts each image at the length the model
+    grows it to (``tokens.image_lm_length`` per view, :meth:`PromptFormat.lm_token_count`).
     ``images_key="batch_images"``: images come back under InfiMM's name and shape. ``default_system``:
     the content of a system message put first in a chat conversation that has none (InfiMM: ``""``;
     ``None``, the default, adds nothing).
@@ -105,7 +104,6 @@ class InterleafProcessor:
         max_length: int | None = None,
         images_key: str = "pixel_values",
         anyres: AnyresConfig | dict | None = None,
-        tokens_per_view: int | None = None,
         default_system: str | None = None,
     ):
         if default_system is not None and not isinstance(default_system, str):
@@ -121,10 +119,6 @@ class InterleafProcessor:
         self.max_pixels = max_pixels
         self.max_length = max_length
         self.anyres = AnyresConfig(**anyres) if isinstance(anyres, dict) else anyres
-        if tokens_per_view is not None and (isinstance(tokens_per_view, bool) or not isinstance(tokens_per_view, int)
-                                            or tokens_per_view < 1):
-            raise ConfigError("tokens_per_view", f"must be a positive integer or None, got {tokens_per_view!r}")
-        self.tokens_per_view = tokens_per_view
         self.format = PromptFormat(tokenizer, tokens, self.anyres)  # the spelling training uses too
         if tokenizer.pad_token_id is None:
             raise ConfigError(
@@ -395,13 +389,11 @@ class InterleafProcessor:
         """The positions each image takes in the LM's sequence once the model has placed it.
 
         ``images``: PIL images, anything with a ``size`` (width, height), or such pairs. xGen-MM: its
-        views times ``tokens_per_view`` (one ``<image>`` token in the text, grown by the model; 1 when
-        ``tokens_per_view`` is unknown); LLaVA and LLaVA-NeXT: its ``<image>`` tokens; other families:
-        its image token. An image too small or too large for the grids is refused by name.
+        views times ``tokens.image_lm_length`` (one ``<image>`` token in the text, grown by the model; 1
+        when that is unknown); LLaVA and LLaVA-NeXT: its ``<image>`` tokens; other families: its image
+        token. An image too small or too large for the grids is refused by name.
         """
-        if self.format.xgenmm_images:
-            return grown_lengths(images, self.anyres, self.tokens_per_view)
-        return [self.format.image_token_count(img) for img in images]
+        return [self.format.lm_token_count(img) for img in images]
 
     def process_images(self, images: list, *, where: str = "image", allow_urls: bool = False) -> torch.Tensor:
         """A list of images -> (N, 3, S, S), with the processor's limits."""
@@ -431,7 +423,6 @@ class InterleafProcessor:
             "max_length": self.max_length,
             "images_key": self.images_key,
             "anyres": dataclasses.asdict(self.anyres) if self.anyres is not None else None,
-            "tokens_per_view": self.tokens_per_view,
             "default_system": self.default_system,
         }
 
@@ -466,7 +457,7 @@ class InterleafProcessor:
                 raise CheckpointError(f"{str(path / PROCESSOR_CONFIG)!r} lacks the {key!r} section")
         tokenizer = load_tokenizer(path)
         limits = {k: config.get(k) for k in ("max_images", "max_pixels", "max_length", "images_key", "anyres",
-                                             "tokens_per_view", "default_system")
+                                             "default_system")
                   if k in config}
         limits.update(overrides)
         return cls(

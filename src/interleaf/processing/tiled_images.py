@@ -1,10 +1,10 @@
-"""The processor's any-resolution inputs: loaded images, their stacked views, and xGen-MM's grown lengths.
+"""The processor's any-resolution inputs: loaded images and their stacked views.
 
 LLaVA-NeXT and xGen-MM both tile an image into a base view and crops (:mod:`.anyres`); the processor
 returns every image's views as one ``(K, max_views, 3, S, S)`` tensor, zero-padded on the view axis, with
 ``image_sizes`` ``(K, 2)`` in the model's own order: (height, width) for LLaVA-NeXT, (width, height) for
 xGen-MM. xGen-MM writes one ``<image>`` token per image, which its model replaces by ``(1 + N crops) *
-tokens_per_view`` positions (:func:`grown_lengths`).
+tokens.image_lm_length`` positions (:meth:`~interleaf.processing.prompt_format.PromptFormat.lm_token_count`).
 """
 
 from __future__ import annotations
@@ -30,18 +30,6 @@ class LoadedImage:
         return self.image.size
 
 
-def grown_lengths(images: Sequence[Any], cfg: AnyresConfig, tokens_per_view: int | None) -> list[int]:
-    """xGen-MM: the positions each image takes in the LM's sequence, its views times ``tokens_per_view``
-    (1, its ``<image>`` token, when that is None). ``images``: anything with a ``size`` (width, height) and
-    optionally a ``where`` naming it, or (width, height) pairs. Too small or too large: an InputError by name."""
-    out = []
-    for i, img in enumerate(images):
-        size = img if isinstance(img, (tuple, list)) else img.size
-        tiles = anyres_tiling.plan(size, cfg, getattr(img, "where", f"image {i}"))
-        out.append(tiles.num_views * tokens_per_view if tokens_per_view else 1)
-    return out
-
-
 def tiled_pixels(
     images: Sequence[LoadedImage], cfg: AnyresConfig, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,4 +49,4 @@ def tiled_pixels(
     return out, torch.tensor(sizes, dtype=torch.long)
 
 
-__all__ = ["LoadedImage", "grown_lengths", "tiled_pixels"]
+__all__ = ["LoadedImage", "tiled_pixels"]
