@@ -66,7 +66,7 @@ def _stage(root: Path, out: Path, reference: str = "cached", family: str = "cros
         "data": str(root / "mix.yaml"), "freeze": "all_trainable",
         "optim": {"lr": 3e-3, "schedule": "constant", "warmup_steps": 0},
         # LLaVA's placement writes an image as its 16 vision tokens
-        "batch_size": 4, "max_steps": 3, "max_length": 64 + (15 if family == "expand" else 0), "log_every": 1,
+        "batch_size": 4, "max_steps": 3, "max_length": 64 + (15 if family in ("expand", "replace") else 0), "log_every": 1,
         "out": str(out),
     }
     d.update(kw)

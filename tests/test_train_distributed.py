@@ -31,8 +31,8 @@ def test_ddp_and_fsdp_match_a_single_process(tmp_path, synth_corpus):
         "freeze": "unfreeze_lm", "optim": {"lr": 3e-3, "warmup_steps": 1},
         "batch_size": 4, "max_steps": 4, "max_length": 40, "log_every": 1, "checkpoint": {"every": 2},
     }
-    # each family's model and room for its image tokens (LLaVA's placement writes 16 per image)
-    own = {f: {"model": stage_model(f), "max_length": 40 + (15 if f == "expand" else 0)} for f in FAMILIES}
+    # each family's model and room for its image tokens (16 LM positions per image in both placements)
+    own = {f: {"model": stage_model(f), "max_length": 40 + (15 if f in ("expand", "replace") else 0)} for f in FAMILIES}
     own["cross_attention"] = {}  # the stage as it is
     stages = [{"name": f"{strategy}{'' if f == 'cross_attention' else '-' + f}", "distributed": {"strategy": strategy},
                **own[f]} for f in FAMILIES for strategy in ("ddp", "fsdp")]

@@ -28,7 +28,7 @@ def _stage(corpus: Path, out: Path, family: str) -> dict:
                               "images_root": str(corpus / "images")}]},
         "freeze": "unfreeze_lm",
         "optim": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 2},
-        "batch_size": 2, "max_steps": 6, "max_length": 40 + (15 if family == "expand" else 0), "log_every": 1,
+        "batch_size": 2, "max_steps": 6, "max_length": 40 + (15 if family in ("expand", "replace") else 0), "log_every": 1,
         "checkpoint": {"every": 2, "keep_last": 2}, "out": str(out),
     }
 
