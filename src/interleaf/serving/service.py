@@ -3,8 +3,9 @@
 A chat request goes through :class:`ChatService` in this order::
 
     body bytes ──► parse (JSON, schema) ──► check (model, n, stop, max_tokens against the limits)
-      ──► prepare (messages and images ──► processor ──► token ids, pixels (N_img, 3, S, S),
-                   max new tokens)
+      ──► prepare (messages and images ──► processor ──► token ids, pixels (N_img, 3, S, S) or,
+                   for any-resolution models, each image's views (N_img, V, 3, S, S) and sizes
+                   (N_img, 2), max new tokens)
       ──► submit (a Job in the batcher's queue; its events come back through a sink)
       ──► Answer (one chat.completion) or ChunkStream (chat.completion.chunk objects)
 
@@ -65,8 +66,24 @@ class Prepared:
     """A request ready for the batcher."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # (N_img, 3, S, S)
+    pixel_values: torch.Tensor | None  # (N_img, 3, S, S), or (N_img, V, 3, S, S) with image_sizes
     max_new_tokens: int
+    image_sizes: torch.Tensor | None = None  # (N_img, 2), any-resolution models only
+
+
+def request_images(inputs, count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The ``count`` images of a one-request processor output ``inputs``, as a :class:`Job` carries them.
+
+    One view per image: ``pixel_values`` ``(1, N_max, 3, S, S)`` -> ``(N_img, 3, S, S)``. Any
+    resolution (``image_sizes`` present): the images' views ``(K, V, 3, S, S)`` (the batch's images
+    in reading order, zero-padded on the view axis) and their sizes ``(K, 2)``, kept as they are.
+    """
+    if "pixel_values" not in inputs or not count:
+        return None, None
+    pixels, sizes = inputs["pixel_values"], inputs.get("image_sizes")
+    if sizes is None:
+        return pixels[0][:count], None
+    return pixels[:count], torch.as_tensor(sizes)[:count]
 
 
 class ChatService:
@@ -136,10 +153,9 @@ class ChatService:
         except (InputError, OfflineError) as e:
             raise APIError(400, str(e), "messages") from e
         ids = inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
-        pixels = inputs["pixel_values"][0] if "pixel_values" in inputs else None  # (N_max, 3, S, S)
-        if pixels is not None:  # the request's images, however many tokens each takes in the text
-            pixels = pixels[: sum(1 for m in messages if isinstance(m["content"], list)
-                                  for part in m["content"] if part.get("type") == "image")]
+        count = sum(1 for m in messages if isinstance(m["content"], list)
+                    for part in m["content"] if part.get("type") == "image")
+        pixels, sizes = request_images(inputs, count)
         if len(ids) > self.limits.max_prompt_tokens:
             raise APIError(400, f"the prompt is {len(ids)} tokens, more than this server's limit of "
                                 f"{self.limits.max_prompt_tokens}; shorten the conversation", "messages",
@@ -153,12 +169,12 @@ class ChatService:
                                     f"model's context of {context} tokens; shorten the prompt or ask for fewer "
                                     "tokens", "messages", "context_length_exceeded")
             max_new = context - len(ids)
-        return Prepared(ids, pixels, max_new)
+        return Prepared(ids, pixels, max_new, sizes)
 
     def submit(self, req: ChatCompletionRequest, prepared: Prepared, sink: Callable[[Event], None]) -> Job:
         """Queue the request's job; its events go to ``sink`` (from the worker thread)."""
         job = Job(
-            input_ids=prepared.input_ids, pixel_values=prepared.pixel_values,
+            input_ids=prepared.input_ids, pixel_values=prepared.pixel_values, image_sizes=prepared.image_sizes,
             max_new_tokens=prepared.max_new_tokens, n=req.n, stop=req.stop_list(), sink=sink,
             sampling=Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed),
         )
