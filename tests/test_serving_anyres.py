@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 
-from helpers.serving import ANYRES, MODEL_NAME, data_url, png, reference, start_server, tiny_model
+from helpers.serving import ANYRES, MODEL_NAME, data_url, png, reference, start_server, tiny_model, to_processor_messages
 from interleaf.serving.cohort import Row, batch_images
 from interleaf.serving.jobs import Job
 
@@ -126,6 +126,30 @@ def test_an_image_too_thin_for_the_grids_is_a_400_naming_it(served):
     assert "300 x 2 px is too thin for the anyres grids" in error["message"]
     assert "crop it (or pad it) towards a squarer shape" in error["message"]
     assert ask(server.url, *CASES[2]) == [expected[2]]  # the server goes on
+
+
+def test_the_context_check_counts_the_positions_the_images_take_in_the_model(served):
+    """xGen-MM's text holds one ``<image>`` per image, the model many vision tokens: a request that does not
+    fit is a 400 before it runs (never a failure of the batch it would have joined)."""
+    model, processor, server, _ = served
+    messages = CASES[6][0]  # two images
+    inputs = processor([to_processor_messages(messages)])
+    media = model.prepare_media(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                                image_sizes=inputs["image_sizes"])
+    mask = inputs["attention_mask"] if media.grown_mask is None else media.grown_mask
+    positions = int(mask.sum())  # what the model runs for this prompt
+    context = processor.max_length
+    processor.max_length = positions + 3
+    try:
+        body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 4, "temperature": 0}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert f"the prompt ({positions} tokens" in r.json()["error"]["message"]
+        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == reference(model, processor, messages, 3)
+    finally:
+        processor.max_length = context
 
 
 def _job(pixels, sizes=None, n: int = 1) -> Job:

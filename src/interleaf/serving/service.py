@@ -25,6 +25,7 @@ import torch
 from pydantic import ValidationError
 
 from ..errors import InputError, OfflineError
+from ..processing import anyres
 from ..processing.images import load_image
 from .batcher import Batcher
 from .jobs import Event, Job, QueueFull, Sampling, ServerClosed, WorkerUnavailable
@@ -86,16 +87,37 @@ def request_images(inputs, count: int) -> tuple[torch.Tensor | None, torch.Tenso
     return pixels[:count], torch.as_tensor(sizes)[:count]
 
 
+def inserted_positions(model) -> Callable[[torch.Tensor], int] | None:
+    """How many positions a request's images add to its text inside ``model``, as a function of their
+    ``image_sizes``: xGen-MM's any-resolution images (``replace`` placement) turn each ``<image>`` token into
+    ``(1 + crops) * num_latents`` vision tokens, so the context the request needs is longer than its text.
+    None for every other model, whose text already holds each image's positions (or needs none)."""
+    config = getattr(model, "config", None)
+    insertion = getattr(config, "insertion_cfg", None) if getattr(config, "fusion", None) == "token_insertion" else None
+    tiles = getattr(insertion, "anyres", None)
+    if tiles is None or tiles.convention != "xgenmm" or insertion.placement != "replace":
+        return None
+    latents = int(model.projector.num_latents)
+
+    def added(sizes: torch.Tensor) -> int:
+        return sum(anyres.num_image_tokens(tuple(size), tiles, latents) - 1 for size in sizes.tolist())
+
+    return added
+
+
 class ChatService:
     """Serves ``model_name`` through ``batcher``: requests in, jobs out, within ``limits``.
 
-    ``lock`` guards the processor's tokenizer, which the batcher's worker also uses.
+    ``lock`` guards the processor's tokenizer, which the batcher's worker also uses. ``inserted``
+    (:func:`inserted_positions` of the model) counts the positions a request's images add to its
+    text in the model, so that the context check counts what the model runs.
     """
 
     def __init__(self, processor, batcher: Batcher, model_name: str, limits: ServeLimits, policy: URLPolicy,
-                 lock: threading.Lock):
+                 lock: threading.Lock, inserted: Callable[[torch.Tensor], int] | None = None):
         self.processor, self.batcher, self.model_name = processor, batcher, model_name
         self.limits, self.policy, self.lock = limits, policy, lock
+        self.inserted = inserted
 
     # -- what GET routes answer --
     def model_entry(self, name: str | None = None) -> dict:
@@ -163,12 +185,18 @@ class ChatService:
         asked = req.max_completion_tokens or req.max_tokens
         max_new = asked or self.limits.max_completion_tokens
         context = getattr(self.processor, "max_length", None)
-        if context is not None and len(ids) + max_new > context:
-            if asked is not None or len(ids) >= context:
-                raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) is more than the "
-                                    f"model's context of {context} tokens; shorten the prompt or ask for fewer "
-                                    "tokens", "messages", "context_length_exceeded")
-            max_new = context - len(ids)
+        grown = self.inserted(sizes) if self.inserted is not None and sizes is not None else 0
+        length = len(ids) + grown  # the positions the model runs for the prompt
+        if context is not None and length + max_new > context:
+            if asked is not None or length >= context:
+                what, fix = f"{length} tokens", "shorten the prompt"
+                if grown:
+                    what = f"{length} tokens with its images inserted"
+                    fix = "shorten the prompt, send fewer or smaller images"
+                raise APIError(400, f"the prompt ({what}) plus max_tokens ({max_new}) is more than the model's "
+                                    f"context of {context} tokens; {fix} or ask for fewer tokens", "messages",
+                               "context_length_exceeded")
+            max_new = context - length
         return Prepared(ids, pixels, max_new, sizes)
 
     def submit(self, req: ChatCompletionRequest, prepared: Prepared, sink: Callable[[Event], None]) -> Job:
