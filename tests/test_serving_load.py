@@ -1,5 +1,6 @@
 """The server under load: concurrent clients get exactly their single-request answers, a full
-queue answers 429 without harm, and memory settles afterwards."""
+queue answers 429 without harm, and memory settles afterwards; for both fusion families and for
+models that tile images at any resolution (each request's images of its own sizes, batched together)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from helpers.serving import FAMILIES, MODEL_NAME, data_url, png, reference, rss_bytes, start_server, tiny_model
+from helpers.serving import ANYRES, FAMILIES, MODEL_NAME, data_url, png, reference, rss_bytes, start_server, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def prompts() -> list[list[dict]]:
     return out
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES + ANYRES)
 def loaded(request):
     model, processor = tiny_model(request.param)
     cases = prompts()

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from interleaf.errors import InputError
 from interleaf.model import InsertedImages, MediaCache
-from helpers.serving import one_token_per_image, png, replace_twin, tiny_model
+from helpers.serving import ANYRES, one_token_per_image, png, replace_twin, tiny_model
 
 KINDS = ["tiny-random", "tiny-llava", "tiny-llava-replace"]
 RED, BLUE = png((220, 20, 20), (40, 30)), png((20, 20, 220), (30, 40))
@@ -19,12 +19,7 @@ RED, BLUE = png((220, 20, 20), (40, 30)), png((20, 20, 220), (30, 40))
 
 def model_and_batch(kind: str):
     """(model, batch): three rows with 2, 0 and 1 images and different lengths, left-padded."""
-    if kind == "tiny-llava-next":  # any resolution: each image its views and its own token count
-        import interleaf
-
-        model, processor = interleaf.build(kind, seed=0)
-    else:
-        model, processor = tiny_model(kind.removesuffix("-replace"))
+    model, processor = tiny_model(kind.removesuffix("-replace"))  # any resolution: each image its views and size
     batch = processor([["look", RED, "and", BLUE, "what are they?"], ["a question without images"], [RED, "red?"]])
     batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in batch}
     if kind.endswith("-replace"):
@@ -37,7 +32,7 @@ def grow(ids: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.Tens
     return torch.cat([mask, mask.new_ones(out.shape[0], out.shape[1] - ids.shape[1])], dim=1)
 
 
-@pytest.mark.parametrize("kind", [*KINDS, "tiny-llava-next"])
+@pytest.mark.parametrize("kind", [*KINDS, *ANYRES])
 @torch.no_grad()
 def test_rounds_with_rows_dropped_equal_one_generate_call(kind):
     model, batch = model_and_batch(kind)
@@ -80,11 +75,19 @@ def test_inserted_images_refuse_what_they_were_not_prepared_for(kind):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], media_cache=media)
 
 
-def test_the_server_refuses_an_any_resolution_model_at_start():
-    import interleaf
-    from interleaf.errors import ConfigError
-    from interleaf.serving import create_app
 
-    model, processor = interleaf.build("tiny-llava-next", seed=0)
-    with pytest.raises(ConfigError, match=r"insertion.anyres.*any-resolution models.*interleaf chat"):
-        create_app(model, processor)
+@pytest.mark.parametrize("kind", ["tiny-llava", *ANYRES])
+@torch.no_grad()
+def test_an_image_token_the_model_generates_is_an_ordinary_token(kind):
+    """A generated ``<image>`` is text: embedded as its own row, as transformers' LLaVA does, never an image
+    (a server cohort would otherwise fail, or write a prompt image's features over it)."""
+    model, processor = tiny_model(kind)
+    batch = processor([["a question without images"]])
+    image, width = model.image_token_id, batch["input_ids"].shape[1]
+    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3,
+                         do_sample=False, pad_token_id=0, sequence_bias={(image,): 1e4}, output_logits=True,
+                         return_dict_in_generate=True)
+    assert out.sequences[0, width:].tolist() == [image] * 3
+    ids = out.sequences[:, :-1]  # the prompt and the first two <image> tokens, all embedded as text
+    plain = model.language_model(inputs_embeds=model.get_input_embeddings()(ids)).logits[:, -1]
+    assert (out.logits[2] - plain).abs().max() <= 1e-4

@@ -6,11 +6,14 @@ import base64
 import io
 from typing import Any
 
+import torch
 from PIL import Image
 from tiny import tiny_preset
 
 import interleaf
 from interleaf.generation import generation_kwargs
+from interleaf.processing import InterleafProcessor, anyres
+from interleaf.processing.images import load_image
 from interleaf.serving import ServerThread, create_app
 
 MODEL_NAME = "tiny"
@@ -18,15 +21,69 @@ MODEL_NAME = "tiny"
 FAMILIES = ("tiny-random", "tiny-llava")
 """The tiny preset of each fusion family (cross-attention, token insertion); serving tests run on both."""
 
+ANYRES = ("tiny-llava-next", "tiny-xgenmm")
+"""Tiny token-insertion models that tile images at any resolution, one per convention: LLaVA-NeXT's
+(``expand`` placement, pinpoints, ``image_newline``) and xGen-MM instruct's (``replace`` placement,
+(W, H) grids, the perceiver token sampler); each image's token count depends on its size."""
+
+# xGen-MM instruct's architecture at the size of tiny-llava-next: its 32 px views, a one-layer token sampler
+_XGENMM = dict(
+    projector={"kind": "token_sampler", "token_sampler": {"depth": 1, "num_latents": 4, "heads": 2, "head_dim": 8}},
+    insertion={"placement": "replace", "anyres": {"convention": "xgenmm", "base_size": 32, "patch_size": 8}},
+)
+
 
 def tiny_model(family: str = "tiny-random"):
-    """(model, processor) of ``family`` (a preset in :data:`FAMILIES`), with answers that depend on the
-    images: tiny-random with open gates and a louder resampler; tiny-llava as built."""
+    """(model, processor) of ``family`` (a preset in :data:`FAMILIES` or a model in :data:`ANYRES`), with
+    answers that depend on the images: tiny-random with open gates and a louder resampler; the others as built."""
     if family == "tiny-random":
         return tiny_preset(seed=0, gates=1.0, resampler_scale=10.0)
-    if family != "tiny-llava":
-        raise ValueError(f"unknown family preset {family!r}; choose one of {FAMILIES}")
-    return interleaf.build("tiny-llava", seed=0)
+    if family in ("tiny-llava", "tiny-llava-next"):
+        return interleaf.build(family, seed=0)
+    if family == "tiny-xgenmm":
+        model, processor = interleaf.build("tiny-llava-next", seed=0, **_XGENMM)
+        return model, tiled_processor(processor)
+    raise ValueError(f"unknown family preset {family!r}; choose one of {FAMILIES + ANYRES}")
+
+
+def tiled_processor(processor):
+    """``processor`` (of an xGen-MM any-resolution model) returning its images as the model's xGen-MM path
+    reads them: ``pixel_values`` ``(K, V_max, 3, S, S)``, the batch's K images in reading order, each its
+    views (base first, :func:`interleaf.processing.anyres.pixel_values`) zero-padded on the view axis, and
+    ``image_sizes`` ``(K, 2)`` as (width, height). A processor that already returns ``image_sizes`` is used
+    as it is."""
+    processor.__class__ = _TiledProcessor
+    return processor
+
+
+class _TiledProcessor(InterleafProcessor):
+    def __call__(self, prompts, **kwargs):
+        out = super().__call__(prompts, **kwargs)
+        if "pixel_values" not in out or "image_sizes" in out:
+            return out
+        mean, std = self.image_transform.mean, self.image_transform.std
+        views, sizes = [], []
+        for k, image in enumerate(_images_in(prompts)):
+            image = load_image(image, where=f"image {k}")
+            views.append(anyres.pixel_values(image, self.anyres, mean, std, where=f"image {k}")[0])  # (V, 3, S, S)
+            sizes.append(image.size)
+        pixels = torch.zeros((len(views), max(v.shape[0] for v in views), *views[0].shape[1:]))
+        for k, v in enumerate(views):
+            pixels[k, : v.shape[0]] = v
+        out["pixel_values"], out["image_sizes"] = pixels, torch.tensor(sizes, dtype=torch.long)
+        return out
+
+
+def _images_in(value):
+    """The PIL images of a prompt, a conversation or a batch of them, in reading order."""
+    if isinstance(value, Image.Image):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _images_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _images_in(item)
 
 
 def start_server(model, processor, **options: Any) -> ServerThread:
@@ -101,8 +158,6 @@ def replace_twin(model):
 def one_token_per_image(batch: dict, image_token_id: int, pad_token_id: int) -> dict:
     """A left-padded batch in LLaVA's layout (one ``<image>`` per vision token) rewritten with one ``<image>``
     per image, as xGen-MM's text holds them; ``pixel_values`` is kept."""
-    import torch
-
     rows = []
     for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
         row = [t for t, m in zip(ids, mask) if m]

@@ -40,7 +40,8 @@ base tokens, then the unpadded crop map row by row, each row closed by the learn
 
 Generation: the images are encoded once, before the first step (:func:`encode_rows`, the
 ``image_embeds`` argument); later steps feed only new text tokens and the LM's own KV cache holds
-the rest.
+the rest. A token fed after a cached prefix is generated text: an ``<image>`` token the model
+generated is embedded as an ordinary token, never overwritten by image features.
 """
 
 from __future__ import annotations
@@ -346,9 +347,12 @@ def forward(
             position_ids = None
         image_embeds = _encode(model, input_ids, pixel_values, image_sizes)
     image_id = model.image_token_id
-    is_image = input_ids == image_id
+    # after a cached prefix the input is generated text: an <image> token the model wrote is an ordinary
+    # token there (transformers' LLaVA embeds it so too); images are written over the prompt's only
+    is_image = input_ids == image_id if not past_length else torch.zeros_like(input_ids, dtype=torch.bool)
     embeds = model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
-    embeds = write_image_embeddings(embeds, input_ids, image_embeds, image_id)
+    if not past_length:
+        embeds = write_image_embeddings(embeds, input_ids, image_embeds, image_id)
     if position_ids is None and attention_mask is not None:  # left padding: positions count real tokens only
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1] :]
     if model._lm_accepts_position_ids and position_ids is not None:

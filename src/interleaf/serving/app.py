@@ -4,6 +4,10 @@
 - :mod:`~interleaf.serving.service`: what a chat request means (validation, prompt, job, answer);
 - :mod:`~interleaf.serving.batcher`: the worker that generates for many requests at once;
 - :mod:`~interleaf.serving.runner`: uvicorn, in the foreground or in a thread.
+
+Every model interleaf builds is served and batched: both fusion families, and token-insertion
+models that tile images at any resolution (LLaVA-NeXT, xGen-MM instruct), whose requests carry each
+image's views and size (:class:`~interleaf.serving.jobs.Job`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import threading
 
 from fastapi import FastAPI
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from .batcher import Batcher
 from .limits import ServeLimits, URLPolicy
 from .routes import add_error_handlers, add_routes
-from .service import ChatService
+from .service import ChatService, inserted_positions
 
 
 def create_app(
@@ -46,13 +50,12 @@ def create_app(
     for name, value in (("shutdown_timeout_s", shutdown_timeout_s), ("stall_timeout_s", stall_timeout_s)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise InputError(f"{name} must be a positive number of seconds, got {value!r}")
-    _check_servable(model)
     lock = threading.Lock()
     processor.max_images = limits.max_images
     processor.max_pixels = limits.max_image_pixels
     batcher = Batcher(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
                       round_tokens=round_tokens, stall_timeout_s=stall_timeout_s, tokenizer_lock=lock)
-    service = ChatService(processor, batcher, model_name, limits, policy, lock)
+    service = ChatService(processor, batcher, model_name, limits, policy, lock, inserted_positions(model))
 
     async def lifespan(app: FastAPI):
         batcher.start()
@@ -69,14 +72,3 @@ def create_app(
     add_routes(app, service, api_key)
     return app
 
-
-def _check_servable(model) -> None:
-    """The server batches one view per image; a model that tiles images at any resolution
-    (LLaVA-NeXT, xGen-MM instruct) is refused at start rather than failing request by request."""
-    config = getattr(model, "config", None)
-    if getattr(config, "fusion", None) == "token_insertion" and config.insertion_cfg.anyres is not None:
-        raise ConfigError(
-            "insertion.anyres", "interleaf serve does not batch any-resolution models yet (each image's views and "
-            "size would have to travel with its request)",
-            "run this model with interleaf generate, interleaf chat or model.generate in Python",
-        )

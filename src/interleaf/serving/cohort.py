@@ -6,6 +6,8 @@ A job with ``n`` choices has ``n`` :class:`Row` s. :func:`group_rows` puts rows 
 
     prompts (R rows, lengths T_r) ──► left-padded input_ids, attention_mask (R, T)
     pixels (N_r, 3, S, S) per row ──► zero-padded (R, N_max, 3, S, S) ──► model.prepare_media
+    or, any resolution, views (N_r, V_r, 3, S, S) and sizes (N_r, 2) per row
+      ──► every row's images in reading order (K, V_max, 3, S, S), sizes (K, 2) ──► model.prepare_media
       ──► media cache (either family's per-call image state, with ``.select(rows)``)
     each round: model.generate(input_ids, attention_mask, media cache, KV cache) ──► (R, T + new)
 
@@ -102,6 +104,39 @@ class RowsDone(StoppingCriteria):
         return torch.tensor([stop or r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
+def batch_images(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The rows' images in a layout ``model.prepare_media`` takes: ``(pixels, image_sizes)``, or None
+    when no row has an image. A job with ``n`` choices gives its images to each of its rows.
+
+    - One view per image: pixels ``(R, N_max, 3, S, S)``, row r's images first, then zeros; no sizes.
+    - Any resolution (the jobs carry ``image_sizes``): pixels ``(K, V_max, 3, S, S)``, the K images
+      of all rows in reading order (row by row), each image's views zero-padded to the most any
+      image of the cohort has, and ``image_sizes`` ``(K, 2)``: the layout LLaVA-NeXT and xGen-MM's
+      any-resolution path both read, whatever mix of image counts and sizes the rows hold.
+    """
+    given = [(r.job.pixel_values, r.job.image_sizes) for r in rows]
+    held = [(p, s) for p, s in given if p is not None and p.shape[0]]
+    if not held:
+        return None
+    tiled = [s is not None for _, s in held]
+    if any(tiled) != all(tiled):
+        raise ValueError("a cohort mixes images with and without image_sizes; one model's processor gives one layout")
+    if not all(tiled):
+        n_max = max(p.shape[0] for p, _ in held)
+        batch = torch.zeros((len(rows), n_max, *held[0][0].shape[1:]), dtype=torch.float32)  # (R, N_max, 3, S, S)
+        for i, (p, _) in enumerate(given):
+            if p is not None:
+                batch[i, : p.shape[0]] = p
+        return batch, None
+    v_max = max(p.shape[1] for p, _ in held)
+    batch = torch.zeros((sum(p.shape[0] for p, _ in held), v_max, *held[0][0].shape[2:]), dtype=torch.float32)
+    k = 0
+    for p, _ in held:  # (K, V_max, 3, S, S)
+        batch[k : k + p.shape[0], : p.shape[1]] = p
+        k += p.shape[0]
+    return batch, torch.cat([torch.as_tensor(s).reshape(-1, 2) for _, s in held])  # (K, 2)
+
+
 class Cohort:
     """Rows generated together, with their caches, over several rounds."""
 
@@ -119,16 +154,12 @@ class Cohort:
         self.input_ids = self.input_ids.to(device)
         self.attention_mask = self.attention_mask.to(device)
         self.media = None
-        pixels = [r.job.pixel_values for r in rows]
-        n_max = max((p.shape[0] for p in pixels if p is not None), default=0)
-        if n_max:
-            shape = next(p for p in pixels if p is not None).shape[1:]
-            batch = torch.zeros((len(rows), n_max, *shape), dtype=torch.float32)  # (R, N_max, 3, S, S)
-            for i, p in enumerate(pixels):
-                if p is not None:
-                    batch[i, : p.shape[0]] = p
+        images = batch_images(rows)
+        if images is not None:
+            pixels, sizes = images
+            extra = {} if sizes is None else {"image_sizes": sizes}
             with torch.no_grad():
-                self.media = model.prepare_media(self.input_ids, batch.to(device), self.attention_mask)
+                self.media = model.prepare_media(self.input_ids, pixels.to(device), self.attention_mask, **extra)
         self.cache = DynamicCache()
         self.device = torch.device(device)
         self.rng_state: tuple | None = None  # a seeded cohort's own random state, kept between rounds

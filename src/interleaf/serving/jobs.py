@@ -50,16 +50,23 @@ Event = tuple  # see the module docstring
 
 @dataclass
 class Job:
-    """One request, ready for the model."""
+    """One request, ready for the model.
+
+    ``pixel_values`` holds the request's images in reading order: one view each, ``(N_img, 3, S, S)``,
+    or for a model that tiles images at any resolution (LLaVA-NeXT, xGen-MM instruct) each image's
+    views, base first, zero-padded on the view axis, ``(N_img, V, 3, S, S)``, with ``image_sizes``
+    ``(N_img, 2)`` in the order the model's processor writes them. None without images.
+    """
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # (N_img, 3, S, S) or None
+    pixel_values: torch.Tensor | None  # the request's images: (N_img, 3, S, S), or (N_img, V, 3, S, S) with sizes
     max_new_tokens: int
     sink: Callable[[Event], None]
     n: int = 1
     sampling: Sampling = field(default_factory=Sampling)
     stop: Sequence[str] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
+    image_sizes: torch.Tensor | None = None  # (N_img, 2) for any-resolution models, as the processor gives them
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -3,8 +3,9 @@
 A chat request goes through :class:`ChatService` in this order::
 
     body bytes ──► parse (JSON, schema) ──► check (model, n, stop, max_tokens against the limits)
-      ──► prepare (messages and images ──► processor ──► token ids, pixels (N_img, 3, S, S),
-                   max new tokens)
+      ──► prepare (messages and images ──► processor ──► token ids, pixels (N_img, 3, S, S) or,
+                   for any-resolution models, each image's views (N_img, V, 3, S, S) and sizes
+                   (N_img, 2), max new tokens)
       ──► submit (a Job in the batcher's queue; its events come back through a sink)
       ──► Answer (one chat.completion) or ChunkStream (chat.completion.chunk objects)
 
@@ -24,6 +25,7 @@ import torch
 from pydantic import ValidationError
 
 from ..errors import InputError, OfflineError
+from ..processing import anyres
 from ..processing.images import load_image
 from .batcher import Batcher
 from .jobs import Event, Job, QueueFull, Sampling, ServerClosed, WorkerUnavailable
@@ -65,20 +67,57 @@ class Prepared:
     """A request ready for the batcher."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # (N_img, 3, S, S)
+    pixel_values: torch.Tensor | None  # (N_img, 3, S, S), or (N_img, V, 3, S, S) with image_sizes
     max_new_tokens: int
+    image_sizes: torch.Tensor | None = None  # (N_img, 2), any-resolution models only
+
+
+def request_images(inputs, count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The ``count`` images of a one-request processor output ``inputs``, as a :class:`Job` carries them.
+
+    One view per image: ``pixel_values`` ``(1, N_max, 3, S, S)`` -> ``(N_img, 3, S, S)``. Any
+    resolution (``image_sizes`` present): the images' views ``(K, V, 3, S, S)`` (the batch's images
+    in reading order, zero-padded on the view axis) and their sizes ``(K, 2)``, kept as they are.
+    """
+    if "pixel_values" not in inputs or not count:
+        return None, None
+    pixels, sizes = inputs["pixel_values"], inputs.get("image_sizes")
+    if sizes is None:
+        return pixels[0][:count], None
+    return pixels[:count], torch.as_tensor(sizes)[:count]
+
+
+def inserted_positions(model) -> Callable[[torch.Tensor], int] | None:
+    """How many positions a request's images add to its text inside ``model``, as a function of their
+    ``image_sizes``: xGen-MM's any-resolution images (``replace`` placement) turn each ``<image>`` token into
+    ``(1 + crops) * num_latents`` vision tokens, so the context the request needs is longer than its text.
+    None for every other model, whose text already holds each image's positions (or needs none)."""
+    config = getattr(model, "config", None)
+    insertion = getattr(config, "insertion_cfg", None) if getattr(config, "fusion", None) == "token_insertion" else None
+    tiles = getattr(insertion, "anyres", None)
+    if tiles is None or tiles.convention != "xgenmm" or insertion.placement != "replace":
+        return None
+    latents = int(model.projector.num_latents)
+
+    def added(sizes: torch.Tensor) -> int:
+        return sum(anyres.num_image_tokens(tuple(size), tiles, latents) - 1 for size in sizes.tolist())
+
+    return added
 
 
 class ChatService:
     """Serves ``model_name`` through ``batcher``: requests in, jobs out, within ``limits``.
 
-    ``lock`` guards the processor's tokenizer, which the batcher's worker also uses.
+    ``lock`` guards the processor's tokenizer, which the batcher's worker also uses. ``inserted``
+    (:func:`inserted_positions` of the model) counts the positions a request's images add to its
+    text in the model, so that the context check counts what the model runs.
     """
 
     def __init__(self, processor, batcher: Batcher, model_name: str, limits: ServeLimits, policy: URLPolicy,
-                 lock: threading.Lock):
+                 lock: threading.Lock, inserted: Callable[[torch.Tensor], int] | None = None):
         self.processor, self.batcher, self.model_name = processor, batcher, model_name
         self.limits, self.policy, self.lock = limits, policy, lock
+        self.inserted = inserted
 
     # -- what GET routes answer --
     def model_entry(self, name: str | None = None) -> dict:
@@ -136,10 +175,9 @@ class ChatService:
         except (InputError, OfflineError) as e:
             raise APIError(400, str(e), "messages") from e
         ids = inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
-        pixels = inputs["pixel_values"][0] if "pixel_values" in inputs else None  # (N_max, 3, S, S)
-        if pixels is not None:  # the request's images, however many tokens each takes in the text
-            pixels = pixels[: sum(1 for m in messages if isinstance(m["content"], list)
-                                  for part in m["content"] if part.get("type") == "image")]
+        count = sum(1 for m in messages if isinstance(m["content"], list)
+                    for part in m["content"] if part.get("type") == "image")
+        pixels, sizes = request_images(inputs, count)
         if len(ids) > self.limits.max_prompt_tokens:
             raise APIError(400, f"the prompt is {len(ids)} tokens, more than this server's limit of "
                                 f"{self.limits.max_prompt_tokens}; shorten the conversation", "messages",
@@ -147,18 +185,24 @@ class ChatService:
         asked = req.max_completion_tokens or req.max_tokens
         max_new = asked or self.limits.max_completion_tokens
         context = getattr(self.processor, "max_length", None)
-        if context is not None and len(ids) + max_new > context:
-            if asked is not None or len(ids) >= context:
-                raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) is more than the "
-                                    f"model's context of {context} tokens; shorten the prompt or ask for fewer "
-                                    "tokens", "messages", "context_length_exceeded")
-            max_new = context - len(ids)
-        return Prepared(ids, pixels, max_new)
+        grown = self.inserted(sizes) if self.inserted is not None and sizes is not None else 0
+        length = len(ids) + grown  # the positions the model runs for the prompt
+        if context is not None and length + max_new > context:
+            if asked is not None or length >= context:
+                what, fix = f"{length} tokens", "shorten the prompt"
+                if grown:
+                    what = f"{length} tokens with its images inserted"
+                    fix = "shorten the prompt, send fewer or smaller images"
+                raise APIError(400, f"the prompt ({what}) plus max_tokens ({max_new}) is more than the model's "
+                                    f"context of {context} tokens; {fix} or ask for fewer tokens", "messages",
+                               "context_length_exceeded")
+            max_new = context - length
+        return Prepared(ids, pixels, max_new, sizes)
 
     def submit(self, req: ChatCompletionRequest, prepared: Prepared, sink: Callable[[Event], None]) -> Job:
         """Queue the request's job; its events go to ``sink`` (from the worker thread)."""
         job = Job(
-            input_ids=prepared.input_ids, pixel_values=prepared.pixel_values,
+            input_ids=prepared.input_ids, pixel_values=prepared.pixel_values, image_sizes=prepared.image_sizes,
             max_new_tokens=prepared.max_new_tokens, n=req.n, stop=req.stop_list(), sink=sink,
             sampling=Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed),
         )
