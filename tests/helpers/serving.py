@@ -12,8 +12,6 @@ from tiny import tiny_preset
 
 import interleaf
 from interleaf.generation import generation_kwargs
-from interleaf.processing import InterleafProcessor, anyres
-from interleaf.processing.images import load_image
 from interleaf.serving import ServerThread, create_app
 
 MODEL_NAME = "tiny"
@@ -41,49 +39,8 @@ def tiny_model(family: str = "tiny-random"):
     if family in ("tiny-llava", "tiny-llava-next"):
         return interleaf.build(family, seed=0)
     if family == "tiny-xgenmm":
-        model, processor = interleaf.build("tiny-llava-next", seed=0, **_XGENMM)
-        return model, tiled_processor(processor)
+        return interleaf.build("tiny-llava-next", seed=0, **_XGENMM)
     raise ValueError(f"unknown family preset {family!r}; choose one of {FAMILIES + ANYRES}")
-
-
-def tiled_processor(processor):
-    """``processor`` (of an xGen-MM any-resolution model) returning its images as the model's xGen-MM path
-    reads them: ``pixel_values`` ``(K, V_max, 3, S, S)``, the batch's K images in reading order, each its
-    views (base first, :func:`interleaf.processing.anyres.pixel_values`) zero-padded on the view axis, and
-    ``image_sizes`` ``(K, 2)`` as (width, height). A processor that already returns ``image_sizes`` is used
-    as it is."""
-    processor.__class__ = _TiledProcessor
-    return processor
-
-
-class _TiledProcessor(InterleafProcessor):
-    def __call__(self, prompts, **kwargs):
-        out = super().__call__(prompts, **kwargs)
-        if "pixel_values" not in out or "image_sizes" in out:
-            return out
-        mean, std = self.image_transform.mean, self.image_transform.std
-        views, sizes = [], []
-        for k, image in enumerate(_images_in(prompts)):
-            image = load_image(image, where=f"image {k}")
-            views.append(anyres.pixel_values(image, self.anyres, mean, std, where=f"image {k}")[0])  # (V, 3, S, S)
-            sizes.append(image.size)
-        pixels = torch.zeros((len(views), max(v.shape[0] for v in views), *views[0].shape[1:]))
-        for k, v in enumerate(views):
-            pixels[k, : v.shape[0]] = v
-        out["pixel_values"], out["image_sizes"] = pixels, torch.tensor(sizes, dtype=torch.long)
-        return out
-
-
-def _images_in(value):
-    """The PIL images of a prompt, a conversation or a batch of them, in reading order."""
-    if isinstance(value, Image.Image):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _images_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _images_in(item)
 
 
 def start_server(model, processor, **options: Any) -> ServerThread:

@@ -21,7 +21,7 @@ from ..errors import InputError
 from .batcher import Batcher
 from .limits import ServeLimits, URLPolicy
 from .routes import add_error_handlers, add_routes
-from .service import ChatService, inserted_positions
+from .service import ChatService
 
 
 def create_app(
@@ -55,7 +55,7 @@ def create_app(
     processor.max_pixels = limits.max_image_pixels
     batcher = Batcher(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
                       round_tokens=round_tokens, stall_timeout_s=stall_timeout_s, tokenizer_lock=lock)
-    service = ChatService(processor, batcher, model_name, limits, policy, lock, inserted_positions(model))
+    service = ChatService(processor, batcher, model_name, limits, policy, lock)
 
     async def lifespan(app: FastAPI):
         batcher.start()

@@ -25,7 +25,6 @@ import torch
 from pydantic import ValidationError
 
 from ..errors import InputError, OfflineError
-from ..processing import anyres
 from ..processing.images import load_image
 from .batcher import Batcher
 from .jobs import Event, Job, QueueFull, Sampling, ServerClosed, WorkerUnavailable
@@ -87,37 +86,29 @@ def request_images(inputs, count: int) -> tuple[torch.Tensor | None, torch.Tenso
     return pixels[:count], torch.as_tensor(sizes)[:count]
 
 
-def inserted_positions(model) -> Callable[[torch.Tensor], int] | None:
-    """How many positions a request's images add to its text inside ``model``, as a function of their
-    ``image_sizes``: xGen-MM's any-resolution images (``replace`` placement) turn each ``<image>`` token into
-    ``(1 + crops) * num_latents`` vision tokens, so the context the request needs is longer than its text.
-    None for every other model, whose text already holds each image's positions (or needs none)."""
-    config = getattr(model, "config", None)
-    insertion = getattr(config, "insertion_cfg", None) if getattr(config, "fusion", None) == "token_insertion" else None
-    tiles = getattr(insertion, "anyres", None)
-    if tiles is None or tiles.convention != "xgenmm" or insertion.placement != "replace":
-        return None
-    latents = int(model.projector.num_latents)
-
-    def added(sizes: torch.Tensor) -> int:
-        return sum(anyres.num_image_tokens(tuple(size), tiles, latents) - 1 for size in sizes.tolist())
-
-    return added
+def added_positions(processor, count: int, sizes: torch.Tensor | None) -> int:
+    """How many positions a request's ``count`` images add to its text inside the model: under placement
+    ``replace`` (xGen-MM) each ``<image>`` token becomes the image's whole sequence
+    (:meth:`~interleaf.processing.prompt_format.PromptFormat.lm_token_count`, of its ``image_sizes`` under
+    xGen-MM's tiling); 0 for every other model, whose text already holds each image's positions."""
+    fmt = getattr(processor, "format", None)
+    if not count or fmt is None or not fmt.grows_images:
+        return 0
+    images = [tuple(size) for size in sizes.tolist()] if sizes is not None else [None] * count
+    return sum(fmt.lm_token_count(image) - 1 for image in images)
 
 
 class ChatService:
     """Serves ``model_name`` through ``batcher``: requests in, jobs out, within ``limits``.
 
-    ``lock`` guards the processor's tokenizer, which the batcher's worker also uses. ``inserted``
-    (:func:`inserted_positions` of the model) counts the positions a request's images add to its
-    text in the model, so that the context check counts what the model runs.
+    ``lock`` guards the processor's tokenizer, which the batcher's worker also uses. The context check
+    counts what the model runs: the text and the positions its images add (:func:`added_positions`).
     """
 
     def __init__(self, processor, batcher: Batcher, model_name: str, limits: ServeLimits, policy: URLPolicy,
-                 lock: threading.Lock, inserted: Callable[[torch.Tensor], int] | None = None):
+                 lock: threading.Lock):
         self.processor, self.batcher, self.model_name = processor, batcher, model_name
         self.limits, self.policy, self.lock = limits, policy, lock
-        self.inserted = inserted
 
     # -- what GET routes answer --
     def model_entry(self, name: str | None = None) -> dict:
@@ -185,7 +176,7 @@ class ChatService:
         asked = req.max_completion_tokens or req.max_tokens
         max_new = asked or self.limits.max_completion_tokens
         context = getattr(self.processor, "max_length", None)
-        grown = self.inserted(sizes) if self.inserted is not None and sizes is not None else 0
+        grown = added_positions(self.processor, count, sizes)
         length = len(ids) + grown  # the positions the model runs for the prompt
         if context is not None and length + max_new > context:
             if asked is not None or length >= context:
