@@ -126,6 +126,22 @@ def has_tokenizer_files(directory: Path) -> bool:
     return any((directory / n).is_file() for n in TOKENIZER_FILES)
 
 
+def optional_tokenizer(directory: Path, tokenizer: Any):
+    """The tokenizer of a checkpoint whose tokenizer files are optional: ``tokenizer`` itself when it is
+    one, else the one saved in ``tokenizer`` (a directory, which must hold one) or in ``directory``;
+    None when neither was given and ``directory`` has none."""
+    from ..processing.tokenizer import load_tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    source = Path(tokenizer) if tokenizer is not None else directory
+    if not has_tokenizer_files(source):
+        if tokenizer is not None:
+            raise CheckpointError(f"{str(source)!r} has no tokenizer files (tokenizer.json or tokenizer.model)")
+        return None
+    return load_tokenizer(source)
+
+
 def checkpoint_tokenizer(directory: Path, tokenizer: Any, family: str):
     """The tokenizer a converter uses: ``tokenizer`` itself when it is one, else the one saved in
     ``tokenizer`` (a directory) or in the checkpoint ``directory``; a missing pad token becomes the

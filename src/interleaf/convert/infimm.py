@@ -54,7 +54,7 @@ import torch
 from ..config import CrossAttentionConfig, InterleafConfig, TokensConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json
-from ._common import check_keys, fill_meta_model, has_tokenizer_files, read_weights
+from ._common import check_keys, fill_meta_model, optional_tokenizer, read_weights
 from .openflamingo import openflamingo_key_map
 
 __all__ = ["INFIMM_HEADS", "from_infimm", "infimm_to_interleaf_config", "load_infimm", "map_from_infimm"]
@@ -257,17 +257,9 @@ def load_infimm(src_dir: PathLike, *, for_saving: bool = False, **options: Any):
 
 
 def _tokenizer(src: Path, tokenizer: Any, tokens: TokensConfig):
-    from ..processing.tokenizer import load_tokenizer
-
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        tok = tokenizer
-    else:
-        source = Path(tokenizer) if tokenizer is not None else src
-        if not has_tokenizer_files(source):
-            if tokenizer is not None:
-                raise CheckpointError(f"{str(source)!r} has no tokenizer files (tokenizer.json or tokenizer.model)")
-            return None
-        tok = load_tokenizer(source)
+    tok = optional_tokenizer(src, tokenizer)
+    if tok is None:
+        return None
     got = tok.convert_tokens_to_ids(tokens.image_token) if tokens.image_token in tok.get_vocab() else None
     if got != tokens.image_token_id or tokens.end_of_chunk_token not in tok.get_vocab():
         raise CheckpointError(f"the tokenizer gives {tokens.image_token!r} the id {got} (config.json: "

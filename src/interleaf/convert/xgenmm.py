@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from ..config import SIGLIP_MEAN, SIGLIP_STD, InterleafConfig, TokensConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json
-from ._common import _listing, check_keys, fill_meta_model, has_tokenizer_files
+from ._common import _listing, check_keys, fill_meta_model, optional_tokenizer
 from .xgenmm_keys import XGENMM_SAMPLER_PREFIX, sampler_state_from_xgenmm
 
 __all__ = ["XGENMM_SPECIAL_TOKENS", "from_xgenmm", "map_from_xgenmm", "read_xgenmm_weights",
@@ -212,17 +212,9 @@ def load_xgenmm(src_dir: PathLike, mode: Mode = "auto", *, for_saving: bool = Fa
 
 
 def _tokenizer(src: Path, tokenizer: Any, initial: int):
-    from ..processing.tokenizer import load_tokenizer
-
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        tok = tokenizer
-    else:
-        source = Path(tokenizer) if tokenizer is not None else src
-        if not has_tokenizer_files(source):
-            if tokenizer is not None:
-                raise CheckpointError(f"{str(source)!r} has no tokenizer files (tokenizer.json or tokenizer.model)")
-            return None
-        tok = load_tokenizer(source)
+    tok = optional_tokenizer(src, tokenizer)
+    if tok is None:
+        return None
     missing = [t for t in XGENMM_SPECIAL_TOKENS if t not in tok.get_vocab()]
     if missing:
         if len(tok) != initial or len(missing) != len(XGENMM_SPECIAL_TOKENS):

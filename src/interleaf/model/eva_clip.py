@@ -48,6 +48,7 @@ from interleaf.config import CLIP_MEAN, CLIP_STD, EvaClipConfig, VisionConfig
 from interleaf.errors import CheckpointError, ConfigError
 from interleaf.files import read_json
 from interleaf.model.attention import attend
+from interleaf.model.init import init_linears_and_norms
 
 __all__ = [
     "EVA_MODEL_TYPE",
@@ -214,14 +215,7 @@ class EvaVisionTransformer(nn.Module):
             return
         for p in (self.pos_embed, self.cls_token):
             nn.init.trunc_normal_(p, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linears_and_norms(self)
 
     def unused_parameters(self) -> list[nn.Parameter]:
         """Parameters that never reach the features: blocks past the feature layer, the head, the

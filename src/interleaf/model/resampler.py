@@ -16,6 +16,7 @@ from torch import nn
 from interleaf.config import ResamplerConfig
 from interleaf.errors import InputError
 from interleaf.model.attention import attend
+from interleaf.model.init import init_linears_and_norms
 
 __all__ = ["PerceiverAttention", "PerceiverFeedForward", "PerceiverResampler", "idefics_perceiver_key_map"]
 
@@ -96,12 +97,7 @@ class PerceiverResampler(nn.Module):
     def init_weights(self) -> None:
         """Standard-normal latents (as Flamingo / IDEFICS); truncated normal 0.02 for projections."""
         nn.init.normal_(self.latents)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linears_and_norms(self)
 
     def forward(self, media: torch.Tensor) -> torch.Tensor:
         if media.dim() != 4 or media.shape[-1] != self.dim:

@@ -34,6 +34,7 @@ from torch import nn
 from interleaf.config import TokenSamplerConfig
 from interleaf.errors import ConfigError, InputError
 from interleaf.model.attention import attend
+from interleaf.model.init import init_linears_and_norms
 
 __all__ = ["TokenSampler", "TokenSamplerAttention", "TokenSamplerFeedForward"]
 
@@ -127,14 +128,7 @@ class TokenSampler(nn.Module):
         if self.latents.is_meta:
             return
         nn.init.normal_(self.latents)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linears_and_norms(self)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_features(features)
