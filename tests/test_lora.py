@@ -187,6 +187,11 @@ def test_stage_saves_adapters_that_load_and_merge(corpus, tmp_path, family):
     assert not lora.has_adapters(merged)
     assert not any(".lora_" in n or ".base_layer." in n for n in merged.state_dict())
     torch.testing.assert_close(_logits(merged, inputs), adapted, rtol=0, atol=1e-5)
+    # generation with the adapters attached gives the merged model's tokens
+    prompt = {k: v[:1] for k, v in inputs.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model.generate(**prompt, max_new_tokens=4, do_sample=False),
+                                   merged.generate(**prompt, max_new_tokens=4, do_sample=False))
 
 
 def _plain(directory: Path, inputs) -> torch.Tensor:
@@ -287,3 +292,71 @@ def test_adapter_directories_without_peft_or_base_are_refused(corpus, tmp_path, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     with pytest.raises(CheckpointError, match="adapters.*need peft.*pip install"):
         interleaf.load(tmp_path / "adapted")
+
+
+# --------------------------------------------------------------------------- DPO and several processes
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory) -> Path:
+    """Four one-colour images and eight preference pairs: chosen names the image's colour."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("prefs")
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
+    (root / "images").mkdir()
+    for name, rgb in colours.items():
+        Image.new("RGB", (32, 32), rgb).save(root / "images" / f"{name}.png")
+    names = list(colours)
+    pairs = [{"id": f"p{i}", "image": f"{names[i % 4]}.png", "prompt": "<image>\nWhat colour is the image?",
+              "chosen": names[i % 4], "rejected": names[(i + 1) % 4]} for i in range(8)]
+    (root / "prefs.json").write_text(json.dumps(pairs))
+    return root
+
+
+@pytest.mark.parametrize("reference", ["model", "cached"])
+def test_dpo_stage_trains_adapters(prefs, tmp_path, reference):
+    stage = _stage(prefs, tmp_path / "dpo", "expand", objective="dpo", dpo={"beta": 0.5, "reference": reference},
+                   data={"sources": [{"name": "p", "format": "preference", "paths": str(prefs / "prefs.json"),
+                                      "images_root": str(prefs / "images")}]},
+                   max_length=79, max_steps=6, batch_size=4, checkpoint={"every": None})
+    [result] = train(stage, progress=False)
+    records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # adapters start at zero: policy = reference
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"]
+    model, _ = interleaf.load(result.final)
+    assert lora.has_adapters(model)
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_lora_stages_match_a_single_process(corpus, tmp_path):
+    """torchrun with 2 processes (gloo on CPU): the loss curve of one process with the same global
+    batch (summation order differs: 1e-4 relative), and a final directory with the adapters."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    # no dropout: each process draws the dropout masks of its own half of the batch
+    lora_section = {"rank": 4, "alpha": 8, "dropout": 0.0, "parts": ["lm_attention", "lm_mlp"]}
+    stage = {k: v for k, v in _stage(corpus, tmp_path, "cross_attention", checkpoint={"every": None},
+                                     lora=lora_section).items() if k != "out"}
+    stages = [{"name": s, "distributed": {"strategy": s}} for s in ("ddp", "fsdp")]
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({**stage, "out": str(tmp_path / "multi"), "stages": stages}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "interleaf", "train", str(config), "--no-progress"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    [single] = train({**stage, "out": str(tmp_path / "single")}, progress=False)
+    expected = [json.loads(x)["loss"] for x in (single.out / "metrics.jsonl").read_text().splitlines()]
+    reference, _ = interleaf.load(single.final)
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / "multi" / strategy
+        losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert losses == pytest.approx(expected, rel=1e-4, abs=1e-6), strategy
+        model, processor = interleaf.load(out / "final")
+        assert lora.has_adapters(model)
+        inputs = _batch(processor, model)
+        torch.testing.assert_close(_logits(model, inputs), _logits(reference, inputs), rtol=1e-3, atol=1e-4)

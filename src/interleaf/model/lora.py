@@ -214,35 +214,37 @@ def _plain_name(name: str) -> str | None:
     return name.replace(".base_layer.", ".")
 
 
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state without its adapters, under the base model's names."""
-    return {plain: t for n, t in model.state_dict().items() if (plain := _plain_name(n)) is not None}
+def plain_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's state (or ``state``, e.g. gathered from shards) without its adapters, under the base model's names."""
+    state = model.state_dict() if state is None else state
+    return {plain: t for n, t in state.items() if (plain := _plain_name(n)) is not None}
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapters' weights under the keys PEFT writes (``base_model.model.<layer>.lora_A.weight``)."""
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state is None else state).items():
         if ".lora_" in name:
             out[_PEFT_PREFIX + name.replace(f".{ADAPTER_NAME}.", ".")] = t.detach().cpu().contiguous()
     return out
 
 
-def save_adapted(model: nn.Module, processor, path: str | Path) -> Path:
-    """Write the base model, its processor and the adapters (PEFT's files) into ``path``."""
+def save_adapted(model: nn.Module, processor, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the base model, its processor and the adapters (PEFT's files) into ``path``; ``state``
+    replaces the model's own state dict (full tensors gathered from FSDP shards)."""
     from safetensors.torch import save_file
 
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     model._hf_peft_config_loaded = False  # transformers would otherwise write the adapters alone
     try:
-        model.save_pretrained(p, state_dict=plain_state_dict(model))
+        model.save_pretrained(p, state_dict=plain_state_dict(model, state))
     finally:
         model._hf_peft_config_loaded = True
     config = model.peft_config[ADAPTER_NAME]
     config.base_model_name_or_path = None  # the base model is this directory
     config.save_pretrained(str(p))
-    save_file(adapter_state_dict(model), str(p / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(adapter_state_dict(model, state), str(p / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     if processor is not None:
         processor.save_pretrained(p)
     return p
