@@ -98,6 +98,22 @@ def test_trainable_parameters_follow_the_parts_and_the_freeze_policy(family):
         assert {n.replace(".base_layer.", ".") for n in full} == kept
 
 
+def test_peft_modules_to_save_trains_the_flamingo_parts_in_full():
+    """The documented pattern for PEFT's own get_peft_model: adapters on the LM, the resampler and the
+    cross-attention blocks in full; the vision tower untouched; outputs unchanged before training."""
+    model, processor = build_family("cross_attention")
+    names = interleaf.lora_targets(model, ["lm_attention", "lm_mlp"])
+    config = peft.LoraConfig(r=4, target_modules=names, modules_to_save=["resampler", "cross_attention"])
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config)
+    full = {n.removeprefix("base_model.model.") for n, p in peft_model.named_parameters()
+            if p.requires_grad and ".lora_" not in n}
+    assert full and all(n.startswith("resampler.modules_to_save.") or ".cross_attention.modules_to_save." in n
+                        for n in full)
+    assert sorted(peft_model.targeted_module_names) == names
+    inputs = _batch(processor, model)
+    torch.testing.assert_close(_logits(peft_model, inputs), _logits(model, inputs), rtol=0, atol=0)
+
+
 def test_unknown_parts_and_missing_parts_are_config_errors():
     model, _ = build_family("expand")
     with pytest.raises(ConfigError, match=r"lora.parts\[1\].*unknown part 'mlp'.*lm_mlp"):

@@ -10,6 +10,12 @@ after a dot, and a full path is the suffix of nothing else)::
     names = interleaf.lora_targets(model, ["lm_attention", "lm_mlp"])
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=names))
 
+Flamingo's own parts train in full beside the adapters with PEFT's ``modules_to_save`` (PEFT then
+saves them with the adapters): ``modules_to_save=["resampler", "cross_attention"]`` for the
+cross-attention family, ``["projector"]`` for token insertion. The decoupled rows of added tokens
+(``...embed_tokens.extra``, ``...lm_head.extra``) are plain parameters: set their
+``requires_grad`` after ``get_peft_model``, which freezes everything else.
+
 The parts (:data:`LORA_PARTS`), each found structurally (no class or layer names):
 
 - ``lm_attention``: the linear layers of each LM decoder layer whose path below the layer names
