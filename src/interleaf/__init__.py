@@ -24,6 +24,7 @@ from .config import (
 )
 from .errors import CheckpointError, ConfigError, InputError, InterleafError, OfflineError
 from .model import InterleafForConditionalGeneration
+from .model.lora import lora_targets, merge_lora
 from .presets import presets
 from .processing import InterleafProcessor
 
@@ -54,6 +55,8 @@ __all__ = [
     "VisionConfig",
     "build",
     "load",
+    "lora_targets",
+    "merge_lora",
     "presets",
     "save",
 ]

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from .config import InterleafConfig, TokensConfig, VisionConfig, image_embeddings_per_image
 from .errors import CheckpointError, ConfigError
 from .files import local_dir
-from .model import InterleafForConditionalGeneration
+from .model import InterleafForConditionalGeneration, lora
 from .presets import get_preset
 from .processing import ImageTransform, InterleafProcessor, build_tiny_tokenizer
 from .processing.tokenizer import load_tokenizer
@@ -231,7 +231,20 @@ def _vision_section(vision: Any, sections: dict[str, Any]):
 def load(
     path: PathLike, *, device_map: Any = None, dtype: torch.dtype | str | None = None, **kwargs: Any
 ) -> tuple[InterleafForConditionalGeneration, InterleafProcessor]:
-    """Load ``(model, processor)`` from a directory written by :func:`save` (offline)."""
+    """Load ``(model, processor)`` from a directory written by :func:`save` (offline).
+
+    A directory with LoRA adapters (``adapter_config.json``, see :mod:`interleaf.model.lora`) gives
+    the model with its adapters attached and unmerged: still an ``InterleafForConditionalGeneration``
+    (``model.active_adapters()``), whose outputs include the adapters; ``interleaf.merge_lora(model)``
+    folds them in. An adapter-only directory loads the base model its ``adapter_config.json`` names.
+    """
+    if lora.is_adapter_dir(path):
+        lora.check_adapter_dir(path)
+        base = lora.adapter_base(path)
+        if base != Path(path):
+            model, processor = load(base, device_map=device_map, dtype=dtype, **kwargs)
+            lora.attach_saved(model, path)
+            return model.eval(), processor
     p = local_dir(path, "model", ("config.json",))
     if not any(p.glob("*.safetensors")):
         raise CheckpointError(f"model directory {str(p)!r} has no *.safetensors weights; was it saved with interleaf.save?")
@@ -241,13 +254,18 @@ def load(
         )
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot load the model in {str(p)!r}: {e}") from e
+    if lora.is_adapter_dir(p):  # transformers attaches a directory's adapters while loading; check that it did
+        lora.attach_saved(model, p)
     model.apply_freeze()  # the config's freeze policy, as build applies it
     processor = InterleafProcessor.from_pretrained(p)
     return model.eval(), processor
 
 
 def save(model: InterleafForConditionalGeneration, processor: InterleafProcessor, path: PathLike) -> Path:
-    """Write a directory that :func:`load` and transformers' ``Auto*`` classes read back."""
+    """Write a directory that :func:`load` and transformers' ``Auto*`` classes read back (a model with
+    LoRA adapters: the base model and the adapters, :func:`interleaf.model.lora.save_adapted`)."""
+    if lora.has_adapters(model):
+        return lora.save_adapted(model, processor, path)
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(p)

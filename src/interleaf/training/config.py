@@ -34,6 +34,10 @@ DPO loss against a frozen reference, the stage's starting model (see :mod:`inter
     objective: dpo
     dpo: {beta: 0.1, reference: model, label_smoothing: 0.0}   # reference: model | cached (required)
 
+A stage may train low-rank adapters instead of whole parts (see :mod:`interleaf.training.lora`)::
+
+    lora: {rank: 8, alpha: 16, dropout: 0.05, parts: [lm_attention, lm_mlp]}
+
 A recipe lists stages (``stages: [...]``); its other top-level keys are defaults for every stage,
 a stage without ``out`` writes to ``{recipe out}/{stage name}``, and ``model: {from_stage: NAME}``
 starts a stage from an earlier stage's final model.
@@ -62,6 +66,7 @@ from ..errors import ConfigError
 from ..files import read_yaml as read_yaml_file
 from ..files import names_a_directory, user_path
 from ..schema import coerce, fields_of, join, read, reject_unknown, setting, show, with_context
+from .lora import LoRAConfig
 
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16")
@@ -205,6 +210,7 @@ class StageConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     objective: Literal[OBJECTIVES] = "lm"  # lm: the next-token loss; dpo: preference pairs
     dpo: DPOConfig | None = None  # the DPO loss and reference; required with objective: dpo
+    lora: LoRAConfig | None = None  # low-rank adapters on the parts it names (training.lora); None: none
     base_dir: str = setting(".", internal=True)  # the config file's folder: relative data paths resolve against it
     source: str | None = setting(None, internal=True)  # the file this stage came from (for error messages)
 
@@ -242,6 +248,8 @@ class StageConfig:
         if self.objective == "lm":  # a language-modelling stage's dict is what it was before DPO existed
             d.pop("objective")
             d.pop("dpo")
+        if self.lora is None:  # nor does a stage without adapters differ from one written before they existed
+            d.pop("lora")
         return d
 
     def mixture(self, *, check_files: bool = True):
@@ -480,6 +488,6 @@ def llava_mixture(json_path: str | Path, images: str | Path | None = None, fmt: 
 
 
 __all__ = [
-    "CheckpointConfig", "DPOConfig", "DistributedConfig", "ModelSpec", "OptimConfig", "Recipe", "StageConfig",
+    "CheckpointConfig", "DPOConfig", "DistributedConfig", "LoRAConfig", "ModelSpec", "OptimConfig", "Recipe", "StageConfig",
     "apply_overrides", "llava_mixture", "load_recipe", "parse_override", "parse_stage",
 ]

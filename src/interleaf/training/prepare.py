@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..model.lora import has_adapters, merge_lora
 from ..model.modeling import freeze_overwritten_token_rows, freeze_unused_vision_parameters
 from . import checkpoint as ckpt
 from .config import StageConfig
 from .distributed import DistState, unwrap, wrap_model
+from .lora import apply_lora
 from .optim import build_optimizer
 from .progress import Progress
 
@@ -52,6 +54,8 @@ def _build_model(stage: StageConfig, finals: dict[str, Path]):
         model, processor = load(spec.path)
     else:
         model, processor = build(spec.preset, seed=stage.seed, **spec.options)
+    if has_adapters(model):  # a directory with LoRA adapters: this stage starts from the merged model
+        merge_lora(model)
     # what one image becomes in the LM's row follows the model (a processor saved before the field existed
     # lacks it), so that max_length and the token counts measure that row
     processor.tokens.image_lm_length = model.config.tokens_cfg.image_lm_length
@@ -83,9 +87,9 @@ def stage_freeze(stage: StageConfig, model: nn.Module) -> str | None:
     )
 
 
-def prepare_model(model: nn.Module, stage: StageConfig) -> int:
-    """Apply the stage's freezing (:func:`stage_freeze`), z-loss and gradient checkpointing; returns
-    the trainable count."""
+def prepare_model(model: nn.Module, stage: StageConfig, device: torch.device | None = None) -> int:
+    """Apply the stage's freezing (:func:`stage_freeze`), LoRA adapters (:mod:`.lora`, on ``device``'s
+    kind of machine: default the model's), z-loss and gradient checkpointing; returns the trainable count."""
     model.config.z_loss = float(stage.z_loss)
     policy = stage_freeze(stage, model)
     if policy is not None:
@@ -93,6 +97,8 @@ def prepare_model(model: nn.Module, stage: StageConfig) -> int:
     model.apply_freeze(policy)
     freeze_unused_vision_parameters(model)  # what never gets a gradient does not train, whatever the policy
     freeze_overwritten_token_rows(model)
+    if stage.lora is not None:
+        apply_lora(model, stage.lora, device if device is not None else next(model.parameters()).device)
     if stage.gradient_checkpointing:
         lm = model.language_model
         if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5
@@ -120,7 +126,7 @@ def set_up(stage: StageConfig, finals: dict[str, Path], stream_factory: StreamFa
 
     check_stage_data(stage)
     model, processor = _build_model(stage, finals)
-    n_trainable = prepare_model(model, stage)
+    n_trainable = prepare_model(model, stage, dist.device)
     fingerprint = ckpt.frozen_fingerprint(model)
     if next(model.parameters()).device != dist.device:
         model.to(dist.device)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..model.lora import has_adapters, save_adapted
 from . import checkpoint as ckpt
 from .config import StageConfig
 from .distributed import DistState, barrier, unwrap
@@ -101,7 +102,9 @@ def save_final(model: nn.Module, processor, out: Path, dist: DistState) -> Path:
     if dist.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
-        if state is not None:
+        if state is not None and has_adapters(inner):
+            save_adapted(inner, processor, tmp, state)
+        elif state is not None:
             tmp.mkdir(parents=True)
             inner.save_pretrained(tmp, state_dict=state)
             processor.save_pretrained(tmp)
