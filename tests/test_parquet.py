@@ -4,6 +4,7 @@ converts both ways with ``interleaf data convert``, and resumes mid-file."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pyarrow as pa
@@ -258,3 +259,42 @@ def test_bad_files_and_settings_are_named(tmp_path, proc):
     with pytest.raises(InputError, match=r"--download-images applies to parquet"):
         convert(load_mixture({"sources": [_source(tmp_path / "j.json", "llava")]}).sources[0], tmp_path / "o",
                 download_images=True)
+
+
+def _mmmu_rows() -> list[dict]:
+    """Two MMMU questions as the hub's parquet holds them: ``options`` a list's repr, images as structs."""
+    none = {f"image_{k}": None for k in range(1, 8)}
+    return [
+        {**none, "id": "validation_Art_1", "question": "Compare <image 2> with <image 1>.",
+         "options": "['left', 'right']", "answer": "B", "image_1": hp.image("red"), "image_2": hp.image("blue"),
+         "subfield": "Painting", "question_type": "multiple-choice"},
+        {**none, "id": "validation_Math_1", "question": "<image 1> How many sides?", "options": "['3', '4']",
+         "answer": "B", "image_1": hp.image("green"), "subfield": "Geometry", "question_type": "multiple-choice"},
+    ]
+
+
+def test_mmmu_reads_from_its_parquet_files_as_from_its_json_export(tmp_path):
+    from interleaf.evaluation.tasks import get_task, load_examples
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("options", pa.string()),
+                        ("answer", pa.string()), *[(f"image_{k}", image) for k in range(1, 8)],
+                        ("subfield", pa.string()), ("question_type", pa.string())])
+    rows = _mmmu_rows()
+    for row, subject in zip(rows, ("Art", "Math")):  # one folder per subject, as the hub has it
+        hp.write(tmp_path / "hub" / subject / "validation-00000-of-00001.parquet", [row], schema)
+    export = [{**r, **{k: "data:image/png;base64," + base64.b64encode(v["bytes"]).decode()
+                       for k, v in r.items() if k.startswith("image_") and v}} for r in rows]
+    (tmp_path / "mmmu_validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in export))
+    read: dict = {}
+    from_parquet = load_examples(get_task("mmmu-parquet"), "validation", data_dir=tmp_path / "hub", read=read)
+    from_json = load_examples(get_task("mmmu"), "validation", data_dir=tmp_path)
+    assert [(e.id, e.fields, e.answers, e.group, e.meta) for e in from_parquet] == \
+        [(e.id, e.fields, e.answers, e.group, e.meta) for e in from_json]
+    assert [e.images for e in from_parquet] == [[hp.png("blue"), hp.png("red")], [hp.png("green")]]
+    assert sorted(read) == ["validation", "validation[1]"] and read["validation"].parent.name == "Art"
+    with pytest.raises(InputError, match=r"'\*/dev-\*.parquet' \(dev\) matches no file.*parquet files there"):
+        load_examples(get_task("mmmu-parquet"), "dev", data_dir=tmp_path / "hub")
+    (tmp_path / "hub" / "Art" / "dev-0.parquet").write_bytes(b"garbage")
+    with pytest.raises(InputError, match=r"dev-0.parquet: not a readable parquet file"):
+        load_examples(get_task("mmmu-parquet"), "dev", data_dir=tmp_path / "hub")
