@@ -21,6 +21,7 @@ import interleaf
 from interleaf.cli import app
 from interleaf.data import MixtureStream, load_mixture
 from interleaf.data.conversion import convert
+from interleaf.data.inspection import guess_format
 from interleaf.data.stream import iter_source
 from interleaf.errors import ConfigError, InputError
 from interleaf.training import train
@@ -69,6 +70,17 @@ def test_each_layout_reads_its_good_rows_and_counts_its_bad_ones(tmp_path, proc,
     assert bad == expected_bad
     assert len(good) == pq.ParquetFile(path).metadata.num_rows - sum(expected_bad.values())
     assert all(len((s["chosen"] if fmt == "preference" else s)["images"]) >= 1 for s in good)
+
+
+@pytest.mark.parametrize("layout", list(hp.WRITERS))
+def test_data_inspect_knows_each_layout_by_its_columns(tmp_path, layout):
+    fmt, write = hp.WRITERS[layout]
+    path, expected_bad = write(tmp_path / "train-0.parquet")
+    assert guess_format([str(path)]) == fmt
+    result = CliRunner().invoke(app, ["data", "inspect", str(tmp_path / "*.parquet"), "-n", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"== {fmt} ({fmt}): {pq.ParquetFile(path).metadata.num_rows} samples in 1 file(s)" in result.output
+    assert next(iter(expected_bad)) in result.output
 
 
 def _llava_reference(root, rows: list[dict], key: str) -> list[dict]:
@@ -138,7 +150,7 @@ def test_one_training_step_from_each_layout(tmp_path, layout):
         "out": str(tmp_path / "run"),
     }
     if fmt == "preference":
-        stage.update(objective="dpo", dpo={"beta": 0.5, "reference": "model"})
+        stage.update(objective="dpo", dpo={"beta": 0.5, "reference": "cached"})  # scored from the parquet rows
     train(stage, progress=False)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     # every row is read, the bad one at least once (a second pass may meet it again)

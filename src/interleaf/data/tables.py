@@ -133,8 +133,7 @@ class _TableFile:
                 meta = self._parquet.metadata
                 self.group_rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             else:
-                self._batches = self._arrow_batches(pa, path)
-                schema = self._batches[0].schema if self._batches else pa.schema([])
+                schema, self._batches = self._arrow_batches(pa, path)
                 self.group_rows = [b.num_rows for b in self._batches]
         except (pa.ArrowException, OSError) as e:
             raise BadSample("corrupt_shard", str(path), f"not a readable {path.suffix[1:]} file ({e})") from e
@@ -142,15 +141,17 @@ class _TableFile:
         self.columns = [c for c in LAYOUTS[self.layout][1] if c in schema.names]
 
     @staticmethod
-    def _arrow_batches(pa, path: Path) -> list:
-        """The record batches of an Arrow IPC file (random access) or stream (``datasets``' save_to_disk)."""
+    def _arrow_batches(pa, path: Path) -> tuple[Any, list]:
+        """The schema and record batches of an Arrow IPC file (random access) or stream (``datasets``'
+        save_to_disk), memory-mapped: a batch's bytes are read when its rows are."""
         source = pa.memory_map(str(path))
         try:
             reader = pa.ipc.open_file(source)
-            return [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            return reader.schema, [reader.get_batch(i) for i in range(reader.num_record_batches)]
         except pa.ArrowInvalid:
             source.seek(0)
-            return list(pa.ipc.open_stream(source))
+            stream = pa.ipc.open_stream(source)
+            return stream.schema, list(stream)
 
     def read(self, group: int) -> list[dict]:
         """The rows of one row group (the used columns only)."""
