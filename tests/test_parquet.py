@@ -310,3 +310,45 @@ def test_mmmu_reads_from_its_parquet_files_as_from_its_json_export(tmp_path):
     (tmp_path / "hub" / "Art" / "dev-0.parquet").write_bytes(b"garbage")
     with pytest.raises(InputError, match=r"dev-0.parquet: not a readable parquet file"):
         load_examples(get_task("mmmu-parquet"), "dev", data_dir=tmp_path / "hub")
+
+
+def test_each_kind_of_bad_row_is_skipped_counted_and_named(tmp_path, proc):
+    texts = pa.list_(pa.struct([("user", pa.string()), ("assistant", pa.string())]))
+    cases = {  # file -> (format, schema, rows, {reason: count}, a piece of one message)
+        "msgs": ("llava", pa.schema([("messages", pa.string()), ("images", pa.list_(hp.IMAGE))]),
+                 [{"messages": "hello", "images": []}], {"malformed_json": 1}, "'messages' must be a non-empty list"),
+        "struct": ("llava", pa.schema([("texts", texts), ("images", pa.list_(hp.IMAGE))]),
+                   [{"texts": [{"user": "hi", "assistant": "yo"}], "images": [{"bytes": None, "path": None}]}],
+                   {"malformed_json": 1}, "neither bytes nor path"),
+        "missing": ("llava", pa.schema([("texts", texts), ("images", pa.list_(pa.string()))]),
+                    [{"texts": [{"user": "hi", "assistant": "yo"}], "images": ["nowhere.png"]}],
+                    {"missing_file": 1}, "nowhere.png' does not exist"),
+        "noanswer": ("llava", pa.schema([("texts", texts), ("images", pa.list_(hp.IMAGE))]),
+                     [{"texts": [{"user": "hi", "assistant": ""}], "images": [hp.image("red")]}],
+                     {"empty_text": 1}, "no assistant answer"),
+        "uneven": ("interleaved", pa.schema([("texts", pa.list_(pa.string())), ("images", pa.list_(hp.IMAGE))]),
+                   [{"texts": ["a", None], "images": [None]}], {"malformed_json": 1}, "two lists of equal length"),
+        "nocaption": ("pairs", pa.schema([("image", hp.IMAGE), ("caption", pa.string())]),
+                      [{"image": hp.image("red"), "caption": "  "}], {"empty_text": 1}, "no caption"),
+        "norejected": ("preference", pa.schema([("question", pa.string()), ("chosen", pa.string()),
+                                                ("rejected", pa.string()), ("image", hp.IMAGE)]),
+                       [{"question": "Colour?", "chosen": "red", "rejected": None, "image": hp.image("red")}],
+                       {"malformed_json": 1}, "no 'rejected' answer"),
+    }
+    for name, (fmt, schema, rows, expected, message) in cases.items():
+        path = hp.write(tmp_path / f"{name}.parquet", rows, schema)
+        cfg = load_mixture({"sources": [_source(path, fmt)]}).sources[0]
+        bad = [b for _, b in iter_source(cfg, proc, max_length=MAX_LENGTH)]
+        assert {b.reason: 1 for b in bad} == expected, name
+        assert bad[0].where.startswith(f"{path}[0]") and message in bad[0].detail, (name, bad[0])
+
+
+def test_convert_and_inspect_refuse_what_they_cannot_read(tmp_path):
+    path, _ = hp.vsft(tmp_path / "a" / "vsft.parquet")
+    mix = {"sources": [_source(path, "llava", name="a"), _source(path, "llava", name="b")]}
+    (tmp_path / "mix.yaml").write_text(json.dumps(mix))
+    result = CliRunner().invoke(app, ["data", "convert", str(tmp_path / "mix.yaml"), str(tmp_path / "out")])
+    assert isinstance(result.exception, InputError) and "holds 2 sources; convert one source" in str(result.exception)
+    (tmp_path / "garbage.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputError, match=r"cannot read '.*garbage.parquet': not a readable parquet file"):
+        guess_format([str(tmp_path / "garbage.parquet")])
