@@ -1,9 +1,11 @@
-"""Verbs about training data: ``interleaf data synth``, ``interleaf data inspect``.
+"""Verbs about training data: ``interleaf data synth``, ``interleaf data inspect``, ``interleaf data convert``.
 
     interleaf data synth corpus/ --train-scenes 2000
     interleaf data inspect corpus/pairs/train-000000.tar -n 2
     interleaf data inspect mixture.yaml --model tiny-random
     interleaf data inspect corpus/llava/vqa_train.json --images-root corpus/images
+    interleaf data convert llava-instruct-mix-vsft/data/train-*.parquet vsft/     # -> vsft/llava.jsonl + images/
+    interleaf data convert corpus/llava/vqa_train.json vqa-parquet/ --images-root corpus/images
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ data_app = typer.Typer(
 )
 
 FORMAT_HELP = "pairs | interleaved | llava | preference (default: guessed from the files)"
+SOURCE_HELP = "A mixture YAML, a tar shard or glob of shards, a LLaVA JSON / JSON-lines file, or parquet / Arrow files (a glob)."
 
 
 def synth_cmd(
@@ -44,7 +47,7 @@ def synth_cmd(
 
 
 def inspect_cmd(
-    source: str = typer.Argument(..., help="A mixture YAML, a tar shard or glob of shards, or a LLaVA JSON / JSON-lines file."),
+    source: str = typer.Argument(..., help=SOURCE_HELP),
     model: str = typer.Option("tiny-random", "--model", "-m", help="A saved model directory or a preset (its processor renders the samples)."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
     images_root: Optional[Path] = typer.Option(
@@ -92,7 +95,38 @@ def _echo_source(report: SourceReport) -> None:
     typer.echo(f"scanned {report.scanned}: {report.good} good, {report.scanned - report.good} bad")
 
 
+def convert_cmd(
+    source: str = typer.Argument(..., help=SOURCE_HELP + " A mixture YAML must hold one source."),
+    out: Path = typer.Argument(..., help="A new or empty folder to write the converted files to."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
+    images_root: Optional[Path] = typer.Option(None, help="The folder relative image paths are read from."),
+    download_images: bool = typer.Option(
+        False, help="Fetch http(s) images (OBELICS) into the output; the only step that downloads data. Off: such rows are skipped and counted."
+    ),
+    per_file: int = typer.Option(10_000, min=1, help="Samples per output shard or parquet file."),
+    row_group_size: int = typer.Option(100, min=1, help="Rows per parquet row group (the unit a stream reads)."),
+) -> None:
+    """Convert parquet / Arrow files (Hugging Face datasets) to interleaf's formats, or interleaf's files to parquet."""
+    from ..data.conversion import convert
+    from ..data.inspection import MAX_BAD_EXAMPLES, mixture_for_source
+    from ..errors import InputError
+
+    mixture = mixture_for_source(source, fmt, images_root)
+    if len(mixture.sources) != 1:
+        raise InputError(f"{source!r} holds {len(mixture.sources)} sources; convert one source (its files) at a time")
+    report = convert(mixture.sources[0], out, per_file=per_file, row_group_size=row_group_size,
+                     download_images=download_images)
+    typer.echo(f"wrote {report.written} samples to {out}:")
+    for name, n in report.files.items():
+        typer.echo(f"  {name:<28} {n}")
+    typer.echo("bad samples (skipped):")
+    typer.echo(report.bad.summary())
+    for (source_name, reason), examples in list(report.bad.examples.items())[:MAX_BAD_EXAMPLES]:
+        typer.echo(f"  {source_name}: {reason}: {examples[0]}")
+
+
 def register(app: typer.Typer) -> None:
     data_app.command("synth")(synth_cmd)
     data_app.command("inspect")(inspect_cmd)
+    data_app.command("convert")(convert_cmd)
     app.add_typer(data_app, name="data")

@@ -34,6 +34,7 @@ from ..errors import InputError
 from ..files import iter_jsonl, read_json
 
 FORMATS = ("pairs", "interleaved", "llava", "preference")
+TABLE_EXTENSIONS = (".parquet", ".arrow")  # Hugging Face datasets' files (interleaf.data.tables reads them)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("caption", "text", "txt", "alt", "alt_text")
 LLAVA_IMAGE_PLACEHOLDER = "<image>"
@@ -374,12 +375,16 @@ def parse_conversation(
 
 def _llava_images(raw: Any, where: str, images_root: str | Path | None,
                   image_path_map: dict[str, str] | None) -> list[ImageSource]:
-    """The entry's ``image`` (a path or a list of paths) as local files that exist."""
-    names = [] if raw is None else [raw] if isinstance(raw, str) else raw
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    """The entry's ``image`` (a path or a list of paths) as local files that exist; an entry that is
+    already an :class:`ImageSource` (a parquet row's image) is kept as it is."""
+    names = [] if raw is None else [raw] if isinstance(raw, (str, ImageSource)) else raw
+    if not isinstance(names, list) or not all(isinstance(n, (str, ImageSource)) for n in names):
         raise BadSample("malformed_json", where, "'image' must be a path string or a list of path strings")
     images = []
     for i, name in enumerate(names):
+        if isinstance(name, ImageSource):
+            images.append(name)
+            continue
         img_where = f"{where} image {i}"
         if name.startswith(("http://", "https://")):
             raise BadSample("remote_image", img_where, f"{name!r} is a URL; download it and give a local path")

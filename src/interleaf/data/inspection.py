@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..files import read_json
-from .formats import BadSample, TarSample, count_tar_samples, iter_tar_groups, load_llava
+from .formats import BadSample, TarSample, iter_tar_groups, load_llava
 from .mixture import MixtureConfig, SourceConfig, load_mixture, single_source_mixture
 from .stream import BadSampleCounter, iter_source
+from .tables import count_samples, is_table_file, table_format
 from .tokenize import IGNORE_INDEX, render_sample
 
 if TYPE_CHECKING:
@@ -48,7 +49,13 @@ MAX_BAD_EXAMPLES = 10  # bad samples a report keeps (each one's where and why)
 
 def guess_format(files: list[str]) -> str:
     """llava for JSON files (preference if the first entry has "chosen"); for tar shards,
-    interleaved if the first sample's JSON has "texts"."""
+    interleaved if the first sample's JSON has "texts"; for parquet / Arrow files, what their
+    columns hold (:mod:`interleaf.data.tables`)."""
+    if all(is_table_file(f) for f in files):
+        try:
+            return table_format(files[0])
+        except BadSample as bad:
+            raise InputError(f"cannot read {files[0]!r}: {bad.detail}; check the file, or pass another") from bad
     if all(f.endswith((".json", ".jsonl")) for f in files):
         try:
             first = next((r.data for r in load_llava(files[0]) if r.data is not None), None)
@@ -86,9 +93,9 @@ def mixture_for_source(source: str, fmt: str | None = None, images_root: Path | 
         return load_mixture(source)
     files = sorted(glob.glob(source)) if glob.has_magic(source) else [source] if Path(source).is_file() else []
     if not files:
-        raise InputError(f"SOURCE {source!r} matches no file; pass a mixture YAML, a tar shard (or glob), or a LLaVA JSON")
+        raise InputError(f"SOURCE {source!r} matches no file; pass a mixture YAML, a tar shard (or glob), a LLaVA JSON, or parquet files")
     fmt = fmt or guess_format(files)
-    if fmt in ("llava", "preference") and images_root is None:
+    if fmt in ("llava", "preference") and images_root is None and not is_table_file(files[0]):
         images_root = corpus_images_root(files[0])
     return single_source_mixture(files, fmt, images_root=str(images_root) if images_root else None)
 
@@ -96,7 +103,8 @@ def mixture_for_source(source: str, fmt: str | None = None, images_root: Path | 
 def source_size(cfg: SourceConfig, files: list[str] | None = None) -> int:
     """Samples in a source's files (LLaVA records, or tar samples); ``files`` defaults to ``cfg.files()``."""
     files = cfg.files() if files is None else files
-    return sum(len(load_llava(f)) if cfg.format in ("llava", "preference") else count_tar_samples(f) for f in files)
+    return sum(len(load_llava(f)) if cfg.format in ("llava", "preference") and not is_table_file(f)
+               else count_samples(f) for f in files)
 
 
 @dataclass(frozen=True)

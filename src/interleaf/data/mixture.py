@@ -32,6 +32,15 @@ Mixture YAML schema
         samples: 50000                  # ... or an absolute count per epoch (more than the source's
                                         # size repeats it, fewer takes part of it; xGen-MM's SFT YAML)
 
+Parquet and Arrow files (Hugging Face datasets: llava-instruct-mix-vsft, the_cauldron, OBELICS,
+RLAIF-V) are sources too: paths ending in ``.parquet`` / ``.arrow``, ``format`` the kind of rows
+they hold, ``images_root`` / ``image_path_map`` for images given as paths (any format); see
+:mod:`interleaf.data.tables` for their columns::
+
+      - name: vsft
+        format: llava
+        paths: llava-instruct-mix-vsft/data/train-*.parquet
+
 Every source gives either ``samples`` (all of them) or ``weight`` (default 1 each). With counts an
 epoch holds exactly those counts, in a shuffled order; with weights each sample's source is
 drawn by weight. A source that is used up starts a new, re-shuffled pass over itself.
@@ -97,7 +106,7 @@ from typing import Any, Literal
 from ..errors import ConfigError
 from ..files import read_yaml, user_path
 from ..schema import join, read, setting
-from .formats import FORMATS
+from .formats import FORMATS, TABLE_EXTENSIONS
 
 
 @dataclass
@@ -122,10 +131,15 @@ class SourceConfig:
         for i, p in enumerate(self.paths):
             if not p:
                 raise ConfigError(join(join(path, "paths"), i), "must not be empty", "give a file path or a glob")
-        if self.format not in ("llava", "preference"):
+        tables = [p.endswith(TABLE_EXTENSIONS) for p in self.paths]
+        if any(tables) and not all(tables):
+            raise ConfigError(join(join(path, "paths"), tables.index(not tables[0])),
+                              "mixes parquet / Arrow files with other files",
+                              "give the parquet / Arrow files a source of their own")
+        if self.format not in ("llava", "preference") and not all(tables):
             for key in ("images_root", "image_path_map"):
                 if getattr(self, key):
-                    raise ConfigError(join(path, key), f"applies to llava and preference sources only; {self.format} shards hold their images")
+                    raise ConfigError(join(path, key), f"applies to llava and preference sources (and parquet files) only; {self.format} shards hold their images")
         if self.samples is not None and self.weight is not None:
             raise ConfigError(join(path, "samples"), "give either samples (a count per epoch) or weight, not both")
         if self.task_prompt and self.format == "interleaved":

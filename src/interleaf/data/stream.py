@@ -3,7 +3,8 @@
 ::
 
     sources ──► per-source stream (this rank's share, re-shuffled each pass) ──► parse ──► encode
-        pairs / interleaved: shards in a seeded order, read lazily; blocks of ``shuffle_buffer``
+        pairs / interleaved, and every source of parquet / Arrow files (interleaf.data.tables):
+                             shards in a seeded order, read lazily; blocks of ``shuffle_buffer``
                              samples are shuffled; rank r keeps samples whose running index i
                              has i % world_size == r (bytes of the others are never read)
         llava, preference:   the JSON is loaded once; a seeded permutation per pass; rank r takes
@@ -36,8 +37,6 @@ from .formats import (
     BadSample,
     LlavaRecord,
     TarSample,
-    count_tar_samples,
-    iter_tar_groups,
     load_llava,
     parse_conversation,
     parse_document,
@@ -45,6 +44,7 @@ from .formats import (
 )
 from .mixture import MixtureConfig, SourceConfig, load_mixture
 from .preference import Preference, encode_preference, parse_preference
+from .tables import TableRow, count_samples, is_table_file, iter_samples, parse_row
 from .tokenize import encode_sample
 
 MIN_SEEN_FOR_BAD_CHECK = 20
@@ -235,7 +235,7 @@ class _ShardStream(_SourceStream):
 
     def size(self) -> int:
         if self._size is None:
-            self._size = sum(count_tar_samples(f) for f in self.files)
+            self._size = sum(count_samples(f) for f in self.files)
         return self._size
 
     def order(self, epoch: int) -> list[str]:
@@ -256,7 +256,7 @@ class _ShardStream(_SourceStream):
 
             done = False
             j = -1
-            with contextlib.closing(iter_tar_groups(order[shard], select=mine)) as samples:
+            with contextlib.closing(iter_samples(order[shard], select=mine)) as samples:
                 for item in samples:
                     if isinstance(item, BadSample):  # the rest of the shard is unreadable: one bad sample
                         if shard % self.world_size == self.rank:
@@ -297,6 +297,8 @@ class _ShardStream(_SourceStream):
     def parse(self, raw):
         if isinstance(raw, BadSample):
             raise raw
+        if isinstance(raw, TableRow):
+            return parse_row(raw, self.cfg)
         assert isinstance(raw, TarSample)
         return parse_pair(raw) if self.cfg.format == "pairs" else parse_document(raw)
 
@@ -331,11 +333,11 @@ def _encode(parsed, processor, **settings) -> dict:
 
 
 def _source_stream(cfg: SourceConfig, seed: int, rank: int, world_size: int, buffer: int) -> _SourceStream:
-    if cfg.format == "preference":
-        return _PreferenceStream(cfg, seed, rank, world_size)
-    if cfg.format == "llava":
-        return _LlavaStream(cfg, seed, rank, world_size)
-    return _ShardStream(cfg, seed, rank, world_size, buffer)
+    """Tar shards and parquet / Arrow files stream in blocks; JSON files are loaded once."""
+    if cfg.format in ("pairs", "interleaved") or all(is_table_file(p) for p in cfg.paths):
+        return _ShardStream(cfg, seed, rank, world_size, buffer)
+    kind = _PreferenceStream if cfg.format == "preference" else _LlavaStream
+    return kind(cfg, seed, rank, world_size)
 
 
 # --------------------------------------------------------------------------- the mixture
@@ -487,7 +489,7 @@ def iter_source(
     if isinstance(stream, _LlavaStream):
         raws: Iterator = iter(stream.records)
     else:
-        raws = (item for f in stream.files for item in iter_tar_groups(f))
+        raws = (item for f in stream.files for item in iter_samples(f))
     for raw in raws:
         try:
             yield _encode(

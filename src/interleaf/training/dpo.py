@@ -40,7 +40,6 @@ import copy
 import itertools
 from collections import defaultdict
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -150,29 +149,25 @@ class CachedReference:
 def _all_pairs(stage: StageConfig, processor, rank: int, world_size: int) -> Iterable[dict]:
     """This process's share (every ``world_size``-th entry) of every preference source, in file order,
     tokenised as the stage's stream tokenises them; bad samples are left out (the stream counts them)."""
-    from ..data.formats import BadSample, load_llava
-    from ..data.preference import encode_preference, parse_preference
+    from ..data.conversion import iter_parsed
+    from ..data.formats import BadSample
+    from ..data.preference import encode_preference
 
     mixture = stage.mixture()
     max_length = mixture.max_length or getattr(processor, "max_length", None)
     index = 0
     for cfg in mixture.sources:
-        for path in cfg.files():
-            root = Path(cfg.images_root) if cfg.images_root else Path(path).parent
-            for record in load_llava(path, "preference"):
-                index += 1
-                if (index - 1) % world_size != rank:
-                    continue
-                try:
-                    parsed = parse_preference(
-                        record, images_root=root, image_path_map=cfg.image_path_map, task_prompt=cfg.task_prompt
-                    )
-                    yield encode_preference(
-                        parsed, processor, source=cfg.name, max_length=max_length, max_images=cfg.max_images,
-                        loss_weight=cfg.loss_weight,
-                    )
-                except BadSample:
-                    continue
+        for parsed in iter_parsed(cfg):  # JSON entries or parquet rows, in file order
+            index += 1
+            if (index - 1) % world_size != rank or isinstance(parsed, BadSample):
+                continue
+            try:
+                yield encode_preference(
+                    parsed, processor, source=cfg.name, max_length=max_length, max_images=cfg.max_images,
+                    loss_weight=cfg.loss_weight,
+                )
+            except BadSample:
+                continue
 
 
 def cache_reference(

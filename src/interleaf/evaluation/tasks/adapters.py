@@ -16,8 +16,9 @@ the file, where it was looked for, and where the public dataset provides it. For
 - ``mmbench``: TSV with base64 images; every rotation of the options is one example (CircularEval).
 - ``mme``: the MME_Benchmark tree (per subtask: images with ``.txt`` files of
   ``question<TAB>answer`` lines, or ``images/`` + ``questions_answer_YES_NO/``).
-- ``mmmu``: JSON / JSON lines with ``question``, ``options``, ``answer`` and ``image_1..7``
-  (paths or base64); ``<image k>`` marks place the images inside the text.
+- ``mmmu``: the hub's parquet files (``{Subject}/validation-*.parquet``, a glob; images as
+  ``{bytes, path}``; see :mod:`.tables`), or JSON / JSON lines, with ``question``, ``options``,
+  ``answer`` and ``image_1..7`` (paths or base64); ``<image k>`` marks place the images inside the text.
 - ``llava``: a LLaVA-format conversation JSON; the last assistant turn is the reference.
 
 Other modules add adapters for their own data with :func:`adapter` (the synthetic corpus's are in
@@ -41,6 +42,7 @@ from ...errors import InputError
 from ...files import read_json, read_jsonl
 from ..metrics import index_to_letter
 from .spec import IMAGE_MARK, Example, TaskSpec
+from .tables import is_table_entry, table_rows
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".JPEG", ".JPG", ".PNG")
 
@@ -316,10 +318,14 @@ _MMMU_MARK = re.compile(r"<image (\d+)>")
 
 @adapter("mmmu")
 def load_mmmu(ctx: DataContext, split: str) -> list[Example]:
-    """MMMU exported to JSON / JSON lines; images (``image_1``..) interleaved at ``<image k>``."""
-    path = ctx.path(split_key(ctx, split))
-    what = f"task {ctx.task.name!r}"
-    rows = read_jsonl(path, what) if path.suffix == ".jsonl" else read_json(path, what)
+    """MMMU's parquet files (a glob, see :mod:`.tables`) or an export to JSON / JSON lines; images
+    (``image_1``..) interleaved at ``<image k>``."""
+    key, what = split_key(ctx, split), f"task {ctx.task.name!r}"
+    if is_table_entry(ctx, key):
+        path, rows = ctx.task.files[key], table_rows(ctx, key)
+    else:
+        path = ctx.path(key)
+        rows = read_jsonl(path, what) if path.suffix == ".jsonl" else read_json(path, what)
     out = []
     for row in rows:
         options = row.get("options", [])

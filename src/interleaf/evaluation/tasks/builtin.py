@@ -36,6 +36,14 @@ VQA: dict[str, Any] = dict(
 CHOICE: dict[str, Any] = dict(
     templates={"openflamingo": OF_CHOICE, "idefics": ID_CHOICE}, postprocess="choice", max_new_tokens=5, stop=VQA_STOP,
 )
+MMMU: dict[str, Any] = dict(
+    adapter="mmmu", metric="choice_accuracy", postprocess="choice", demo_split="dev", eval_split="validation",
+    max_new_tokens=5, stop=VQA_STOP,
+    templates={
+        "openflamingo": PromptTemplate(demo="{question}\n{options}\nAnswer:{answer}<|endofchunk|>"),
+        "idefics": PromptTemplate(demo="{question}\n{options}\nAnswer: {answer}\n", query="{question}\n{options}\nAnswer:"),
+    },
+)
 _MEME = "<image>is an image with: '{ocr}' written on it. Is it hateful? Answer:"
 
 BUILTIN_TASKS: tuple[TaskSpec, ...] = (
@@ -126,15 +134,13 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         description="MME perception / cognition scores",
     ),
     TaskSpec(
-        name="mmmu", adapter="mmmu", metric="choice_accuracy", postprocess="choice",
-        files={"validation": "mmmu_validation.jsonl", "dev": "mmmu_dev.jsonl"}, demo_split="dev",
-        eval_split="validation", max_new_tokens=5, stop=VQA_STOP,
-        templates={
-            "openflamingo": PromptTemplate(demo="{question}\n{options}\nAnswer:{answer}<|endofchunk|>"),
-            "idefics": PromptTemplate(demo="{question}\n{options}\nAnswer: {answer}\n",
-                                      query="{question}\n{options}\nAnswer:"),
-        },
+        name="mmmu", files={"validation": "mmmu_validation.jsonl", "dev": "mmmu_dev.jsonl"}, **MMMU,
         source="MMMU (exported from its parquet files to JSON lines with image_k as base64 or paths)",
         description="MMMU (validation), accuracy",
+    ),
+    TaskSpec(
+        name="mmmu-parquet", files={"validation": "*/validation-*.parquet", "dev": "*/dev-*.parquet"}, **MMMU,
+        source="MMMU/MMMU on the hub: its parquet files as downloaded, one folder per subject",
+        description="MMMU (validation) from its parquet files, accuracy",
     ),
 )
