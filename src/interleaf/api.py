@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
+from .cards import write_model_card
 from .config import InterleafConfig, TokensConfig, VisionConfig, image_embeddings_per_image
 from .errors import CheckpointError, ConfigError
 from .files import local_dir
@@ -246,10 +247,18 @@ def load(
     return model.eval(), processor
 
 
-def save(model: InterleafForConditionalGeneration, processor: InterleafProcessor, path: PathLike) -> Path:
-    """Write a directory that :func:`load` and transformers' ``Auto*`` classes read back."""
+def save(
+    model: InterleafForConditionalGeneration, processor: InterleafProcessor, path: PathLike, *, card: dict | None = None
+) -> Path:
+    """Write a directory that :func:`load` and transformers' ``Auto*`` classes read back.
+
+    It gets a model card (``README.md``, see :mod:`interleaf.cards`; a README the user wrote is
+    kept); ``card`` holds :func:`interleaf.cards.write_model_card`'s keywords (``base_model``,
+    ``datasets``, ``training``, ``evaluation``, ``tags``).
+    """
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(p)
     processor.save_pretrained(p)
+    write_model_card(p, **(card or {}))
     return p

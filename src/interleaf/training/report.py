@@ -1,5 +1,6 @@
-"""What a stage reports: a ``metrics.jsonl`` record every ``log_every`` steps, the progress bar,
-the skipped steps, the error that ends a run of them, and the summary at the end."""
+"""What a stage reports: a ``metrics.jsonl`` record every ``log_every`` steps (mirrored to the
+trackers ``report_to`` names), the progress bar, the skipped steps, the error that ends a run of
+them, and the summary at the end, also written into the final model's card (:mod:`interleaf.cards`)."""
 
 from __future__ import annotations
 
@@ -70,8 +71,18 @@ class StageReport:
         }
         if self.dist.is_main:
             write_summary(self.stage.out, summary)
+            _card(final, self.stage, summary)
             self.logger.write(_summary_text(summary))
         return summary
+
+
+def _card(final: Path, stage: StageConfig, summary: dict) -> None:
+    """The final model's card, with this stage's summary and settings (a README the user wrote is kept)."""
+    from ..cards import hub_id, write_model_card
+
+    config = {"model": stage.model.to_dict(), "data": stage.data, "objective": stage.objective,
+              "freeze": stage.freeze, "batch_size": stage.batch_size}
+    write_model_card(final, base_model=hub_id(stage.model.path), training={**summary, "config": config})
 
 
 def _bad_counts(stream) -> dict:

@@ -1,0 +1,154 @@
+"""Model cards: every saved directory's README.md parses with huggingface_hub and carries the
+hub's metadata; a user's README is kept; training and evaluation fill their sections; `push` is
+refused offline and never reaches the network in tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+import interleaf
+from interleaf.cards import CARD_MARKER, hub_id, push, write_model_card
+from interleaf.cli import main
+from interleaf.errors import InputError
+from interleaf.training import train
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model, processor = interleaf.build("tiny-random")
+    path = tmp_path_factory.mktemp("saved") / "model"
+    interleaf.save(model, processor, path)
+    return path
+
+
+def _copy(saved: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in saved.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_save_writes_a_card_the_hub_library_parses(saved):
+    card = ModelCard.load(saved / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "interleaf" and data["pipeline_tag"] == "image-text-to-text"
+    assert {"interleaf", "cross-attention"} <= set(data["tags"])
+    assert "license" not in data  # the owner's choice: a comment in the metadata, never a value
+    text = (saved / "README.md").read_text()
+    assert "\n# license:" in text.split("\n---\n")[0] and CARD_MARKER in card.text
+    assert "interleaf.load" in card.text and "cross_attention" in card.text
+
+
+def test_base_models_datasets_and_a_converted_source(saved, tmp_path):
+    path = _copy(saved, tmp_path / "m")
+    write_model_card(path, base_model="openai/clip-vit-large-patch14", datasets=["HuggingFaceM4/the_cauldron"],
+                     converted_from="/cache/hub/models--llava-hf--llava-1.5-7b-hf/snapshots/abc123")
+    data = ModelCard.load(path / "README.md").data
+    assert data.base_model == ["openai/clip-vit-large-patch14", "llava-hf/llava-1.5-7b-hf"]
+    assert data.datasets == ["HuggingFaceM4/the_cauldron"]
+    assert "models--llava-hf--llava-1.5-7b-hf" in (path / "README.md").read_text()
+
+
+def test_only_hub_ids_become_base_models(tmp_path):
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "name").mkdir()
+    assert hub_id("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    assert hub_id("/home/me/.cache/huggingface/hub/models--Salesforce--xgen-mm-phi3/snapshots/1/") \
+        == "Salesforce/xgen-mm-phi3"
+    assert hub_id(tmp_path / "owner" / "name") is None and hub_id("/abs/path") is None
+    assert hub_id("") is None and hub_id(None) is None and hub_id("just-a-name") is None
+
+
+def test_a_users_readme_is_kept_and_interleafs_keeps_the_licence(saved, tmp_path, caplog):
+    mine = _copy(saved, tmp_path / "mine")
+    own = "# My model\n\nWritten by hand.\n"
+    (mine / "README.md").write_text(own)
+    model, processor = interleaf.load(mine)
+    with caplog.at_level("INFO", logger="interleaf.cards"):
+        interleaf.save(model, processor, mine)
+    assert (mine / "README.md").read_text() == own
+    assert "kept" in caplog.text
+    ours = _copy(saved, tmp_path / "ours")
+    text = (ours / "README.md").read_text().replace("library_name: interleaf", "library_name: interleaf\nlicense: mit")
+    (ours / "README.md").write_text(text)
+    write_model_card(ours, datasets="a/b")
+    data = ModelCard.load(ours / "README.md").data
+    assert data.license == "mit" and data.datasets == ["a/b"]
+    assert "# license:" not in (ours / "README.md").read_text()
+
+
+def test_evaluation_results_become_the_model_index(saved, tmp_path):
+    path = _copy(saved, tmp_path / "m")
+    results = {"results": {"synth-vqa": {"metric": "vqa_accuracy", "n_examples": 8, "shots": {
+        "0": {"mean": 0.25, "std": 0.0, "n_trials": 1, "groups": {}, "trials": []},
+        "4": {"mean": 0.5, "std": 0.1, "n_trials": 1, "groups": {}, "trials": []}}}}}
+    (path / "results.json").write_text(json.dumps(results))
+    write_model_card(path)
+    card = ModelCard.load(path / "README.md")
+    got = {(r.dataset_name, r.metric_type, r.dataset_config): r.metric_value for r in card.data.eval_results}
+    assert got == {("synth-vqa", "vqa_accuracy", "0-shot"): 0.25, ("synth-vqa", "vqa_accuracy", "4-shot"): 0.5}
+    assert "| synth-vqa | vqa_accuracy | 4 | 0.5000 |" in card.text
+    with pytest.raises(InputError, match="results.json"):
+        write_model_card(path, evaluation=tmp_path / "absent.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(InputError, match="not an interleaf results file"):
+        write_model_card(path, evaluation=tmp_path / "bad.json")
+
+
+def test_trainings_final_model_carries_the_stage_summary(tmp_path):
+    good = '{"id": "ok", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}'
+    (tmp_path / "chat.jsonl").write_text("\n".join([good] * 4) + "\n")
+    stage = {
+        "model": {"preset": "tiny-random"}, "freeze": "all_trainable",
+        "data": {"sources": [{"name": "chat", "format": "llava", "paths": str(tmp_path / "chat.jsonl")}]},
+        "optim": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0},
+        "batch_size": 2, "max_steps": 2, "max_length": 32, "log_every": 1, "out": str(tmp_path / "run"),
+    }
+    [result] = train(stage, progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    card = ModelCard.load(result.final / "README.md")
+    assert card.data.library_name == "interleaf" and card.data.pipeline_tag == "image-text-to-text"
+    assert "## Training" in card.text and f"- steps: {summary['steps']} (batch size 2)" in card.text
+    assert f"- final loss: {summary['final_loss']:.4f}" in card.text
+    assert "- freeze: `all_trainable`" in card.text and "chat" in card.text
+    interleaf.load(result.final)  # the card does not disturb loading
+
+
+def test_push_uploads_with_the_hub_client(saved, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    class FakeApi:  # stands in for HfApi: nothing here reaches the network
+        def create_repo(self, repo, **kw):
+            calls.append(("create_repo", repo, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", kw["repo_id"], kw))
+
+    path = _copy(saved, tmp_path / "m")
+    (path / "README.md").unlink()
+    assert push(path, "me/model", private=True, api=FakeApi()) == "https://huggingface.co/me/model"
+    assert [c[:2] for c in calls] == [("create_repo", "me/model"), ("upload_folder", "me/model")]
+    assert calls[0][2]["private"] is True and calls[1][2]["folder_path"] == str(path)
+    assert CARD_MARKER in (path / "README.md").read_text()  # a card is written before the upload
+
+
+def test_push_is_refused_offline_and_for_bad_inputs(saved, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="HF_HUB_OFFLINE"):
+        push(saved, "me/model", api=object())
+    with pytest.raises(SystemExit) as e:
+        main(["push", str(saved), "me/model"])
+    assert e.value.code == 2 and "HF_HUB_OFFLINE" in capsys.readouterr().err
+    with pytest.raises(InputError, match="not a saved model directory"):
+        push(tmp_path, "me/model", api=object())
+    with pytest.raises(InputError, match="OWNER/NAME"):
+        push(saved, "no-owner", api=object())
