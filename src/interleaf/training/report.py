@@ -21,6 +21,7 @@ class StageReport:
 
     def __init__(self, stage: StageConfig, logger: MetricsLogger, dist: DistState):
         self.stage, self.logger, self.dist = stage, logger, dist
+        logger.open_trackers(stage.report_to)  # only the main process's logger is enabled
         self.through = Throughput()
         self.window: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # source -> [CE sum, tokens] since last log
         self.last_rate = 0.0
