@@ -8,11 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.llava import save_reference
 from huggingface_hub import ModelCard
+from tiny import tiny_llava
 
 import interleaf
 from interleaf.cards import CARD_MARKER, hub_id, push, write_model_card
 from interleaf.cli import main
+from interleaf.convert import from_llava
 from interleaf.errors import InputError
 from interleaf.training import train
 
@@ -51,6 +54,16 @@ def test_base_models_datasets_and_a_converted_source(saved, tmp_path):
     assert data.base_model == ["openai/clip-vit-large-patch14", "llava-hf/llava-1.5-7b-hf"]
     assert data.datasets == ["HuggingFaceM4/the_cauldron"]
     assert "models--llava-hf--llava-1.5-7b-hf" in (path / "README.md").read_text()
+
+
+def test_a_converters_output_names_its_source(tmp_path):
+    reference, tok = tiny_llava()
+    src = tmp_path / "hub" / "models--llava-hf--llava-tiny" / "snapshots" / "0123"  # a hub cache folder
+    save_reference(reference, tok, src, "save_pretrained")
+    from_llava(src, tmp_path / "out")
+    data = ModelCard.load(tmp_path / "out" / "README.md").data
+    assert data.base_model == ["llava-hf/llava-tiny"] and "token-insertion" in data.tags
+    assert f"converted from `{src}`" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_only_hub_ids_become_base_models(tmp_path):

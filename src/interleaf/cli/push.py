@@ -15,7 +15,7 @@ def push_cmd(
     revision: Optional[str] = typer.Option(None, help="The branch to upload to (default: main)."),
     message: Optional[str] = typer.Option(None, help="The commit message."),
 ) -> None:
-    """Upload DIR (with its model card, README.md) to the hub repository REPO.
+    """Upload DIRECTORY (with its model card, README.md) to the hub repository REPO.
 
     Needs the network and a token (HF_TOKEN or `hf auth login`); refused when HF_HUB_OFFLINE is set.
     """
