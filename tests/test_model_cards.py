@@ -112,23 +112,31 @@ def test_evaluation_results_become_the_model_index(saved, tmp_path):
         write_model_card(path, evaluation=tmp_path / "bad.json")
 
 
-def test_trainings_final_model_carries_the_stage_summary(tmp_path):
+def test_trainings_final_model_carries_every_stages_summary(tmp_path):
     good = '{"id": "ok", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}'
     (tmp_path / "chat.jsonl").write_text("\n".join([good] * 4) + "\n")
     stage = {
-        "model": {"preset": "tiny-random"}, "freeze": "all_trainable",
+        "freeze": "all_trainable", "optim": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0},
         "data": {"sources": [{"name": "chat", "format": "llava", "paths": str(tmp_path / "chat.jsonl")}]},
-        "optim": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0},
-        "batch_size": 2, "max_steps": 2, "max_length": 32, "log_every": 1, "out": str(tmp_path / "run"),
+        "batch_size": 2, "max_length": 32, "log_every": 1,
     }
-    [result] = train(stage, progress=False)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    card = ModelCard.load(result.final / "README.md")
+    recipe = {**stage, "out": str(tmp_path / "run"), "stages": [
+        {"name": "first", "model": {"preset": "tiny-random"}, "max_steps": 2},
+        {"name": "second", "model": {"from_stage": "first"}, "max_steps": 3}]}
+    first, second = train(recipe, progress=False)
+    summaries = [json.loads((r.out / "summary.json").read_text()) for r in (first, second)]
+    card = ModelCard.load(second.final / "README.md")
     assert card.data.library_name == "interleaf" and card.data.pipeline_tag == "image-text-to-text"
-    assert "## Training" in card.text and f"- steps: {summary['steps']} (batch size 2)" in card.text
-    assert f"- final loss: {summary['final_loss']:.4f}" in card.text
+    assert card.text.index("### Stage `first`") < card.text.index("### Stage `second`")
+    for summary in summaries:
+        assert f"- steps: {summary['steps']} (batch size 2)" in card.text
+        assert f"- final loss: {summary['final_loss']:.4f}" in card.text
     assert "- freeze: `all_trainable`" in card.text and "chat" in card.text
-    interleaf.load(result.final)  # the card does not disturb loading
+    assert "- started from: from_stage `first`" in card.text and "- started from: preset `tiny-random`" in card.text
+    assert "\n# second\n" in card.text  # OUT/final is named after OUT
+    model, processor = interleaf.load(second.final)  # the card does not disturb loading
+    interleaf.save(model, processor, tmp_path / "again")  # a loaded model's card passes its stages on
+    assert ModelCard.load(tmp_path / "again" / "README.md").text.count("### Stage `") == 2
 
 
 def test_push_uploads_with_the_hub_client(saved, tmp_path, monkeypatch):

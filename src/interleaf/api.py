@@ -260,5 +260,7 @@ def save(
     p.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(p)
     processor.save_pretrained(p)
-    write_model_card(p, **(card or {}))
+    # a model loaded from a directory passes on that directory's card (base models, training stages)
+    carried = {"carry_from": getattr(model.config, "name_or_path", None) or None}
+    write_model_card(p, **{**carried, **(card or {})})
     return p

@@ -82,6 +82,7 @@ def write_model_card(
     evaluation: dict | str | Path | None = None,
     tags: list[str] | None = None,
     converted_from: str | Path | None = None,
+    carry_from: str | Path | None = None,
 ) -> Path | None:
     """Write ``path/README.md`` for the model saved in ``path``; returns it, or None when the user's own is kept.
 
@@ -90,6 +91,8 @@ def write_model_card(
     under ``"config"``; ``evaluation`` is a results dict or the path of a ``results.json`` written
     by ``interleaf eval`` (default: ``path/results.json`` when present); ``converted_from`` is the
     checkpoint a converter read (named in the text, and a base model when it spells a hub id).
+    ``carry_from`` is a directory whose interleaf card (``path`` itself allowed) passes on its base
+    models, datasets and training stages: a fine-tune's card lists every stage that led to it.
     """
     from huggingface_hub import ModelCardData
 
@@ -107,16 +110,18 @@ def write_model_card(
     sources = _sources(config)
     if converted_from is not None:
         sources["converted from"] = str(converted_from)
-    bases = _unique([*_as_list(base_model), *(hub_id(s) for s in sources.values())])
+    earlier = _card_parts(carry_from)
+    bases = _unique([*earlier["base_model"], *_as_list(base_model), *(hub_id(s) for s in sources.values())])
     data = ModelCardData(
         library_name="interleaf", pipeline_tag="image-text-to-text", base_model=bases or None,
-        datasets=_unique(_as_list(datasets)) or None, tags=_tags(config, tags),
-        eval_results=_eval_results(results) or None, model_name=p.resolve().name if results else None, **kept,
+        datasets=_unique([*earlier["datasets"], *_as_list(datasets)]) or None, tags=_tags(config, tags),
+        eval_results=_eval_results(results) or None, model_name=_title(p) if results else None, **kept,
     )
     meta = data.to_yaml().rstrip("\n")
     if "license" not in kept:
         meta += "\n" + _LICENSE_NOTE
-    body = _body(p, config, sources, training, results)
+    stages = earlier["stages"] + (_stage_lines(training) if training else [])
+    body = _body(p, config, sources, stages, results)
     readme.write_text(f"---\n{meta}\n---\n{CARD_MARKER}\n\n{body}", encoding="utf-8")
     return readme
 
@@ -129,6 +134,24 @@ def _as_list(value: str | list[str] | None) -> list[str]:
 
 def _unique(items) -> list[str]:
     return list(dict.fromkeys(i for i in items if i))
+
+
+def _card_parts(directory: str | Path | None) -> dict[str, list[str]]:
+    """What an interleaf card in ``directory`` passes on: base models, datasets, its training stages' lines."""
+    parts: dict[str, list[str]] = {"base_model": [], "datasets": [], "stages": []}
+    readme = Path(directory) / "README.md" if directory else None
+    if readme is None or not readme.is_file():
+        return parts
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if CARD_MARKER not in text:
+        return parts
+    meta = _front_matter(text)
+    parts["base_model"], parts["datasets"] = _as_list(meta.get("base_model")), _as_list(meta.get("datasets"))
+    section = re.search(r"\n## Training\n(.*?)(?=\n## |\Z)", text, re.S)
+    if section and "\n### " in "\n" + section.group(1):
+        block = section.group(1)[section.group(1).index("### "):].rstrip("\n")
+        parts["stages"] = block.split("\n") + [""]
+    return parts
 
 
 def _front_matter(text: str) -> dict:
@@ -196,12 +219,12 @@ def _eval_results(results: dict) -> list:
     ]
 
 
-def _body(path: Path, config: dict, sources: dict[str, str], training: dict | None, results: dict) -> str:
+def _body(path: Path, config: dict, sources: dict[str, str], stages: list[str], results: dict) -> str:
     fusion = config.get("fusion", "cross_attention")
     vision = config.get("vision") or {}
     text = config.get("text_config") or {}
     lines = [
-        f"# {path.resolve().name}", "",
+        f"# {_title(path)}", "",
         f"A vision-language model built with interleaf: {_FUSION.get(fusion, fusion)}.",
         "", "## Architecture", "",
         f"- fusion: `{fusion}`",
@@ -213,8 +236,8 @@ def _body(path: Path, config: dict, sources: dict[str, str], training: dict | No
         "model, processor = interleaf.load(snapshot_download(\"OWNER/NAME\"))  # or a local directory",
         "```", "",
     ]
-    if training:
-        lines += _training_lines(training)
+    if stages:
+        lines += ["## Training", "", "Trained with `interleaf train`, in this order:", "", *stages]
     rows = _eval_rows(results)
     if rows:
         lines += ["## Evaluation", "", "| task | metric | shots | mean |", "| --- | --- | --- | --- |"]
@@ -224,14 +247,21 @@ def _body(path: Path, config: dict, sources: dict[str, str], training: dict | No
     return "\n".join(lines)
 
 
+def _title(path: Path) -> str:
+    """The directory's name; a training run's ``OUT/final`` is named after ``OUT``."""
+    p = path.resolve()
+    return p.parent.name if p.name in ("final", ".tmp-final") and p.parent.name else p.name
+
+
 def _from(source: str | None) -> str:
     return f" from `{source}`" if source else ""
 
 
-def _training_lines(s: dict) -> list[str]:
+def _stage_lines(s: dict) -> list[str]:
+    """One training stage's subsection: its summary (``summary.json``) and settings."""
     loss = s.get("final_loss")
     stage = s.get("config") or {}
-    lines = ["## Training", "", f"Trained with `interleaf train`, stage `{s.get('stage', '?')}`:", "",
+    lines = [f"### Stage `{s.get('stage', '?')}`", "",
              f"- steps: {s.get('steps', '?')}" + (f" (batch size {stage['batch_size']})" if "batch_size" in stage else ""),
              "- final loss: " + ("none (every step was skipped)" if loss is None else f"{float(loss):.4f}")]
     for key, label in (("tokens_seen", "tokens seen"), ("samples_seen", "samples seen"),
@@ -243,8 +273,8 @@ def _training_lines(s: dict) -> list[str]:
         if stage.get(key):
             lines.append(f"- {key}: `{stage[key]}`")
     start = stage.get("model")
-    if start:
-        lines.append(f"- started from: `{start}`")
+    if isinstance(start, dict) and start:
+        lines.append("- started from: " + ", ".join(f"{k} `{v}`" for k, v in start.items()))
     if stage.get("data"):
         lines.append(f"- data: `{_data_text(stage['data'])}`")
     read = s.get("samples_read_by_source") or {}

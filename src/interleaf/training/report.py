@@ -83,7 +83,8 @@ def _card(final: Path, stage: StageConfig, summary: dict) -> None:
 
     config = {"model": stage.model.to_dict(), "data": stage.data, "objective": stage.objective,
               "freeze": stage.freeze, "batch_size": stage.batch_size}
-    write_model_card(final, base_model=hub_id(stage.model.path), training={**summary, "config": config})
+    # the card save_final wrote carries the starting model's stages; this stage follows them
+    write_model_card(final, base_model=hub_id(stage.model.path), training={**summary, "config": config}, carry_from=final)
 
 
 def _bad_counts(stream) -> dict:
