@@ -139,6 +139,29 @@ def test_trainings_final_model_carries_every_stages_summary(tmp_path):
     assert ModelCard.load(tmp_path / "again" / "README.md").text.count("### Stage `") == 2
 
 
+def _cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    return e.value.code
+
+
+def test_the_card_verb_adds_evaluation_and_keeps_what_the_card_records(saved, tmp_path, capsys):
+    path = _copy(saved, tmp_path / "m")
+    results = {"results": {"synth-vqa": {"metric": "vqa_accuracy", "shots": {"0": {"mean": 0.75}}}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert _cli("card", str(path), "--results", str(tmp_path / "results.json"), "--base-model", "a/b",
+                "--dataset", "c/d", "--dataset", "e/f") == 0
+    assert _cli("card", str(path)) == 0  # again, without options: everything stays
+    data = ModelCard.load(path / "README.md").data
+    assert data.base_model == ["a/b"] and data.datasets == ["c/d", "e/f"]
+    assert [(r.dataset_name, r.dataset_config, r.metric_value) for r in data.eval_results] == [("synth-vqa", "0-shot", 0.75)]
+    model, processor = interleaf.load(path)
+    interleaf.save(model, processor, tmp_path / "copy")  # results belong to one set of weights: not passed on
+    copied = ModelCard.load(tmp_path / "copy" / "README.md").data
+    assert copied.base_model == ["a/b"] and copied.eval_results is None
+    assert _cli("card", str(tmp_path / "nothing")) == 2 and "not a saved model directory" in capsys.readouterr().err
+
+
 def test_push_uploads_with_the_hub_client(saved, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
@@ -166,9 +189,7 @@ def test_push_is_refused_offline_and_for_bad_inputs(saved, tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match="HF_HUB_OFFLINE"):
         push(saved, "me/model", api=object())
-    with pytest.raises(SystemExit) as e:
-        main(["push", str(saved), "me/model"])
-    assert e.value.code == 2 and "HF_HUB_OFFLINE" in capsys.readouterr().err
+    assert _cli("push", str(saved), "me/model") == 2 and "HF_HUB_OFFLINE" in capsys.readouterr().err
     with pytest.raises(InputError, match="not a saved model directory"):
         push(tmp_path, "me/model", api=object())
     with pytest.raises(InputError, match="OWNER/NAME"):

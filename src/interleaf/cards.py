@@ -83,6 +83,7 @@ def write_model_card(
     tags: list[str] | None = None,
     converted_from: str | Path | None = None,
     carry_from: str | Path | None = None,
+    keep_evaluation: bool = False,
 ) -> Path | None:
     """Write ``path/README.md`` for the model saved in ``path``; returns it, or None when the user's own is kept.
 
@@ -93,6 +94,8 @@ def write_model_card(
     checkpoint a converter read (named in the text, and a base model when it spells a hub id).
     ``carry_from`` is a directory whose interleaf card (``path`` itself allowed) passes on its base
     models, datasets and training stages: a fine-tune's card lists every stage that led to it.
+    Evaluation results belong to one set of weights and are never passed on, except with
+    ``keep_evaluation=True`` and no new results: then the card in ``carry_from`` keeps its own.
     """
     from huggingface_hub import ModelCardData
 
@@ -106,22 +109,23 @@ def write_model_card(
             log.info("%s was not written by interleaf; it is kept as it is (no model card written)", readme)
             return None
         kept = {k: v for k, v in _front_matter(text).items() if k in KEPT_FIELDS}
-    results = _evaluation(p, evaluation)
+    rows = _eval_rows(_evaluation(p, evaluation))
     sources = _sources(config)
     if converted_from is not None:
         sources["converted from"] = str(converted_from)
     earlier = _card_parts(carry_from)
+    rows = rows or (earlier["evaluation"] if keep_evaluation else [])
     bases = _unique([*earlier["base_model"], *_as_list(base_model), *(hub_id(s) for s in sources.values())])
     data = ModelCardData(
         library_name="interleaf", pipeline_tag="image-text-to-text", base_model=bases or None,
         datasets=_unique([*earlier["datasets"], *_as_list(datasets)]) or None, tags=_tags(config, tags),
-        eval_results=_eval_results(results) or None, model_name=_title(p) if results else None, **kept,
+        eval_results=_eval_results(rows) or None, model_name=_title(p) if rows else None, **kept,
     )
     meta = data.to_yaml().rstrip("\n")
     if "license" not in kept:
         meta += "\n" + _LICENSE_NOTE
     stages = earlier["stages"] + (_stage_lines(training) if training else [])
-    body = _body(p, config, sources, stages, results)
+    body = _body(p, config, sources, stages, rows)
     readme.write_text(f"---\n{meta}\n---\n{CARD_MARKER}\n\n{body}", encoding="utf-8")
     return readme
 
@@ -136,9 +140,9 @@ def _unique(items) -> list[str]:
     return list(dict.fromkeys(i for i in items if i))
 
 
-def _card_parts(directory: str | Path | None) -> dict[str, list[str]]:
-    """What an interleaf card in ``directory`` passes on: base models, datasets, its training stages' lines."""
-    parts: dict[str, list[str]] = {"base_model": [], "datasets": [], "stages": []}
+def _card_parts(directory: str | Path | None) -> dict[str, list]:
+    """What an interleaf card in ``directory`` holds: base models, datasets, its training stages' lines, evaluation rows."""
+    parts: dict[str, list] = {"base_model": [], "datasets": [], "stages": [], "evaluation": []}
     readme = Path(directory) / "README.md" if directory else None
     if readme is None or not readme.is_file():
         return parts
@@ -151,7 +155,22 @@ def _card_parts(directory: str | Path | None) -> dict[str, list[str]]:
     if section and "\n### " in "\n" + section.group(1):
         block = section.group(1)[section.group(1).index("### "):].rstrip("\n")
         parts["stages"] = block.split("\n") + [""]
+    parts["evaluation"] = _model_index_rows(meta)
     return parts
+
+
+def _model_index_rows(meta: dict) -> list[tuple[str, str, str, float]]:
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    index = meta.get("model-index")
+    if not isinstance(index, list):
+        return []
+    try:
+        _, results = model_index_to_eval_results(index)
+    except (KeyError, TypeError, ValueError):  # a hand-edited index that no longer parses is dropped
+        return []
+    return [(r.dataset_name, r.metric_type, (r.dataset_config or "?").removesuffix("-shot"), float(r.metric_value))
+            for r in results]
 
 
 def _front_matter(text: str) -> dict:
@@ -209,17 +228,17 @@ def _eval_rows(results: dict) -> list[tuple[str, str, str, float]]:
     return rows
 
 
-def _eval_results(results: dict) -> list:
+def _eval_results(rows: list[tuple[str, str, str, float]]) -> list:
     from huggingface_hub import EvalResult
 
     return [
         EvalResult(task_type="image-text-to-text", dataset_type=task, dataset_name=task, metric_type=metric,
                    metric_value=mean, metric_name=f"{metric} ({shots}-shot)", dataset_config=f"{shots}-shot")
-        for task, metric, shots, mean in _eval_rows(results)
+        for task, metric, shots, mean in rows
     ]
 
 
-def _body(path: Path, config: dict, sources: dict[str, str], stages: list[str], results: dict) -> str:
+def _body(path: Path, config: dict, sources: dict[str, str], stages: list[str], rows: list) -> str:
     fusion = config.get("fusion", "cross_attention")
     vision = config.get("vision") or {}
     text = config.get("text_config") or {}
@@ -238,7 +257,6 @@ def _body(path: Path, config: dict, sources: dict[str, str], stages: list[str], 
     ]
     if stages:
         lines += ["## Training", "", "Trained with `interleaf train`, in this order:", "", *stages]
-    rows = _eval_rows(results)
     if rows:
         lines += ["## Evaluation", "", "| task | metric | shots | mean |", "| --- | --- | --- | --- |"]
         lines += [f"| {t} | {m} | {s} | {v:.4f} |" for t, m, s, v in rows] + [""]
