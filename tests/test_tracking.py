@@ -103,6 +103,9 @@ def test_progress_is_plain_lines_when_not_on_a_terminal(tmp_path):
 def test_progress_is_a_bar_on_a_terminal_and_nothing_on_other_ranks(tmp_path):
     text = _drive(_Terminal(), tmp_path / "main")
     assert "\r" in text and "20/20" in text and "done" in text
+    other = MetricsLogger(tmp_path / "other", enabled=False, total_steps=20, start_step=0, stream=_Terminal())
+    other.open_trackers(["tensorboard"])  # another rank: no tracker, no file
+    other.close()
     assert _drive(_Terminal(), tmp_path / "other", enabled=False) == ""
     assert not (tmp_path / "other").exists()
 
