@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
+from .cards import write_model_card
 from .config import InterleafConfig, TokensConfig, VisionConfig, image_embeddings_per_image
 from .errors import CheckpointError, ConfigError
 from .files import local_dir
@@ -261,13 +262,25 @@ def load(
     return model.eval(), processor
 
 
-def save(model: InterleafForConditionalGeneration, processor: InterleafProcessor, path: PathLike) -> Path:
+def save(
+    model: InterleafForConditionalGeneration, processor: InterleafProcessor, path: PathLike, *, card: dict | None = None
+) -> Path:
     """Write a directory that :func:`load` and transformers' ``Auto*`` classes read back (a model with
-    LoRA adapters: the base model and the adapters, :func:`interleaf.model.lora.save_adapted`)."""
+    LoRA adapters: the base model and the adapters, :func:`interleaf.model.lora.save_adapted`).
+
+    It gets a model card (``README.md``, see :mod:`interleaf.cards`; a README the user wrote is
+    kept); ``card`` holds :func:`interleaf.cards.write_model_card`'s keywords (``base_model``,
+    ``datasets``, ``training``, ``evaluation``, ``tags``).
+    """
+    # a model loaded from a directory passes on that directory's card (base models, training stages)
+    carried = {"carry_from": getattr(model.config, "name_or_path", None) or None}
     if lora.has_adapters(model):
-        return lora.save_adapted(model, processor, path)
+        p = lora.save_adapted(model, processor, path)
+        write_model_card(p, **{**carried, **(card or {})})
+        return p
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(p)
     processor.save_pretrained(p)
+    write_model_card(p, **{**carried, **(card or {})})
     return p

@@ -294,4 +294,4 @@ def from_infimm(src_dir: PathLike, dst_dir: PathLike, *, tokenizer: Any = None, 
         max_length=getattr(model.config.text_config, "max_position_embeddings", None),
         images_key="batch_images", default_system="",
     )
-    return save(model, processor, dst)
+    return save(model, processor, dst, card={"converted_from": src})

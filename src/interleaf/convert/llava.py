@@ -226,7 +226,7 @@ def import_llava_family(src_dir: PathLike, dst_dir: PathLike, tokenizer: Any, *,
         tok, config.tokens_cfg, ImageTransform.from_vision_config(config.vision_cfg),
         max_length=getattr(config.text_config, "max_position_embeddings", None), anyres=config.insertion_cfg.anyres,
     )
-    return save(model.eval(), processor, dst_dir)
+    return save(model.eval(), processor, dst_dir, card={"converted_from": src})
 
 
 def to_llava(src_dir: PathLike, dst_dir: PathLike) -> Path:

@@ -402,4 +402,4 @@ def from_openflamingo(
         tok, config.tokens_cfg, ImageTransform.from_vision_config(config.vision_cfg),
         max_length=getattr(lm.config, "max_position_embeddings", None),
     )
-    return save(model.eval(), processor, dst_dir)
+    return save(model.eval(), processor, dst_dir, card={"converted_from": checkpoint_pt})

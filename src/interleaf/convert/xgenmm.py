@@ -258,4 +258,4 @@ def from_xgenmm(src_dir: PathLike, dst_dir: PathLike, *, tokenizer: Any = None, 
         dst.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(dst)
         return dst
-    return save(model, processor_for(model.config, tok), dst)
+    return save(model, processor_for(model.config, tok), dst, card={"converted_from": src})

@@ -21,6 +21,7 @@ from ..model.lora import has_adapters, save_adapted
 from . import checkpoint as ckpt
 from .config import StageConfig
 from .distributed import DistState, barrier, unwrap
+from .logging import library_bars_off_unless_terminal
 from .step import StepOutcome
 
 
@@ -102,14 +103,15 @@ def save_final(model: nn.Module, processor, out: Path, dist: DistState) -> Path:
     if dist.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
-        if state is not None and has_adapters(inner):
-            save_adapted(inner, processor, tmp, state)
-        elif state is not None:
-            tmp.mkdir(parents=True)
-            inner.save_pretrained(tmp, state_dict=state)
-            processor.save_pretrained(tmp)
-        else:
-            save(inner, processor, tmp)
+        with library_bars_off_unless_terminal():  # a log file gets no bar fragments
+            if state is not None and has_adapters(inner):
+                save_adapted(inner, processor, tmp, state)
+            elif state is not None:
+                tmp.mkdir(parents=True)
+                inner.save_pretrained(tmp, state_dict=state)
+                processor.save_pretrained(tmp)
+            else:
+                save(inner, processor, tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

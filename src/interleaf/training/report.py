@@ -1,5 +1,6 @@
-"""What a stage reports: a ``metrics.jsonl`` record every ``log_every`` steps, the progress bar,
-the skipped steps, the error that ends a run of them, and the summary at the end."""
+"""What a stage reports: a ``metrics.jsonl`` record every ``log_every`` steps (mirrored to the
+trackers ``report_to`` names), the progress bar, the skipped steps, the error that ends a run of
+them, and the summary at the end, also written into the final model's card (:mod:`interleaf.cards`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class StageReport:
 
     def __init__(self, stage: StageConfig, logger: MetricsLogger, dist: DistState):
         self.stage, self.logger, self.dist = stage, logger, dist
+        logger.open_trackers(stage.report_to)  # only the main process's logger is enabled
         self.through = Throughput()
         self.window: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # source -> [CE sum, tokens] since last log
         self.last_rate = 0.0
@@ -70,8 +72,19 @@ class StageReport:
         }
         if self.dist.is_main:
             write_summary(self.stage.out, summary)
+            _card(final, self.stage, summary)
             self.logger.write(_summary_text(summary))
         return summary
+
+
+def _card(final: Path, stage: StageConfig, summary: dict) -> None:
+    """The final model's card, with this stage's summary and settings (a README the user wrote is kept)."""
+    from ..cards import hub_id, write_model_card
+
+    config = {"model": stage.model.to_dict(), "data": stage.data, "objective": stage.objective,
+              "freeze": stage.freeze, "batch_size": stage.batch_size}
+    # the card save_final wrote carries the starting model's stages; this stage follows them
+    write_model_card(final, base_model=hub_id(stage.model.path), training={**summary, "config": config}, carry_from=final)
 
 
 def _bad_counts(stream) -> dict:
