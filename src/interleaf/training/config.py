@@ -252,6 +252,8 @@ class StageConfig:
             d.pop("dpo")
         if self.lora is None:  # nor does a stage without adapters differ from one written before they existed
             d.pop("lora")
+        if not self.report_to:  # nor one that tracks nothing from one written before trackers existed
+            d.pop("report_to")
         return d
 
     def mixture(self, *, check_files: bool = True):
