@@ -57,3 +57,21 @@ def test_llava_next_snippet_runs_on_a_converted_model(tmp_path, monkeypatch):
                                                      text="[INST] <image>\nWhat is shown in this image? [/INST]",
                                                      return_tensors="pt"), max_new_tokens=6, do_sample=False)
     assert output[0, inputs["input_ids"].shape[1]:].tolist() == expected[0, -6:].tolist()
+
+
+def test_lora_snippet_targets_only_what_it_names():
+    """The README's PEFT snippet, as written: adapters on exactly the LM's attention and MLP layers,
+    the resampler and the cross-attention blocks trained in full, nothing of the vision tower."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("**LoRA (PEFT).**"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {"print": lambda *a, **k: None}
+    exec(compile(code, "README LoRA", "exec"), namespace)
+    model, targets = namespace["peft_model"], namespace["targets"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    adapted = {n.split(".lora_")[0] for n in trainable if ".lora_" in n}
+    assert adapted and all(t.startswith("language_model.") for t in targets)
+    assert {a.removeprefix("base_model.model.") for a in adapted} == set(targets)
+    assert not any("vision_tower" in n for n in trainable)
+    assert any("resampler" in n and ".lora_" not in n for n in trainable)
+    assert any("cross_attention" in n and ".lora_" not in n for n in trainable)
