@@ -150,6 +150,8 @@ class HubProcessorMixin(ProcessorMixin):
         if continue_final_message:
             raise InputError("apply_chat_template: continue_final_message is not supported; end the conversation "
                              "with a complete message")
+        if kwargs.pop("tools", None) is not None:
+            raise InputError("apply_chat_template: tools are not supported by interleaf's chat templates; drop them")
         options = {**kwargs, **(processor_kwargs or {})}
         options.pop("add_special_tokens", None)
         if tokenize:
