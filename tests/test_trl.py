@@ -165,6 +165,18 @@ def test_the_image_placeholder_mask_covers_each_images_tokens(built):
     assert all(ids[p] != processor.tokenizer.eos_token_id for p, m in enumerate(mask) if m)
 
 
+def test_any_resolution_text_gives_the_conversations_ids():
+    """LLaVA-NeXT: each image's token count follows its size; the text holds one ``<image>`` per image."""
+    _, processor = interleaf.build("tiny-llava-next", seed=0)
+    imgs = [_square((200, 0, 0), (64, 32)), _square((0, 0, 200), (32, 90))]
+    conversations = [[_conversation("red", img)[0]] for img in imgs]
+    reference = processor(conversations, padding_side="right")
+    out = processor(text=processor.apply_chat_template(conversations), images=[[imgs[0]], [imgs[1]]],
+                    padding_side="right", add_special_tokens=False)
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"):
+        assert torch.equal(out[key], reference[key]), key
+
+
 # -- the model --
 
 
@@ -282,6 +294,33 @@ def test_dpo_trainer_raises_the_reward_margin(preset, tmp_path):
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
     assert len(margins) == 8 and margins[0] == pytest.approx(0.0, abs=1e-6) and margins[-1] > 0.02
     assert margins[-1] > max(margins[:2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_sft_prompt_completion_rows_with_lora_need_no_collator(preset, tmp_path):
+    """Prompt-completion rows (TRL's default completion-only loss) keep the images in the prompt, which has
+    no loss; LoRA through ``peft_config`` on the LM's attention trains with TRL's defaults (max_length,
+    gradient checkpointing)."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    peft = pytest.importorskip("peft")
+    model, processor = interleaf.build(preset, seed=0)
+    rows = [{"prompt": [_conversation(c)[0]], "completion": [_conversation(c)[1]], "images": [_square(rgb)]}
+            for c, rgb in COLOURS.items()]
+    dataset = datasets.Dataset.from_list(rows)
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                         logging_steps=1, report_to="none", bf16=False, use_cpu=True, save_strategy="no", seed=0)
+    lora = peft.LoraConfig(r=4, target_modules=r"language_model\..*\.self_attn\.(q|v)_proj")
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                             peft_config=lora)
+    batch = trainer.data_collator([dict(row) for row in dataset])
+    assert bool((batch["labels"][processor.image_placeholder_mask(batch["input_ids"])] == IGNORE_INDEX).all())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0] - 0.1
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
 
 
 # The README's TRL section runs as written (offline, a tiny preset).
