@@ -135,6 +135,8 @@ def test_text_truncation_drops_whole_images(built):
     (dict(text=["<image>", "none"], images=[[_square((0, 0, 0))]]), "text rows but images for 1"),
     (dict(text=["<image>"], images=[[_square((0, 0, 0))], _square((0, 0, 0))]), "mixes lists"),
     (dict(text=[3]), "text: expected a string"),
+    (dict(text="a", pad_to_multiple_of=0), "pad_to_multiple_of must be a positive integer"),
+    (dict(), "nothing to process"),
 ])
 def test_bad_text_calls_name_the_input_and_the_fix(built, kwargs, message):
     _, processor = built

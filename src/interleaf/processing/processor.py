@@ -84,9 +84,7 @@ _HUB_LOADING_KWARGS = (
 class InterleafProcessor(HubProcessorMixin):
     """Prompts with images -> a :class:`transformers.BatchFeature` for the model.
 
-    A ``transformers.ProcessorMixin`` for TRL and ``AutoProcessor``: ``processor(text=..., images=...)``
-    and ``apply_chat_template`` as transformers' processors take them
-    (:mod:`interleaf.processing.hf_processor`, which says why ``ProcessorMixin.__init__`` is not used).
+    A ``transformers.ProcessorMixin`` for TRL: ``text=``, ``images=``, ``apply_chat_template`` (:mod:`.hf_processor`).
 
     The special tokens of ``tokens`` must already be in ``tokenizer`` (the model builder adds
     them). ``max_images`` limits images per row, ``max_pixels`` the size of one image, and
@@ -187,10 +185,9 @@ class InterleafProcessor(HubProcessorMixin):
         keeps the end of the prompt (generation), right keeps its start (training); whole images
         are dropped with their tokens.
 
-        ``text`` (or strings as the first argument) with ``images``: transformers' style, text in the model's
-        spelling and one list of images per row (:mod:`~interleaf.processing.hf_processor`);
-        ``add_special_tokens`` then says whether the tokenizer adds its BOS (default True), and for prompts
-        it is ``add_bos``. ``pad_to_multiple_of`` rounds the padded length up.
+        ``text`` (or strings first) with ``images``: transformers' style (:mod:`.hf_processor`), where
+        ``add_special_tokens`` (default True) lets the tokenizer add its BOS; for prompts it is ``add_bos``.
+        ``pad_to_multiple_of`` rounds the padded length up.
         """
         if return_tensors != "pt":
             raise InputError(f"return_tensors: only 'pt' is supported, got {return_tensors!r}")
@@ -234,6 +231,8 @@ class InterleafProcessor(HubProcessorMixin):
         sized = self.format.sized_images  # LLaVA-NeXT: images are loaded first, their sizes set their tokens
         tiled = self.format.tiled_images  # LLaVA-NeXT and xGen-MM: every image's views
         padding, padding_side, max_length, multiple = pad
+        if multiple is not None and (not isinstance(multiple, int) or multiple < 1):
+            raise InputError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
         if multiple:
             longest = max(len(ids) for ids in all_ids)
             padding, max_length = "max_length", -(-longest // multiple) * multiple
