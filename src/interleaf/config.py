@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 from transformers import PreTrainedConfig
@@ -331,6 +332,9 @@ class InterleafConfig(PreTrainedConfig):
 
     model_type = "interleaf"
     sub_configs = {"text_config": PreTrainedConfig}
+    # No remote code: loaders that look for one (TRL's create_model_from_path, for a model that is not a
+    # transformers class) then use the Auto classes interleaf registers.
+    auto_map = MappingProxyType({})
 
     vision = _section_property("vision")
     resampler = _section_property("resampler")

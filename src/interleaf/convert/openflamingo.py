@@ -252,7 +252,7 @@ def _map_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """``state`` in interleaf's names: the table's keys, the embedding (all rows), the head and the added rows."""
     emb_path = _module_path(model, model.get_input_embeddings())
-    head = model.get_output_embeddings()
+    head = model.language_model.get_output_embeddings()  # the LM's module (the model's is a full-vocabulary view)
     head_path = _module_path(model, head) if head is not None else None
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     emb_src = "lang_encoder." + emb_path.removeprefix("language_model.") + ".weight"

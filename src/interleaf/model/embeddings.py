@@ -147,3 +147,76 @@ class DecoupledHead(nn.Module):
     def extra_repr(self) -> str:
         return (f"base={tuple(self.weight.shape)}, extra_start={self.extra_start}, num_extra={self.num_extra}"
                 + (", bias=True (logits end after the added rows)" if self.ends_at_extra else ""))
+
+    def full_weight(self) -> torch.Tensor:
+        """The ``(out_features, D)`` matrix whose product with the hidden states gives :meth:`forward`'s
+        logits (with :meth:`full_bias`): the base rows, the added rows in their ids' places, zero rows for
+        ids past the base head that no added row covers. Differentiable in ``weight`` and ``extra``."""
+        w, extra = self.weight, self.extra.to(self.weight.dtype)
+        if self.ends_at_extra:
+            return torch.cat([w[: self.extra_start], extra], dim=0)
+        end = self.extra_start + self.num_extra
+        if end > w.shape[0]:
+            w = F.pad(w, (0, 0, 0, end - w.shape[0]))
+        return torch.cat([w[: self.extra_start], extra, w[end:]], dim=0)
+
+    def full_bias(self) -> torch.Tensor | None:
+        """The bias matching :meth:`full_weight` (``None`` when neither part has one)."""
+        if self.bias is None and self.extra_bias is None:
+            return None
+        dtype, device = self.weight.dtype, self.weight.device
+        b = self.bias if self.bias is not None else torch.zeros(self.weight.shape[0], dtype=dtype, device=device)
+        extra = (self.extra_bias.to(b.dtype) if self.extra_bias is not None
+                 else torch.zeros(self.num_extra, dtype=b.dtype, device=device))
+        if self.ends_at_extra:
+            return torch.cat([b[: self.extra_start], extra])
+        end = self.extra_start + self.num_extra
+        if end > b.shape[0]:
+            b = F.pad(b, (0, end - b.shape[0]))
+        return torch.cat([b[: self.extra_start], extra, b[end:]])
+
+
+class FullVocabularyHead(nn.Module):
+    """The LM's output head seen as one linear layer over the whole vocabulary, added tokens included.
+
+    What :meth:`InterleafForConditionalGeneration.get_output_embeddings` returns when the LM's head is a
+    :class:`DecoupledHead`: ``weight`` (``(V, D)``) and ``bias`` are :meth:`DecoupledHead.full_weight` and
+    :meth:`DecoupledHead.full_bias`, computed on each read from the trainable parameters (gradients reach
+    the base rows and the added rows), so code that projects hidden states with the head's ``weight``
+    itself (TRL's chunked loss) scores every token id. It owns no parameter and holds the LM without
+    registering it, so the checkpoint's keys and the parameter list are unchanged; ``forward`` and the
+    attributes a decoupled head has (``extra``, ``extra_start``, ``num_extra``, ...) are the head's own.
+    The head is looked up on every use, so a head replaced later (PEFT, FSDP) is the one read.
+    """
+
+    _DELEGATED = ("extra", "extra_bias", "extra_start", "num_extra", "ends_at_extra", "in_features")
+
+    def __init__(self, language_model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_language_model", language_model)  # not a submodule: no second copy of its keys
+
+    @property
+    def head(self) -> nn.Module:
+        return self._language_model.get_output_embeddings()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        head = self.head
+        return head.full_weight() if isinstance(head, DecoupledHead) else head.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        head = self.head
+        return head.full_bias() if isinstance(head, DecoupledHead) else getattr(head, "bias", None)
+
+    @property
+    def out_features(self) -> int:
+        return self.head.out_features
+
+    def __getattr__(self, name: str):
+        if name in FullVocabularyHead._DELEGATED:
+            return getattr(self.head, name)
+        return super().__getattr__(name)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)

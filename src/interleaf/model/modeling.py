@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
 
 from ..config import InterleafConfig
@@ -36,7 +37,8 @@ from .cross_attention import (
     media_context,
 )
 from . import inserted_images, token_insertion
-from .embeddings import DecoupledEmbedding, DecoupledHead
+from .backbone import Backbone
+from .embeddings import DecoupledEmbedding, DecoupledHead, FullVocabularyHead
 from .inserted_images import InsertedImages
 from .lm import attach_cross_attention, decouple_new_tokens
 from .loss import causal_lm_loss
@@ -115,6 +117,9 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         tcfg = config.tokens_cfg
         if tcfg.extra_start is not None and tcfg.num_extra:
             decouple_new_tokens(self.language_model, tcfg.extra_start, tcfg.num_extra, tcfg.decoupled_head == "xgenmm")
+        if isinstance(self.language_model.get_output_embeddings(), DecoupledHead):
+            # registered (PEFT finds the output layer among the named modules) but owning no parameter
+            self.full_vocabulary_head = FullVocabularyHead(self.language_model)
         self._lm_accepts_position_ids = "position_ids" in inspect.signature(self.language_model.forward).parameters
         self.post_init()
 
@@ -130,7 +135,19 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         self.language_model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module | None:
-        return self.language_model.get_output_embeddings()
+        """The output layer over the whole vocabulary: the LM's head, or, when the added tokens have rows of
+        their own (:class:`DecoupledHead`), a :class:`FullVocabularyHead` over it whose ``weight`` and ``bias``
+        include the added rows. The LM's own module is ``language_model.get_output_embeddings()``."""
+        head = self.language_model.get_output_embeddings()
+        if isinstance(head, DecoupledHead) and "full_vocabulary_head" in self._modules:
+            return self.full_vocabulary_head
+        return head
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The model without its output head (:class:`~interleaf.model.backbone.Backbone`): ``forward``'s
+        inputs in, ``last_hidden_state`` out, images fused as in ``forward``."""
+        return Backbone(self)
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
@@ -306,8 +323,9 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         batch_images: torch.Tensor | None = None,  # InfiMM's name for pixel_values, (B, N_img, 1, 3, H, W)
         return_dict: bool | None = None,
         image_embeds: torch.Tensor | None = None,  # token insertion: images already encoded (generate)
+        hidden_states_only: bool = False,  # base_model's call: the LM's final hidden states, no head
         **kwargs,
-    ) -> InterleafOutput:
+    ) -> InterleafOutput | BaseModelOutputWithPast:
         if self.config.fusion == "token_insertion":
             if input_ids is None:
                 raise InputError("input_ids is required (interleaf finds images in the text by the image token)")
@@ -318,7 +336,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
                 )
             return token_insertion.forward(
                 self, input_ids, attention_mask, pixel_values, image_embeds, past_key_values, position_ids,
-                labels, use_cache, logits_to_keep, **kwargs,
+                labels, use_cache, logits_to_keep, hidden_states_only=hidden_states_only, **kwargs,
             )
         if image_embeds is not None:
             raise InputError("image_embeds is for token-insertion models; pass pixel_values")
@@ -356,6 +374,11 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         )
         if self._lm_accepts_position_ids and position_ids is not None:
             lm_kwargs["position_ids"] = position_ids
+        if hidden_states_only:
+            lm_kwargs.pop("logits_to_keep")
+            with media_context(ctx):
+                out = self.language_model.base_model(**lm_kwargs, **kwargs)
+            return BaseModelOutputWithPast(last_hidden_state=out.last_hidden_state, past_key_values=out.past_key_values)
         with media_context(ctx):
             out = self.language_model(**lm_kwargs, **kwargs)
         loss = z = None

@@ -316,10 +316,13 @@ def forward(
     labels: torch.Tensor | None,
     use_cache: bool | None,
     logits_to_keep,
+    hidden_states_only: bool = False,
     **kwargs,
 ):
     """The token-insertion forward: ``(loss, logits, past_key_values)`` as an ``InterleafOutput``; with
-    ``replace``, logits at the caller's positions and the cache of the grown rows (module docstring)."""
+    ``replace``, logits at the caller's positions and the cache of the grown rows (module docstring).
+    ``hidden_states_only``: the LM's final hidden states instead (``BaseModelOutputWithPast``, at the
+    caller's positions likewise), for ``model.base_model``."""
     from .modeling import InterleafOutput
 
     past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -357,6 +360,8 @@ def forward(
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1] :]
     if model._lm_accepts_position_ids and position_ids is not None:
         kwargs["position_ids"] = position_ids
+    if hidden_states_only:
+        return _hidden_states(model, embeds, attention_mask, past_key_values, use_cache, index, kwargs)
     out = model.language_model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
@@ -372,6 +377,16 @@ def forward(
         loss, z = causal_lm_loss(out.logits, labels, model.config.z_loss)
     logits = out.logits if index is None else logits_at_text_positions(out.logits, index, logits_to_keep)
     return InterleafOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, z_loss=z)
+
+
+def _hidden_states(model, embeds, attention_mask, past_key_values, use_cache, index, kwargs):
+    """The LM's base model on the fused embeddings -> its final hidden states at the caller's positions."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    out = model.language_model.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                          past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+    hidden = out.last_hidden_state if index is None else logits_at_text_positions(out.last_hidden_state, index)
+    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out.past_key_values)
 
 
 def generate(model, generate_fn, input_ids, attention_mask, pixel_values, image_embeds, kwargs):

@@ -6,15 +6,18 @@
 - :class:`PromptFormat`: how each model family writes images and turns, image spans, truncation
   (shared by the processor and the training tokeniser).
 - :class:`InterleafProcessor`: interleaved prompts and chat messages -> ``input_ids``,
-  ``attention_mask``, ``pixel_values`` and ``image_attention_mask``.
+  ``attention_mask``, ``pixel_values`` and ``image_attention_mask``; also a transformers
+  ``ProcessorMixin`` (``text=``, ``images=``, ``apply_chat_template``) for TRL.
+- :class:`ImagePlaceholderMasking`: a collator wrapper whose labels skip the image placeholders.
 """
 
+from .hf_processor import ImagePlaceholderMasking
 from .images import ImageTransform, load_image, to_rgb
 from .processor import InterleafProcessor
 from .prompt_format import IGNORE_INDEX, PromptFormat
 from .tokenizer import build_tiny_tokenizer, load_tokenizer
 
 __all__ = [
-    "IGNORE_INDEX", "ImageTransform", "InterleafProcessor", "PromptFormat", "build_tiny_tokenizer", "load_image",
+    "IGNORE_INDEX", "ImagePlaceholderMasking", "ImageTransform", "InterleafProcessor", "PromptFormat", "build_tiny_tokenizer", "load_image",
     "load_tokenizer", "to_rgb",
 ]

@@ -63,6 +63,7 @@ from transformers import BatchFeature
 from ..config import AnyresConfig, TokensConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..files import read_json
+from .hf_processor import HubProcessorMixin
 from .images import ImageTransform, load_image
 from .layout import image_attention_mask, pad_rows
 from .prompt_format import PromptFormat
@@ -80,8 +81,10 @@ _HUB_LOADING_KWARGS = (
 )
 
 
-class InterleafProcessor:
+class InterleafProcessor(HubProcessorMixin):
     """Prompts with images -> a :class:`transformers.BatchFeature` for the model.
+
+    A ``transformers.ProcessorMixin`` for TRL: ``text=``, ``images=``, ``apply_chat_template`` (:mod:`.hf_processor`).
 
     The special tokens of ``tokens`` must already be in ``tokenizer`` (the model builder adds
     them). ``max_images`` limits images per row, ``max_pixels`` the size of one image, and
@@ -151,8 +154,10 @@ class InterleafProcessor:
     # -- the call --
     def __call__(
         self,
-        prompts: Any,
+        prompts: Any = None,
+        images: Any = None,
         *,
+        text: str | list[str] | None = None,
         padding: str | bool = "longest",
         padding_side: str = "left",
         return_tensors: str = "pt",
@@ -165,6 +170,8 @@ class InterleafProcessor:
         truncation_side: str | None = None,
         allow_urls: bool = False,
         images_root: str | Path | None = None,
+        add_special_tokens: bool | None = None,
+        pad_to_multiple_of: int | None = None,
     ) -> BatchFeature:
         """Process one prompt or a batch of prompts.
 
@@ -177,6 +184,10 @@ class InterleafProcessor:
         message is not the assistant's). ``truncation_side`` defaults to ``padding_side``: left
         keeps the end of the prompt (generation), right keeps its start (training); whole images
         are dropped with their tokens.
+
+        ``text`` (or strings first) with ``images``: transformers' style (:mod:`.hf_processor`), where
+        ``add_special_tokens`` (default True) lets the tokenizer add its BOS; for prompts it is ``add_bos``.
+        ``pad_to_multiple_of`` rounds the padded length up.
         """
         if return_tensors != "pt":
             raise InputError(f"return_tensors: only 'pt' is supported, got {return_tensors!r}")
@@ -189,22 +200,45 @@ class InterleafProcessor:
         if add_end_of_utterance_token is None:
             add_end_of_utterance_token = self.tokens.add_end_of_utterance
 
-        rows, _ = split_batch(prompts)
-        parsed = [
-            parse_prompt(p, r, self.tokenizer, images_root=images_root, add_generation_prompt=add_generation_prompt,
-                         default_system=self.default_system, image_token=self.tokens.image_token)
-            for r, p in enumerate(rows)
-        ]
-        for r, row in enumerate(parsed):
-            self._validate(row, r)
+        if text is not None or images is not None:  # transformers' style: text in the model's spelling
+            if text is not None and prompts is not None:
+                raise InputError("pass either prompts (the first argument) or text=, not both")
+            text = prompts if text is None else text
+            encoded = self._encode_texts(text, images, True if add_special_tokens is None else add_special_tokens,
+                                         (max_length, truncation, truncation_side), allow_urls)
+            chat = [True] * len(encoded[0])
+        else:
+            if prompts is None:
+                raise InputError("nothing to process: pass a prompt, a conversation or a batch (or text= and images=)")
+            if add_special_tokens is not None:
+                add_bos = add_special_tokens
+            rows, _ = split_batch(prompts)
+            parsed = [
+                parse_prompt(p, r, self.tokenizer, images_root=images_root, add_generation_prompt=add_generation_prompt,
+                             default_system=self.default_system, image_token=self.tokens.image_token)
+                for r, p in enumerate(rows)
+            ]
+            for r, row in enumerate(parsed):
+                self._validate(row, r)
+            encoded = self._encode(parsed, (add_bos, add_eos, add_end_of_utterance_token), max_length, truncation,
+                                   truncation_side, allow_urls)
+            chat = [row.is_chat for row in parsed]
+        return self._assemble(encoded, chat, (padding, padding_side, max_length, pad_to_multiple_of), allow_urls)
+
+    def _assemble(self, encoded, chat: list[bool], pad, allow_urls: bool) -> BatchFeature:
+        """Rows' (ids, images, counts) -> the padded batch; ``pad``: (padding, side, max_length, multiple)."""
+        all_ids, all_images, all_counts = encoded
         sized = self.format.sized_images  # LLaVA-NeXT: images are loaded first, their sizes set their tokens
         tiled = self.format.tiled_images  # LLaVA-NeXT and xGen-MM: every image's views
-        all_ids, all_images, all_counts = self._encode(
-            parsed, (add_bos, add_eos, add_end_of_utterance_token), max_length, truncation, truncation_side, allow_urls
-        )
+        padding, padding_side, max_length, multiple = pad
+        if multiple is not None and (not isinstance(multiple, int) or multiple < 1):
+            raise InputError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
+        if multiple:
+            longest = max(len(ids) for ids in all_ids)
+            padding, max_length = "max_length", -(-longest // multiple) * multiple
         input_ids, attention_mask = self._pad(all_ids, padding, padding_side, max_length)
         n_max = max(len(images) for images in all_images)
-        reset_after_eos = [self.format.resets_image_after_eos(row.is_chat) for row in parsed]
+        reset_after_eos = [self.format.resets_image_after_eos(c) for c in chat]
         data: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
