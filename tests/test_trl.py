@@ -9,6 +9,8 @@ models, offline (``report_to="none"``, nothing from the hub). Both fusion famili
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,11 +20,12 @@ from transformers import ProcessorMixin
 import interleaf
 from interleaf.errors import InputError
 from interleaf.model.embeddings import DecoupledHead
-from interleaf.processing import IGNORE_INDEX
-from interleaf.processing import ImagePlaceholderMasking
+from interleaf.processing import IGNORE_INDEX, ImagePlaceholderMasking
 
 FAMILIES = ["tiny-random", "tiny-llava"]  # cross-attention, token insertion
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _square(rgb, size=(32, 32)):
@@ -246,8 +249,8 @@ def _fused_loss(model, batch) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_sft_trainer_trains_without_loss_on_images_and_saves_a_loadable_model(preset, tmp_path):
-    datasets = pytest.importorskip("datasets")
-    trl = pytest.importorskip("trl")
+    import datasets
+    import trl
     model, processor = interleaf.build(preset, seed=0)
     collator = ImagePlaceholderMasking(processor)
     dataset = datasets.Dataset.from_list(_sft_rows())
@@ -282,8 +285,8 @@ def test_sft_trainer_trains_without_loss_on_images_and_saves_a_loadable_model(pr
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_dpo_trainer_raises_the_reward_margin(preset, tmp_path):
-    datasets = pytest.importorskip("datasets")
-    trl = pytest.importorskip("trl")
+    import datasets
+    import trl
     built_model, built_processor = interleaf.build(preset, seed=0)
     interleaf.save(built_model, built_processor, tmp_path / "base")
     model, processor = interleaf.load(tmp_path / "base")  # TRL loads the reference model from this directory
@@ -304,9 +307,9 @@ def test_sft_prompt_completion_rows_with_lora_need_no_collator(preset, tmp_path)
     """Prompt-completion rows (TRL's default completion-only loss) keep the images in the prompt, which has
     no loss; LoRA through ``peft_config`` on the LM's attention trains with TRL's defaults (max_length,
     gradient checkpointing)."""
-    datasets = pytest.importorskip("datasets")
-    trl = pytest.importorskip("trl")
-    peft = pytest.importorskip("peft")
+    import datasets
+    import trl
+    import peft
     model, processor = interleaf.build(preset, seed=0)
     rows = [{"prompt": [_conversation(c)[0]], "completion": [_conversation(c)[1]], "images": [_square(rgb)]}
             for c, rgb in COLOURS.items()]
@@ -326,39 +329,14 @@ def test_sft_prompt_completion_rows_with_lora_need_no_collator(preset, tmp_path)
 
 
 # The README's TRL section runs as written (offline, a tiny preset).
-README_SNIPPET = """
-import interleaf
-from datasets import Dataset
-from PIL import Image
-from trl import SFTConfig, SFTTrainer
-from interleaf.processing import ImagePlaceholderMasking
-
-model, processor = interleaf.build("tiny-random", seed=0)  # or interleaf.load("path/to/model")
-dataset = Dataset.from_list([{
-    "messages": [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
-    ],
-    "images": [Image.new("RGB", (32, 32), (220, 20, 20))],
-}])
-trainer = SFTTrainer(
-    model=model,
-    processing_class=processor,
-    train_dataset=dataset,
-    data_collator=ImagePlaceholderMasking(processor),  # no loss on the tokens that stand for images
-    args=SFTConfig(output_dir="sft-out", max_steps=2, max_length=None, report_to="none", bf16=False, use_cpu=True),
-)
-trainer.train()
-trainer.save_model("sft-out/final")
-model, processor = interleaf.load("sft-out/final")
-"""
 
 
 @pytest.mark.slow
 def test_the_readme_snippet_runs(tmp_path, monkeypatch):
-    pytest.importorskip("trl")
+    text = README.read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text[text.index("## TRL (SFT and DPO)"):], re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(README_SNIPPET, "README.md (TRL)", "exec"), namespace)
+    exec(compile(code, "README.md (TRL)", "exec"), namespace)
     assert type(namespace["model"]).__name__ == "InterleafForConditionalGeneration"
     assert (tmp_path / "sft-out" / "final" / "processor_config.json").is_file()
