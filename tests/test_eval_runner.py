@@ -98,6 +98,16 @@ def test_generation_tasks_resume_too(corpus, tmp_path, family):
     assert calls == []
 
 
+def test_progress_off_a_terminal_is_one_plain_line_per_run(corpus, tmp_path, capsys):
+    """stderr under capsys is no terminal: no bar fragments (carriage returns), one line per trial."""
+    model, processor = tiny(FAMILIES[0])
+    evaluate(model, processor, "synth-vqa", shots=[0], limit=4, data_dir=corpus, out_dir=tmp_path, progress=True,
+             batch_size=2)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "synth-vqa 0-shot trial 0: 4 examples (0 from the cache)" in err.splitlines()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zero_shot_trick(corpus, tmp_path, family):
     model, processor = tiny(family)

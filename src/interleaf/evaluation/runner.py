@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import json
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,7 @@ from ..distributed import DistState, distributed, gather_objects
 from ..errors import InputError
 from ..files import iter_jsonl, skip_bad_line
 from ..fingerprint import file_hash
+from ..terminal import is_terminal
 from .fewshot import (
     ZERO_SHOT_TRICK_DEMOS,
     FixedDemos,
@@ -210,8 +212,11 @@ class _TaskRun:
             writer = path.open("a", encoding="utf-8")
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{task.name} {shots}-shot trial {trial}",
-                   disable=not (self.progress and rank == 0), leave=False)
+        show = self.progress and rank == 0
+        what = f"{task.name} {shots}-shot trial {trial}"
+        # a bar on a terminal; elsewhere (a log file) one plain line when the run is done
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=what,
+                   disable=not (show and is_terminal(sys.stderr)), leave=False)
         new: list[dict] = []
         try:
             for start in range(0, len(todo), opts.batch_size):
@@ -229,6 +234,8 @@ class _TaskRun:
             bar.close()
             if writer is not None:
                 writer.close()
+        if show and not is_terminal(sys.stderr):
+            print(f"{what}: {len(mine)} examples ({len(mine) - len(todo)} from the cache)", file=sys.stderr, flush=True)
         mine_ids = {e.id for e in mine}
         local = [r for r in done.values() if r["id"] in mine_ids] + new
         gathered = gather_objects(local, state)

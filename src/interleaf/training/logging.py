@@ -18,6 +18,8 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from ..terminal import is_terminal
+
 class MetricsLogger:
     """Writes one JSON object per logged step; mirrors its scalars to the trackers opened by :meth:`open_trackers`.
 
@@ -103,14 +105,6 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def is_terminal(stream: Any) -> bool:
-    """Whether ``stream`` is an interactive terminal (where a redrawn progress bar belongs)."""
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed file
-        return False
 
 
 @contextlib.contextmanager
