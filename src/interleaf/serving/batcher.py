@@ -359,14 +359,14 @@ class Batcher:
         with self.tokenizer_lock:
             text = self.processor.decode(row.tokens, skip_special_tokens=True)
             if row.entries is not None:
-                return row.send(text, final, lambda length: self._covering(row, length))
+                return row.send(text, final, lambda sent: self._covering(row, sent))
         return row.send(text, final)
 
-    def _covering(self, row: Row, length: int) -> int:
-        """How many of ``row``'s tokens its first ``length`` characters take (at least those already reported)."""
+    def _covering(self, row: Row, text: str) -> int:
+        """The fewest of ``row``'s tokens (at least those already reported) that decode to ``text`` and maybe more."""
         k = row.reported
         while k < len(row.entries or ()):
-            if len(self.processor.decode(row.tokens[:k], skip_special_tokens=True).rstrip("\ufffd")) >= length:
+            if self.processor.decode(row.tokens[:k], skip_special_tokens=True).startswith(text):
                 break
             k += 1
         return k

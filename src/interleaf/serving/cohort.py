@@ -41,14 +41,14 @@ class Row:
         self.entries: list[dict] | None = [] if job.logprobs is not None else None
         self.reported = 0  # entries already handed to the job
 
-    def send(self, text: str, final: bool, covering: Callable[[int], int] | None = None) -> bool:
+    def send(self, text: str, final: bool, covering: Callable[[str], int] | None = None) -> bool:
         """Hand the job what is new in ``text`` (this row's tokens so far, decoded); True when a stop
         string ended it. Text that may still become a stop string, or an unfinished multi-byte
         character, waits for the next tokens unless ``final``.
 
         A row with log-probability :attr:`entries` sends with its text the entries of the tokens that
-        make it: ``covering(length)`` is how many of the row's tokens the first ``length`` characters
-        take; all of them when ``final`` without a stop string (a stop string's own tokens are left out).
+        make it: ``covering(text)`` is how many of the row's tokens it takes to decode to ``text``
+        (and maybe more); all of them when ``final`` without a stop string (a stop string's own tokens are left out).
         """
         ready, stopped = split_at_stop(text, self.job.stop, final)
         if not stopped and not final:
@@ -60,7 +60,7 @@ class Row:
                 self.sent = ready
             return stopped
         whole = final and not stopped
-        upto = len(self.entries) if whole or covering is None else covering(len(ready) if grew else len(self.sent))
+        upto = len(self.entries) if whole or covering is None else covering(ready if grew else self.sent)
         new = self.entries[self.reported:upto]
         if grew or new:
             self.job.emit(("delta", self.index, ready[len(self.sent):] if grew else "", new))
