@@ -165,8 +165,8 @@ def test_response_format_text_is_served_and_json_formats_are_refused(served):
 
 @pytest.mark.parametrize("extra, status, param", [
     ({"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "parallel_tool_calls": True}, 200, None),
-    ({"tool_choice": "none", "tools": [], "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}}, 200, None),
-    ({"modalities": ["text"], "audio": None}, 200, None),
+    ({"tool_choice": "auto", "tools": [], "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}}, 200, None),
+    ({"modalities": ["text"], "audio": None, "tool_choice": "none"}, 200, None),
     ({"top_k": 5}, 400, "top_k"),
     ({"repetition_penalty": 1.2, "best_of": 2}, 400, "best_of"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),

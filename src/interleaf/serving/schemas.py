@@ -11,7 +11,7 @@ Requests are validated with pydantic. What happens to each field OpenAI defines:
   what the client gets: ``response_format`` ``json_object`` / ``json_schema`` (no constrained
   decoding), ``tools`` and the other function-calling fields, ``logit_bias``, the penalties, audio,
   ``prediction``, ``web_search_options``, ``moderation``; each is accepted at its neutral value
-  (absent, null, empty, 0, ``tool_choice: "none"``, ``modalities: ["text"]``);
+  (absent, null, empty, 0, ``tool_choice`` ``"none"`` or ``"auto"`` without tools, ``modalities: ["text"]``);
 - accepted and ignored (:data:`IGNORED_FIELDS`): bookkeeping that does not change an answer
   (``user``, ``metadata``, ``store``, ``service_tier``, ...);
 - any other field is refused with a 400 naming it, as OpenAI does.
@@ -54,7 +54,7 @@ UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "log
                       "presence_penalty", "audio", "modalities", "prediction", "web_search_options", "moderation")
 """OpenAI fields this server does not implement: a 400 unless at their neutral value."""
 
-_NEUTRAL = {"tool_choice": ("none",), "modalities": (["text"],)}
+_NEUTRAL = {"tool_choice": ("none", "auto"), "modalities": (["text"],)}
 
 
 class ResponseFormat(BaseModel):
