@@ -112,7 +112,13 @@ requests = st.fixed_dictionaries(
         "seed": st.integers() | json_values,
         "stream": st.booleans() | json_values,
         "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | json_values}) | json_values,
-        "logprobs": json_values,
+        "logprobs": st.booleans() | json_values,
+        "top_logprobs": st.integers(-1, 21) | json_values,
+        "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "yaml"])}) | json_values,
+        "user": json_values,
+        "tools": json_values,
+        "frequency_penalty": json_values,
+        "top_k": json_values,
     },
 )
 
@@ -127,7 +133,9 @@ near_valid = st.fixed_dictionaries(
         "content": st.text(max_size=40) | st.lists(valid_parts, min_size=1, max_size=3)}), min_size=1, max_size=3)},
     optional={"stream": st.booleans(), "n": st.integers(1, 2), "temperature": st.floats(0, 2),
               "top_p": st.floats(0, 1), "seed": st.integers(),
-              "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2)},
+              "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2),
+              "logprobs": st.just(True), "top_logprobs": st.integers(0, 20),
+              "response_format": st.just({"type": "text"})},
 )
 
 

@@ -66,6 +66,7 @@ from transformers import StoppingCriteriaList
 from ..generation import generation_kwargs
 from .cohort import Cohort, Row, RowsDone, RowStreamer, group_rows
 from .jobs import Job, QueueFull, ServerClosed, WorkerUnavailable
+from .logprobs import LogprobRecorder, TokenTexts, entry, logprob_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class Batcher:
         base = generation_kwargs(processor, max_new_tokens=1)
         self.pad_id: int = base["pad_token_id"]
         self.eos_ids: set[int] = set(base.get("eos_token_id", []))
+        self.token_texts = TokenTexts(processor.tokenizer)  # each token's text and bytes, for logprobs
         self._pending: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._active: list[Cohort] = []
@@ -310,7 +312,9 @@ class Batcher:
         steps = min(self.round_tokens, max(r.job.max_new_tokens - len(r.tokens) for r in alive))
         s = cohort.sampling
         kwargs = generation_kwargs(self.processor, max_new_tokens=steps, temperature=s.temperature, top_p=s.top_p)
-        streamer = RowStreamer(lambda tokens: self._step(cohort.rows, tokens))
+        if cohort.recorder is not None:
+            kwargs = logprob_kwargs(kwargs, cohort.recorder, s)
+        streamer = RowStreamer(lambda tokens: self._step(cohort.rows, tokens, cohort.recorder))
         self.max_rows_seen = max(self.max_rows_seen, len(cohort.rows))
         stopping = StoppingCriteriaList([RowsDone(cohort.rows, lambda: self._stopping)])
         cohort.generate(self.model, kwargs, streamer, stopping)
@@ -327,9 +331,9 @@ class Batcher:
             cohort.keep(keep)
 
     # -- per-token bookkeeping --
-    def _step(self, rows: list[Row], tokens: list[int]) -> None:
+    def _step(self, rows: list[Row], tokens: list[int], recorder: LogprobRecorder | None = None) -> None:
         self._beat = time.monotonic()
-        for row, token in zip(rows, tokens):
+        for i, (row, token) in enumerate(zip(rows, tokens)):
             if row.done:
                 continue
             if row.job.cancelled.is_set():
@@ -337,6 +341,9 @@ class Batcher:
                 self.rows_cancelled += 1
                 continue
             row.tokens.append(token)
+            if row.entries is not None and recorder is not None and token not in self.eos_ids:
+                with self.tokenizer_lock:
+                    row.entries.append(entry(recorder.latest[i], token, row.job.logprobs or 0, self.token_texts))
             if token in self.eos_ids:
                 self._flush(row, final=True)
                 row.finish("stop")
@@ -348,7 +355,18 @@ class Batcher:
                 row.finish("length")
 
     def _flush(self, row: Row, final: bool) -> bool:
-        """Send the row's new text; True when a stop string ended it."""
+        """Send the row's new text (with its tokens' log-probabilities when asked); True when a stop string ended it."""
         with self.tokenizer_lock:
             text = self.processor.decode(row.tokens, skip_special_tokens=True)
+            if row.entries is not None:
+                return row.send(text, final, lambda sent: self._covering(row, sent))
         return row.send(text, final)
+
+    def _covering(self, row: Row, text: str) -> int:
+        """The fewest of ``row``'s tokens (at least those already reported) that decode to ``text`` and maybe more."""
+        k = row.reported
+        while k < len(row.entries or ()):
+            if self.processor.decode(row.tokens[:k], skip_special_tokens=True).startswith(text):
+                break
+            k += 1
+        return k

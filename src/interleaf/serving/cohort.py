@@ -25,6 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..generation import split_at_stop
 from .jobs import Job, Sampling
+from .logprobs import LogprobRecorder
 
 
 class Row:
@@ -36,17 +37,35 @@ class Row:
         self.tokens: list[int] = []
         self.sent = ""  # text already handed to the job
         self.done = False
+        # the log-probability entry of each token but an end token, when the job asked for them
+        self.entries: list[dict] | None = [] if job.logprobs is not None else None
+        self.reported = 0  # entries already handed to the job
 
-    def send(self, text: str, final: bool) -> bool:
+    def send(self, text: str, final: bool, covering: Callable[[str], int] | None = None) -> bool:
         """Hand the job what is new in ``text`` (this row's tokens so far, decoded); True when a stop
         string ended it. Text that may still become a stop string, or an unfinished multi-byte
-        character, waits for the next tokens unless ``final``."""
+        character, waits for the next tokens unless ``final``.
+
+        A row with log-probability :attr:`entries` sends with its text the entries of the tokens that
+        make it: ``covering(text)`` is how many of the row's tokens it takes to decode to ``text``
+        (and maybe more); all of them when ``final`` without a stop string (a stop string's own tokens are left out).
+        """
         ready, stopped = split_at_stop(text, self.job.stop, final)
         if not stopped and not final:
             ready = ready[: len(text) - _unfinished_chars(text)]
-        if ready.startswith(self.sent) and len(ready) > len(self.sent):
-            self.job.emit(("delta", self.index, ready[len(self.sent):]))
-            self.sent = ready
+        grew = ready.startswith(self.sent) and len(ready) > len(self.sent)
+        if self.entries is None:
+            if grew:
+                self.job.emit(("delta", self.index, ready[len(self.sent):]))
+                self.sent = ready
+            return stopped
+        whole = final and not stopped
+        upto = len(self.entries) if whole or covering is None else covering(ready if grew else self.sent)
+        new = self.entries[self.reported:upto]
+        if grew or new:
+            self.job.emit(("delta", self.index, ready[len(self.sent):] if grew else "", new))
+            self.sent = ready if grew else self.sent
+            self.reported = max(self.reported, upto)
         return stopped
 
     def finish(self, reason: str) -> None:
@@ -162,6 +181,8 @@ class Cohort:
                 self.media = model.prepare_media(self.input_ids, pixels.to(device), self.attention_mask, **extra)
         self.cache = DynamicCache()
         self.device = torch.device(device)
+        # keeps each step's log-probabilities when a row asked for them (see interleaf.serving.logprobs)
+        self.recorder = LogprobRecorder() if any(r.entries is not None for r in rows) else None
         self.rng_state: tuple | None = None  # a seeded cohort's own random state, kept between rounds
         if sampling.seed is not None and not sampling.greedy:
             with torch.random.fork_rng(devices=_rng_devices(self.device)):

@@ -3,7 +3,9 @@
 
 A job's answers come back as events passed to its ``sink`` (called from the worker thread):
 
-- ``("delta", choice_index, text)``: more text of choice ``choice_index``;
+- ``("delta", choice_index, text)``: more text of choice ``choice_index``; for a job that asked for
+  ``logprobs``, ``("delta", choice_index, text, entries)`` with the OpenAI log-probability entries of
+  the tokens that make that text (:mod:`~interleaf.serving.logprobs`);
 - ``("finish", choice_index, finish_reason, completion_tokens)``: that choice is complete;
 - ``("error", exception)``: the job failed (no more events follow).
 """
@@ -67,6 +69,7 @@ class Job:
     stop: Sequence[str] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
     image_sizes: torch.Tensor | None = None  # (N_img, 2) for any-resolution models, as the processor gives them
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's, with its k most likely alternatives
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -5,7 +5,9 @@ Routes:
 - ``POST /v1/chat/completions``: OpenAI Chat Completions, with text and ``image_url`` parts
   (``data:`` URLs; http(s) only when the operator allows URLs), ``stream`` (server-sent
   events ending with ``data: [DONE]``), ``max_tokens`` / ``max_completion_tokens``,
-  ``temperature``, ``top_p``, ``stop``, ``n``, ``seed`` and ``stream_options.include_usage``.
+  ``temperature``, ``top_p``, ``stop``, ``n``, ``seed``, ``stream_options.include_usage``,
+  ``logprobs`` / ``top_logprobs`` and ``response_format`` ``text`` (what happens to every other
+  OpenAI field: :mod:`interleaf.serving.schemas`).
 - ``GET /v1/models``, ``GET /health``, and the playground at ``/`` (files under ``/static``).
 
 The routes speak HTTP only: the body size is checked before the body is parsed, an optional API
@@ -111,7 +113,7 @@ def add_routes(app: FastAPI, service: ChatService, api_key: str | None) -> None:
             chunks = ChunkStream(req.n, service.model_name, prompt_tokens, include_usage)
             return StreamingResponse(_stream(job, events, chunks), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        answer = Answer(req.n)
+        answer = Answer(req.n, logprobs=bool(req.logprobs))
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job, events))
         try:
             while not answer.complete:

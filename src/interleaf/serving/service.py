@@ -29,6 +29,7 @@ from ..processing.images import load_image
 from .batcher import Batcher
 from .jobs import Event, Job, QueueFull, Sampling, ServerClosed, WorkerUnavailable
 from .limits import ServeLimits, URLPolicy, fetch_image_url
+from .logprobs import choice_logprobs
 from .schemas import ChatCompletionRequest, chunk, completion, error_body, new_id, usage, validation_message
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -146,6 +147,7 @@ class ChatService:
         if req.model != self.model_name:
             raise APIError(404, f"The model {req.model!r} does not exist; this server serves {self.model_name!r} "
                                 "(see GET /v1/models)", "model", "model_not_found")
+        check_fields(req)
         if req.n > self.limits.max_n:
             raise APIError(400, f"n={req.n} is more than this server's limit of {self.limits.max_n}", "n")
         stops = req.stop_list()
@@ -195,7 +197,7 @@ class ChatService:
         job = Job(
             input_ids=prepared.input_ids, pixel_values=prepared.pixel_values, image_sizes=prepared.image_sizes,
             max_new_tokens=prepared.max_new_tokens, n=req.n, stop=req.stop_list(), sink=sink,
-            sampling=Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed),
+            sampling=Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed), logprobs=req.top_count(),
         )
         try:
             self.batcher.submit(job)
@@ -244,6 +246,10 @@ class ChatService:
         if not isinstance(url, str) or not url.strip():
             raise APIError(400, f"{where}: an image_url part needs {{'image_url': {{'url': '...'}}}}", f"{where}.image_url")
         url = url.strip()
+        detail = spec.get("detail") if isinstance(spec, dict) else None
+        if detail is not None and detail not in IMAGE_DETAILS:
+            raise APIError(400, f"{where}: image_url.detail must be one of {', '.join(IMAGE_DETAILS)} (it is accepted "
+                                f"and has no effect here), not {detail!r}", f"{where}.image_url.detail")
         try:
             if url.startswith("data:"):
                 return load_image(url, where=where, max_pixels=self.limits.max_image_pixels,
@@ -257,13 +263,39 @@ class ChatService:
             raise APIError(400, str(e), f"{where}.image_url", code) from e
 
 
-class Answer:
-    """A job's events gathered into one ``chat.completion`` (a request without ``stream``)."""
+IMAGE_DETAILS = ("auto", "low", "high", "original")
+"""``image_url.detail`` values accepted; none changes how an image is processed (the model's processor decides)."""
 
-    def __init__(self, n: int):
+
+def check_fields(req: ChatCompletionRequest) -> None:
+    """Refuse what the server would otherwise have to ignore: unknown fields, OpenAI fields it does not
+    implement (at a value that matters), ``top_logprobs`` without ``logprobs``, JSON response formats."""
+    unknown = req.unknown_fields()
+    if unknown:
+        raise APIError(400, f"unrecognized request argument(s): {', '.join(unknown)}; OpenAI's Chat Completions "
+                            "defines no such field; leave it out", unknown[0], "unknown_parameter")
+    unsupported = req.unsupported_fields()
+    if unsupported:
+        raise APIError(400, f"{', '.join(unsupported)}: not supported by this server (an interleaf model serves plain "
+                            "chat); leave it out", unsupported[0], "unsupported_parameter")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true; set both, or leave top_logprobs out", "top_logprobs")
+    kind = req.response_format.type if req.response_format is not None else "text"
+    if kind != "text":
+        raise APIError(400, f"response_format {{'type': {kind!r}}} is not supported by this server (it does not "
+                            "constrain decoding to JSON); ask for JSON in the prompt and parse the answer, or send "
+                            "{'type': 'text'}", "response_format.type", "unsupported_response_format")
+
+
+class Answer:
+    """A job's events gathered into one ``chat.completion`` (a request without ``stream``); each choice's
+    ``logprobs`` holds its tokens' entries when ``logprobs`` (the request asked), else null."""
+
+    def __init__(self, n: int, logprobs: bool = False):
         self.texts = [""] * n
         self.reasons: list[str | None] = [None] * n
         self.completion_tokens = 0
+        self.entries: list[list[dict]] | None = [[] for _ in range(n)] if logprobs else None
 
     @property
     def complete(self) -> bool:
@@ -273,6 +305,8 @@ class Answer:
         """Take one event; an ``("error", exc)`` event raises its :class:`APIError`."""
         if event[0] == "delta":
             self.texts[event[1]] += event[2]
+            if len(event) > 3 and self.entries is not None:
+                self.entries[event[1]] += event[3]
         elif event[0] == "finish":
             self.reasons[event[1]] = event[2]
             self.completion_tokens += event[3]
@@ -281,7 +315,8 @@ class Answer:
 
     def body(self, model_name: str, prompt_tokens: int) -> dict:
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+             "logprobs": choice_logprobs(self.entries[i] if self.entries is not None else None)}
             for i, (text, reason) in enumerate(zip(self.texts, self.reasons))
         ]
         return completion(new_id(), model_name, choices, usage(prompt_tokens, self.completion_tokens))
@@ -304,7 +339,10 @@ class ChunkStream:
         return self.failed or self.finished >= self.n
 
     def _chunk(self, choices: list[dict], usage_: dict | None = None) -> dict:
-        return chunk(self.id, self.model_name, self.created, choices, usage_)
+        out = chunk(self.id, self.model_name, self.created, choices, usage_)
+        if self.include_usage:
+            out.setdefault("usage", None)  # as OpenAI: null in every chunk but the last
+        return out
 
     def opening(self) -> dict:
         return self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
@@ -312,8 +350,9 @@ class ChunkStream:
 
     def on(self, event: Event) -> dict:
         if event[0] == "delta":
+            entries = event[3] if len(event) > 3 else None
             return self._chunk([{"index": event[1], "delta": {"content": event[2]}, "finish_reason": None,
-                                 "logprobs": None}])
+                                 "logprobs": choice_logprobs(entries)}])
         if event[0] == "finish":
             self.finished += 1
             self.completion_tokens += event[3]
