@@ -18,6 +18,7 @@ from ..model.modeling import freeze_overwritten_token_rows, freeze_unused_vision
 from . import checkpoint as ckpt
 from .config import StageConfig
 from .distributed import DistState, unwrap, wrap_model
+from .flops import FlopCount, flop_count
 from .lora import apply_lora
 from .optim import build_optimizer
 from .progress import Progress
@@ -40,6 +41,7 @@ class Trainee:
     fingerprint: dict  # of the frozen weights, checked at resume
     n_trainable: int
     reference: Any = None  # a DPO stage's reference (interleaf.training.dpo), made from the starting model
+    flops: FlopCount | None = None  # the model's weights as the step FLOPs count them (interleaf.training.flops)
 
 
 def _build_model(stage: StageConfig, finals: dict[str, Path]):
@@ -128,6 +130,7 @@ def set_up(stage: StageConfig, finals: dict[str, Path], stream_factory: StreamFa
     model, processor = _build_model(stage, finals)
     n_trainable = prepare_model(model, stage, dist.device)
     fingerprint = ckpt.frozen_fingerprint(model)
+    flops = flop_count(model)  # before FSDP2 shards the weights
     if next(model.parameters()).device != dist.device:
         model.to(dist.device)
     reference = None
@@ -147,7 +150,9 @@ def set_up(stage: StageConfig, finals: dict[str, Path], stream_factory: StreamFa
         )
     micro = per_rank // dist.world_size
     stream = stream_factory(stage, processor, dist.rank, dist.world_size)
-    return Trainee(model, wrapped, inner, processor, optimizer, params, stream, micro, fingerprint, n_trainable, reference)
+    return Trainee(
+        model, wrapped, inner, processor, optimizer, params, stream, micro, fingerprint, n_trainable, reference, flops
+    )
 
 
 def restore(stage: StageConfig, trainee: Trainee, latest: Path | None, resume: bool, dist: DistState) -> Progress:
