@@ -15,9 +15,10 @@ Preference training (DPO) uses the same shift and mask: :func:`sequence_logps` i
 log-probability of its trained tokens, summed, and :func:`dpo_loss` the sigmoid DPO loss on them.
 
 The log-partition never costs a second pass over the vocabulary: the cross-entropy of a token is
-``CE = Z - logit[label]``, so ``Z = CE + logit[label]`` (:func:`log_partition`) is one gather on top of
+``CE = Z - logit[label]``, so ``Z = CE + logit[label]`` (:func:`log_partition`) is one lookup on top of
 the cross-entropy already computed, with the same gradient (``softmax - onehot + onehot``). No
-``(B, T, V)`` tensor is added to what autograd keeps, and without z-loss no gradient flows through ``Z``.
+``(B, T, V)`` tensor is added to what autograd keeps (``torch.logsumexp`` would keep the logits for
+its backward pass), and without z-loss no gradient flows through ``Z``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def log_partition(shift_logits: torch.Tensor, shift_labels: torch.Tensor, ce: to
     """``Z = logsumexp(shift_logits)`` at each position from its cross-entropy ``ce`` (same shape as
     ``shift_labels``): ``Z = ce + logit[label]``. Positions whose label is ``IGNORE_INDEX`` give 0."""
     mask = shift_labels != IGNORE_INDEX
-    picked = shift_logits.gather(-1, shift_labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    # indexing keeps only the indices for the backward pass (``gather`` would keep the logits)
+    rows = torch.meshgrid(*(torch.arange(n, device=shift_labels.device) for n in shift_labels.shape), indexing="ij")
+    picked = shift_logits[(*rows, shift_labels.masked_fill(~mask, 0))]
     return (ce + picked) * mask
 
 
