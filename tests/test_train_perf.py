@@ -242,3 +242,36 @@ def test_the_trainer_reports_flops_and_mfu(corpus, tmp_path, monkeypatch):
     record = json.loads((plain.out / "metrics.jsonl").read_text())
     assert "mfu" not in record and record["flops_per_s"] > 0
     assert "mfu" not in json.loads((plain.out / "summary.json").read_text())
+
+
+# ----------------------------------------------------------------------------- built on the meta device
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_built_on_meta_takes_the_main_process_s_tensors(family):
+    """What a process that builds on the meta device does (training.distributed.materialise_from_main,
+    with the broadcast replaced by a copy): every tensor the model computes with is a parameter or a
+    buffer, so after them it computes what the main process's model computes."""
+    from interleaf.training.distributed import _to_empty_keeping_ties
+
+    main, _ = build_family(family, seed=3)
+    other, _ = build_family(family, seed=3, device="meta")
+    assert all(p.is_meta for p in other.parameters())
+    _to_empty_keeping_ties(other, torch.device("cpu"))
+    with torch.no_grad():
+        for mine, theirs in zip([*other.parameters(), *other.buffers()], [*main.parameters(), *main.buffers()]):
+            mine.copy_(theirs)
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids).logits, main(input_ids=ids).logits)
+
+
+def test_allocating_a_meta_model_keeps_shared_weights_shared():
+    with torch.device("meta"):
+        model = _Wrapper(tiny_lm("llama", seed=None, tie_word_embeddings=True))
+    lm = model.language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    from interleaf.training.distributed import _to_empty_keeping_ties
+
+    _to_empty_keeping_ties(model, torch.device("cpu"))
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight and lm.lm_head.weight.device.type == "cpu"

@@ -15,10 +15,18 @@ micro-batch without images, and an LM with routed experts leaves experts without
 the LM's dense weights train (for instance LoRA adapters on the LM with the rest frozen), every
 trainable parameter gets a gradient in every step and the search, one graph walk per forward, is
 skipped.
+
+With several processes, a model built from a preset is built with random weights by the main
+process only; the others build it on the meta device (no memory, no random draws) and
+:func:`materialise_from_main` gives them the main process's weights, buffers and random-number
+state, so every process holds what it would have drawn itself, as with one process.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
+import torch
 from torch import nn
 
 from ..distributed import DistState, all_reduce_sum, barrier, current_state, gather_objects
@@ -66,6 +74,42 @@ def needs_unused_parameter_search(model: nn.Module) -> bool:
     return any(p.requires_grad and id(p) not in always for p in model.parameters())
 
 
+def _to_empty_keeping_ties(model: nn.Module, device: torch.device) -> None:
+    """``model.to_empty(device)``, with a parameter shared by several modules still shared after."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                slots[id(p)].append((module, name))
+    model.to_empty(device=device)
+    for (first, first_name), *others in slots.values():
+        for module, name in others:
+            setattr(module, name, getattr(first, first_name))
+
+
+def materialise_from_main(model: nn.Module, state: DistState, fingerprint: dict | None) -> dict:
+    """Give every process the main process's model on its own device (collective).
+
+    The main process moves its model to its device; the others, whose model is on the meta device,
+    allocate theirs there. Every parameter and buffer (non-persistent ones too), the torch
+    random-number state and ``fingerprint`` (of the frozen weights, computed by the main process
+    before the move) then come from the main process; returns that fingerprint.
+    """
+    import torch.distributed as tdist
+
+    if state.is_main:
+        model.to(state.device)
+    else:
+        _to_empty_keeping_ties(model, state.device)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            tdist.broadcast(t.data, src=0)
+    shared = [torch.get_rng_state(), fingerprint]
+    tdist.broadcast_object_list(shared, src=0, device=state.device if state.device.type == "cuda" else None)
+    torch.set_rng_state(shared[0])
+    return shared[1]
+
+
 def wrap_model(model: nn.Module, strategy: str, state: DistState) -> nn.Module:
     """Wrap for DDP or shard with FSDP2 in place; returns the module to call."""
     if not state.enabled:
@@ -90,6 +134,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 __all__ = [
-    "DistState", "all_reduce_sum", "barrier", "current_state", "fsdp_units", "gather_objects", "needs_unused_parameter_search",
-    "unwrap", "wrap_model",
+    "DistState", "all_reduce_sum", "barrier", "current_state", "fsdp_units", "gather_objects", "materialise_from_main",
+    "needs_unused_parameter_search", "unwrap", "wrap_model",
 ]

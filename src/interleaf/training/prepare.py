@@ -17,7 +17,7 @@ from ..model.lora import has_adapters, merge_lora
 from ..model.modeling import freeze_overwritten_token_rows, freeze_unused_vision_parameters
 from . import checkpoint as ckpt
 from .config import StageConfig
-from .distributed import DistState, unwrap, wrap_model
+from .distributed import DistState, materialise_from_main, unwrap, wrap_model
 from .flops import FlopCount, flop_count
 from .lora import apply_lora
 from .optim import build_optimizer
@@ -44,7 +44,7 @@ class Trainee:
     flops: FlopCount | None = None  # the model's weights as the step FLOPs count them (interleaf.training.flops)
 
 
-def _build_model(stage: StageConfig, finals: dict[str, Path]):
+def _build_model(stage: StageConfig, finals: dict[str, Path], on_meta: bool = False):
     from ..api import build, load
 
     spec = stage.model
@@ -55,7 +55,7 @@ def _build_model(stage: StageConfig, finals: dict[str, Path]):
     elif spec.path is not None:
         model, processor = load(spec.path)
     else:
-        model, processor = build(spec.preset, seed=stage.seed, **spec.options)
+        model, processor = build(spec.preset, seed=stage.seed, **({"device": "meta"} if on_meta else {}), **spec.options)
     if has_adapters(model):  # a directory with LoRA adapters: this stage starts from the merged model
         merge_lora(model)
     # what one image becomes in the LM's row follows the model (a processor saved before the field existed
@@ -127,11 +127,17 @@ def set_up(stage: StageConfig, finals: dict[str, Path], stream_factory: StreamFa
     from .dpo import build_reference, check_stage_data
 
     check_stage_data(stage)
-    model, processor = _build_model(stage, finals)
+    # several processes, random weights: only the main process draws them (the others build on the
+    # meta device and receive them)
+    spec = stage.model
+    from_main = dist.enabled and spec.path is None and spec.from_stage is None and "device" not in spec.options
+    model, processor = _build_model(stage, finals, on_meta=from_main and not dist.is_main)
     n_trainable = prepare_model(model, stage, dist.device)
-    fingerprint = ckpt.frozen_fingerprint(model)
+    fingerprint = ckpt.frozen_fingerprint(model) if dist.is_main or not from_main else None
     flops = flop_count(model)  # before FSDP2 shards the weights
-    if next(model.parameters()).device != dist.device:
+    if from_main:
+        fingerprint = materialise_from_main(model, dist, fingerprint)
+    elif next(model.parameters()).device != dist.device:
         model.to(dist.device)
     reference = None
     if stage.objective == "dpo":
