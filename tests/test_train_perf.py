@@ -275,3 +275,17 @@ def test_allocating_a_meta_model_keeps_shared_weights_shared():
 
     _to_empty_keeping_ties(model, torch.device("cpu"))
     assert lm.lm_head.weight is lm.model.embed_tokens.weight and lm.lm_head.weight.device.type == "cpu"
+
+
+def test_only_random_weights_are_received_from_the_main_process():
+    from interleaf.training.config import load_recipe
+    from interleaf.training.prepare import _random_weights
+
+    def stage(model):
+        return load_recipe({"model": model}).stages[0]
+
+    assert _random_weights(stage({"preset": "tiny-random"}))
+    assert _random_weights(stage({"preset": "tiny-llava", "projector": {"kind": "linear"}}))
+    # weights to load: every process loads them itself
+    assert not _random_weights(stage({"preset": "tiny-random", "lm": "/some/lm"}))
+    assert not _random_weights(stage({"from_stage": "pretrain"}))

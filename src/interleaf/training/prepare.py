@@ -64,6 +64,14 @@ def _build_model(stage: StageConfig, finals: dict[str, Path], on_meta: bool = Fa
     return model, processor
 
 
+def _random_weights(stage: StageConfig) -> bool:
+    """The stage builds its model with random weights: from a preset or build options that name no
+    directory to load (``lm:``, ``vision:``) and no device."""
+    spec = stage.model
+    loads = any(isinstance(spec.options.get(k), (str, Path)) for k in ("lm", "vision"))
+    return spec.path is None and spec.from_stage is None and not loads and "device" not in spec.options
+
+
 # A freeze policy and its counterpart in the other fusion family: what connects the image to the LM
 # trains (flamingo / projector), or that and the whole LM (unfreeze_lm / projector_lm). A recipe
 # written for either family (sft_llava, dpo) names one and means the same for both.
@@ -129,8 +137,7 @@ def set_up(stage: StageConfig, finals: dict[str, Path], stream_factory: StreamFa
     check_stage_data(stage)
     # several processes, random weights: only the main process draws them (the others build on the
     # meta device and receive them)
-    spec = stage.model
-    from_main = dist.enabled and spec.path is None and spec.from_stage is None and "device" not in spec.options
+    from_main = dist.enabled and _random_weights(stage)
     model, processor = _build_model(stage, finals, on_meta=from_main and not dist.is_main)
     n_trainable = prepare_model(model, stage, dist.device)
     fingerprint = ckpt.frozen_fingerprint(model) if dist.is_main or not from_main else None
