@@ -137,6 +137,6 @@ def dpo_loss(
 
 
 __all__ = [
-    "IGNORE_INDEX", "causal_lm_loss", "dpo_loss", "log_partition", "sequence_logps", "shift_for_next_token", "trained_tokens",
-    "weighted_token_loss",
+    "IGNORE_INDEX", "causal_lm_loss", "dpo_loss", "log_partition", "sequence_logps", "shift_for_next_token",
+    "trained_tokens", "weighted_token_loss",
 ]

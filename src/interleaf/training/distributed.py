@@ -12,9 +12,10 @@ DDP searches the autograd graph for parameters that got no gradient (``find_unus
 only when some trainable parameter can miss one (:func:`needs_unused_parameter_search`): the
 image path (vision tower, resampler or projector, cross-attention blocks) does not run for a
 micro-batch without images, and an LM with routed experts leaves experts without tokens. When only
-the LM's dense weights train (for instance LoRA adapters on the LM with the rest frozen), every
-trainable parameter gets a gradient in every step and the search, one graph walk per forward, is
-skipped.
+the LM's dense weights train (the image path frozen), every trainable parameter gets a gradient in
+every step and the search, one graph walk per forward, is skipped. Every freeze policy trains some
+of the image path (the connector at least), so a stage's DDP searches unless its model's image path
+was frozen by other means.
 
 With several processes, a model built from a preset is built with random weights by the main
 process only; the others build it on the meta device (no memory, no random draws) and
