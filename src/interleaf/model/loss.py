@@ -13,6 +13,12 @@ give ``causal_lm_loss`` (up to float rounding: the two reduce in a different ord
 
 Preference training (DPO) uses the same shift and mask: :func:`sequence_logps` is each row's
 log-probability of its trained tokens, summed, and :func:`dpo_loss` the sigmoid DPO loss on them.
+
+The log-partition never costs a second pass over the vocabulary: the cross-entropy of a token is
+``CE = Z - logit[label]``, so ``Z = CE + logit[label]`` (:func:`log_partition`) is one lookup on top of
+the cross-entropy already computed, with the same gradient (``softmax - onehot + onehot``). No
+``(B, T, V)`` tensor is added to what autograd keeps (``torch.logsumexp`` would keep the logits for
+its backward pass), and without z-loss no gradient flows through ``Z``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,16 @@ def trained_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
+def log_partition(shift_logits: torch.Tensor, shift_labels: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+    """``Z = logsumexp(shift_logits)`` at each position from its cross-entropy ``ce`` (same shape as
+    ``shift_labels``): ``Z = ce + logit[label]``. Positions whose label is ``IGNORE_INDEX`` give 0."""
+    mask = shift_labels != IGNORE_INDEX
+    # indexing keeps only the indices for the backward pass (``gather`` would keep the logits)
+    rows = torch.meshgrid(*(torch.arange(n, device=shift_labels.device) for n in shift_labels.shape), indexing="ij")
+    picked = shift_logits[(*rows, shift_labels.masked_fill(~mask, 0))]
+    return (ce + picked) * mask
+
+
 def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -49,20 +65,21 @@ def causal_lm_loss(
         zero = shift_logits.sum() * 0.0
         return zero, (zero if z_loss else None)
     flat_logits = shift_logits[mask]  # (K, V)
-    loss = F.cross_entropy(flat_logits, shift_labels[mask])
-    z = None
-    if z_loss:
-        z = torch.logsumexp(flat_logits, dim=-1).pow(2).mean()
-        loss = loss + z_loss * z
-    return loss, z
+    flat_labels = shift_labels[mask]  # (K,)
+    if not z_loss:
+        return F.cross_entropy(flat_logits, flat_labels), None
+    ce = F.cross_entropy(flat_logits, flat_labels, reduction="none")  # (K,)
+    z = log_partition(flat_logits, flat_labels, ce).pow(2).mean()
+    return ce.mean() + z_loss * z, z
 
 
 def weighted_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, z_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row sums over trained positions: ``(w * sum CE, w * sum Z^2, sum CE, count)``; each (B,).
 
-    ``logits`` (B, T, V) predict ``labels`` shifted by one; ``weights`` (B,).
+    ``logits`` (B, T, V) predict ``labels`` shifted by one; ``weights`` (B,). ``z_grad=False`` (no
+    z-loss) gives the ``Z^2`` sums detached: reported, never differentiated.
     """
     shift_logits, shift_labels = shift_for_next_token(logits, labels)
     mask = (shift_labels != IGNORE_INDEX).float()  # (B, T-1)
@@ -70,7 +87,8 @@ def weighted_token_loss(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view_as(mask)  # (B, T-1)
-    z = torch.logsumexp(shift_logits, dim=-1).pow(2) * mask  # (B, T-1)
+    z = log_partition(shift_logits if z_grad else shift_logits.detach(), shift_labels,
+                      ce if z_grad else ce.detach()).pow(2)  # (B, T-1), 0 where masked
     ce_rows = ce.sum(-1)  # (B,)
     w = weights.to(ce_rows.device, ce_rows.dtype)
     return w * ce_rows, w * z.sum(-1), ce_rows, mask.sum(-1)
@@ -119,6 +137,6 @@ def dpo_loss(
 
 
 __all__ = [
-    "IGNORE_INDEX", "causal_lm_loss", "dpo_loss", "sequence_logps", "shift_for_next_token", "trained_tokens",
-    "weighted_token_loss",
+    "IGNORE_INDEX", "causal_lm_loss", "dpo_loss", "log_partition", "sequence_logps", "shift_for_next_token",
+    "trained_tokens", "weighted_token_loss",
 ]

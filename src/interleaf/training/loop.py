@@ -99,7 +99,7 @@ def train_stage(
     logger = MetricsLogger(out, enabled=dist.is_main, total_steps=stage.max_steps, start_step=counts.step, progress=progress)
     if dist.is_main and latest is None:
         logger.write(f"stage {stage.name!r}: {trainee.n_trainable:,} trainable parameters, {dist.world_size} process(es)")
-    report = StageReport(stage, logger, dist)
+    report = StageReport(stage, logger, dist, flops=trainee.flops if stage.objective == "lm" else None)
     pad_id = trainee.processor.pad_token_id
     counts.start_clock()
     try:

@@ -17,7 +17,8 @@ from ..model.lora import has_adapters, merge_lora
 from ..model.modeling import freeze_overwritten_token_rows, freeze_unused_vision_parameters
 from . import checkpoint as ckpt
 from .config import StageConfig
-from .distributed import DistState, unwrap, wrap_model
+from .distributed import DistState, materialise_from_main, unwrap, wrap_model
+from .flops import FlopCount, flop_count
 from .lora import apply_lora
 from .optim import build_optimizer
 from .progress import Progress
@@ -40,9 +41,10 @@ class Trainee:
     fingerprint: dict  # of the frozen weights, checked at resume
     n_trainable: int
     reference: Any = None  # a DPO stage's reference (interleaf.training.dpo), made from the starting model
+    flops: FlopCount | None = None  # the model's weights as the step FLOPs count them (interleaf.training.flops)
 
 
-def _build_model(stage: StageConfig, finals: dict[str, Path]):
+def _build_model(stage: StageConfig, finals: dict[str, Path], on_meta: bool = False):
     from ..api import build, load
 
     spec = stage.model
@@ -53,13 +55,21 @@ def _build_model(stage: StageConfig, finals: dict[str, Path]):
     elif spec.path is not None:
         model, processor = load(spec.path)
     else:
-        model, processor = build(spec.preset, seed=stage.seed, **spec.options)
+        model, processor = build(spec.preset, seed=stage.seed, **({"device": "meta"} if on_meta else {}), **spec.options)
     if has_adapters(model):  # a directory with LoRA adapters: this stage starts from the merged model
         merge_lora(model)
     # what one image becomes in the LM's row follows the model (a processor saved before the field existed
     # lacks it), so that max_length and the token counts measure that row
     processor.tokens.image_lm_length = model.config.tokens_cfg.image_lm_length
     return model, processor
+
+
+def _random_weights(stage: StageConfig) -> bool:
+    """The stage builds its model with random weights: from a preset or build options that name no
+    directory to load (``lm:``, ``vision:``) and no device."""
+    spec = stage.model
+    loads = any(isinstance(spec.options.get(k), (str, Path)) for k in ("lm", "vision"))
+    return spec.path is None and spec.from_stage is None and not loads and "device" not in spec.options
 
 
 # A freeze policy and its counterpart in the other fusion family: what connects the image to the LM
@@ -125,10 +135,16 @@ def set_up(stage: StageConfig, finals: dict[str, Path], stream_factory: StreamFa
     from .dpo import build_reference, check_stage_data
 
     check_stage_data(stage)
-    model, processor = _build_model(stage, finals)
+    # several processes, random weights: only the main process draws them (the others build on the
+    # meta device and receive them)
+    from_main = dist.enabled and _random_weights(stage)
+    model, processor = _build_model(stage, finals, on_meta=from_main and not dist.is_main)
     n_trainable = prepare_model(model, stage, dist.device)
-    fingerprint = ckpt.frozen_fingerprint(model)
-    if next(model.parameters()).device != dist.device:
+    fingerprint = ckpt.frozen_fingerprint(model) if dist.is_main or not from_main else None
+    flops = flop_count(model)  # before FSDP2 shards the weights
+    if from_main:
+        fingerprint = materialise_from_main(model, dist, fingerprint)
+    elif next(model.parameters()).device != dist.device:
         model.to(dist.device)
     reference = None
     if stage.objective == "dpo":
@@ -147,7 +163,9 @@ def set_up(stage: StageConfig, finals: dict[str, Path], stream_factory: StreamFa
         )
     micro = per_rank // dist.world_size
     stream = stream_factory(stage, processor, dist.rank, dist.world_size)
-    return Trainee(model, wrapped, inner, processor, optimizer, params, stream, micro, fingerprint, n_trainable, reference)
+    return Trainee(
+        model, wrapped, inner, processor, optimizer, params, stream, micro, fingerprint, n_trainable, reference, flops
+    )
 
 
 def restore(stage: StageConfig, trainee: Trainee, latest: Path | None, resume: bool, dist: DistState) -> Progress:

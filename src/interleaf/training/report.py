@@ -1,6 +1,11 @@
 """What a stage reports: a ``metrics.jsonl`` record every ``log_every`` steps (mirrored to the
 trackers ``report_to`` names), the progress bar, the skipped steps, the error that ends a run of
-them, and the summary at the end, also written into the final model's card (:mod:`interleaf.cards`)."""
+them, and the summary at the end, also written into the final model's card (:mod:`interleaf.cards`).
+
+Throughput: each record has ``tokens_per_s`` (positions the LM saw, every process, since the last
+record) and, for a next-token stage, ``flops_per_s`` (model FLOPs, :mod:`interleaf.training.flops`)
+and ``mfu`` (those over the peak of every process's device; only when the peak is known). The
+summary has the same three over the whole run of this process (since its start or resume)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .config import StageConfig
 from .distributed import DistState, gather_objects
+from .flops import FlopCount, device_peak_flops
 from .logging import MetricsLogger, Throughput, write_summary
 from .progress import Progress
 from .step import StepOutcome
@@ -19,12 +25,30 @@ from .step import StepOutcome
 class StageReport:
     """The stage's log: per-source losses since the last record, the token rate, the logger."""
 
-    def __init__(self, stage: StageConfig, logger: MetricsLogger, dist: DistState):
-        self.stage, self.logger, self.dist = stage, logger, dist
+    def __init__(self, stage: StageConfig, logger: MetricsLogger, dist: DistState, flops: FlopCount | None = None):
+        self.stage, self.logger, self.dist, self.flops = stage, logger, dist, flops
         logger.open_trackers(stage.report_to)  # only the main process's logger is enabled
         self.through = Throughput()
         self.window: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # source -> [CE sum, tokens] since last log
         self.last_rate = 0.0
+        peak = device_peak_flops(stage.peak_flops, dist.device, stage.precision)
+        self.peak = peak * dist.world_size if peak is not None else None  # every process's devices together
+        self.window_flops = self.window_tokens = 0.0  # since the last record
+        self.run_flops = self.run_tokens = 0.0  # since this process started the stage (or resumed it)
+
+    def _throughput(self, outcome: StepOutcome) -> None:
+        step_flops = self.flops.step(outcome.tokens, outcome.squared_lengths) if self.flops is not None else 0.0
+        self.window_flops += step_flops
+        self.window_tokens += outcome.tokens
+        self.run_flops += step_flops
+        self.run_tokens += outcome.tokens
+
+    def _rates(self, tokens_per_s: float, flops: float, tokens: float) -> dict[str, float]:
+        """``flops_per_s`` and ``mfu`` at ``tokens_per_s`` for ``flops`` spent on ``tokens`` (none without a count)."""
+        if self.flops is None:
+            return {}
+        rate = tokens_per_s * flops / tokens if tokens else 0.0
+        return {"flops_per_s": rate, **({"mfu": rate / self.peak} if self.peak else {})}
 
     def after_step(self, lr: float, outcome: StepOutcome, progress: Progress) -> None:
         """Log the step just counted in ``progress`` (every process calls it: the record is gathered)."""
@@ -34,6 +58,7 @@ class StageReport:
                 self.window[src][0] += c
                 self.window[src][1] += n
         self.through.add(outcome.tokens)
+        self._throughput(outcome)
         if step % stage.log_every == 0 or step == stage.max_steps:
             per_source = _reduce_window(self.window, self.dist)
             self.window.clear()
@@ -41,8 +66,9 @@ class StageReport:
             record = {
                 "step": step, "loss": progress.last_loss, "lr": lr, "tokens_per_s": rate, "grad_norm": outcome.grad_norm,
                 "z_loss": outcome.z_mean, "tokens_seen": progress.tokens_seen, "samples_seen": progress.samples_seen,
-                "elapsed_s": progress.elapsed(),
+                "elapsed_s": progress.elapsed(), **self._rates(rate, self.window_flops, self.window_tokens),
             }
+            self.window_flops = self.window_tokens = 0.0
             record.update(outcome.metrics)  # the objective's own values (a DPO stage's rewards)
             if not outcome.finite:  # JSON has no NaN: the loss of a skipped step is null
                 record.update(loss=None, grad_norm=None, z_loss=None, skipped=_nonfinite_what(outcome.loss, outcome.grad_norm))
@@ -62,6 +88,7 @@ class StageReport:
         """The stage's summary (gathered from every process); the main process writes and prints it."""
         bad = _merge_bad(gather_objects(_bad_counts(stream), self.dist))
         last_loss = progress.last_loss
+        run_s = max(progress.elapsed() - progress.elapsed_before, 1e-9)
         summary = {
             "stage": self.stage.name, "steps": progress.step, "time_s": round(progress.elapsed(), 3),
             "final_loss": last_loss if math.isfinite(last_loss) else None,  # None: every step was skipped
@@ -69,6 +96,7 @@ class StageReport:
             "samples_seen": progress.samples_seen, "trainable_parameters": n_trainable, "processes": self.dist.world_size,
             "bad_samples": bad.get("bad", {}), "samples_read_by_source": bad.get("seen", {}), "final_model": str(final),
             "nonfinite_steps": len(progress.nonfinite_at), "nonfinite_at": progress.nonfinite_at[:100],
+            "tokens_per_s": self.run_tokens / run_s, **self._rates(self.run_tokens / run_s, self.run_flops, self.run_tokens),
         }
         if self.dist.is_main:
             write_summary(self.stage.out, summary)

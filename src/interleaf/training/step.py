@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..model.loss import trained_tokens, weighted_token_loss
 from .config import StageConfig
 from .distributed import DistState, all_reduce_sum
+from .flops import squared_lengths
 
 
 @dataclass
@@ -31,6 +32,7 @@ class StepOutcome:
     z_mean: float  # sum of w * Z^2 over the global batch / the weighted token count
     tokens: int  # positions the LM attends in the global batch (grown images at their length)
     trained: int  # trained positions in the global batch
+    squared_lengths: int = 0  # sum over the global batch's rows of (positions the LM sees)^2 (attention FLOPs)
     by_source: dict[str, list[float]] = field(default_factory=dict)  # source -> [CE sum, tokens], this process
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own values (DPO: rewards), logged as they are
 
@@ -106,7 +108,7 @@ def optimizer_step(
     local_den = sum(float((b["loss_weight"] * trained_tokens(b["labels"]).float()).sum()) for b in batches)
     den = float(all_reduce_sum(torch.tensor([local_den], dtype=torch.float64), dist)[0])
     den = max(den, 1e-12)
-    totals = torch.zeros(4, dtype=torch.float64)  # weighted CE, weighted Z^2, tokens, trained tokens
+    totals = torch.zeros(5, dtype=torch.float64)  # weighted CE, weighted Z^2, tokens, trained tokens, squared lengths
     by_source: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for j, b in enumerate(batches):
         with _no_sync(wrapped, j == len(batches) - 1), autocast:
@@ -115,11 +117,13 @@ def optimizer_step(
                 attention_mask=b["attention_mask"].to(device),
                 pixel_values=b["pixel_values"].to(device) if "pixel_values" in b else None,
             )
-        wce, wz, ce_rows, counts = weighted_token_loss(out.logits, b["labels"], b["loss_weight"])
+        # without z-loss, Z is reported but not differentiated
+        wce, wz, ce_rows, counts = weighted_token_loss(out.logits, b["labels"], b["loss_weight"], z_grad=bool(stage.z_loss))
         loss = (wce.sum() + stage.z_loss * wz.sum()) / den * dist.world_size
         loss.backward()
         totals += torch.tensor(
-            [float(wce.detach().sum()), float(wz.detach().sum()), float(lm_tokens(b)), float(counts.sum())],
+            [float(wce.detach().sum()), float(wz.detach().sum()), float(lm_tokens(b)), float(counts.sum()),
+             float(squared_lengths(b))],
             dtype=torch.float64,
         )
         for src, c, n in zip((x.get("source", "data") for x in raw[j]), ce_rows.detach().tolist(), counts.tolist()):
@@ -131,7 +135,7 @@ def optimizer_step(
     grad_norm, finite = apply_update(stage, optimizer, params, step_loss)
     return StepOutcome(
         loss=step_loss, grad_norm=grad_norm, finite=finite, z_mean=float(totals[1] / den),
-        tokens=int(totals[2]), trained=int(totals[3]), by_source=by_source,
+        tokens=int(totals[2]), trained=int(totals[3]), squared_lengths=int(totals[4]), by_source=by_source,
     )
 
 
