@@ -23,7 +23,7 @@ A stage YAML::
     checkpoint: {every: 500, keep_last: 2}   # keep_last >= 2 leaves a fallback if the newest is damaged
     max_nonfinite_steps: 3            # steps with a NaN/inf loss are skipped; this many in a row stop the run
     log_every: 10
-    report_to: [tensorboard]          # trackers that get metrics.jsonl's scalars (default: none)
+    report_to: [tensorboard]          # trackers that get metrics.jsonl's scalars: tensorboard, wandb (offline) (default: none)
     seed: 0
     out: runs/name
     distributed: {strategy: ddp}      # ddp | fsdp (used when launched by torchrun with > 1 process)
@@ -206,7 +206,7 @@ class StageConfig:
     # no optimiser update, gradients dropped, counted in summary.json. This many in a row stop the run.
     max_nonfinite_steps: int = setting(3, ge=1)
     log_every: int = setting(10, ge=1)
-    report_to: list[Literal["tensorboard"]] = field(default_factory=list)  # trackers mirroring metrics.jsonl; none by default
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # trackers mirroring metrics.jsonl; none by default
     seed: int = setting(0, ge=0)
     out: str = setting("runs/train", nonempty=True)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
