@@ -155,6 +155,17 @@ def test_a_failed_stage_finishes_its_wandb_run_as_failed(tmp_path, offline_wandb
     assert attempts == []
 
 
+def test_an_online_run_without_credentials_is_a_config_error(tmp_path, offline_wandb, monkeypatch):
+    attempts, _ = offline_wandb
+    monkeypatch.setenv("WANDB_MODE", "online")  # the user's explicit choice
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a key
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    logger = MetricsLogger(tmp_path / "run", enabled=True, total_steps=3, start_step=0, progress=False)
+    with pytest.raises(ConfigError, match=r"'report_to': names wandb, whose online run .* could not start.*wandb login"):
+        logger.open_trackers(["tensorboard", "wandb"], config={"name": "sft"})
+    assert attempts == []
+
+
 def test_wandb_is_offline_unless_the_user_chooses_online_or_disabled(monkeypatch):
     for value, mode in [(None, "offline"), ("", "offline"), ("offline", "offline"), ("dryrun", "offline"),
                         ("run", "offline"), ("online", "online"), ("ONLINE", "online"), ("disabled", "disabled")]:

@@ -23,7 +23,7 @@ A stage YAML::
     checkpoint: {every: 500, keep_last: 2}   # keep_last >= 2 leaves a fallback if the newest is damaged
     max_nonfinite_steps: 3            # steps with a NaN/inf loss are skipped; this many in a row stop the run
     log_every: 10
-    report_to: [tensorboard]          # trackers that get metrics.jsonl's scalars: tensorboard, wandb (offline) (default: none)
+    report_to: [tensorboard]          # trackers given metrics.jsonl's scalars: tensorboard, wandb (default: none)
     seed: 0
     out: runs/name
     distributed: {strategy: ddp}      # ddp | fsdp (used when launched by torchrun with > 1 process)

@@ -76,7 +76,11 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))
         if "wandb" in report_to:
-            self._wandb = _wandb_run(self.out, self._config() if config is None else config)
+            try:
+                self._wandb = _wandb_run(self.out, self._config() if config is None else config)
+            except BaseException:
+                self.close()  # the TensorBoard writer and metrics.jsonl with it: the stage does not start
+                raise
 
     def _config(self) -> dict[str, Any]:
         path = self.out / "config.yaml"
@@ -164,10 +168,20 @@ def _wandb_run(out: Path, config: dict[str, Any]) -> Any:
     a run of the user's own in the same process is left running (``reinit="create_new"``)."""
     import wandb
 
-    return wandb.init(
-        dir=str(out), mode=wandb_mode(), project=os.environ.get("WANDB_PROJECT") or "interleaf",
-        name=config.get("name"), config=config, settings=wandb.Settings(console="off"), reinit="create_new",
-    )
+    mode = wandb_mode()
+    try:
+        return wandb.init(
+            dir=str(out), mode=mode, project=os.environ.get("WANDB_PROJECT") or "interleaf",
+            name=config.get("name"), config=config, settings=wandb.Settings(console="off"), reinit="create_new",
+        )
+    except wandb.errors.Error as e:  # above all an online run without credentials
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            "report_to", f"names wandb, whose {mode} run under {str(out / 'wandb')!r} could not start: {e}",
+            "for an online run (WANDB_MODE=online) log in first (wandb login, or WANDB_API_KEY); "
+            "unset WANDB_MODE for an offline run, or remove wandb from report_to",
+        ) from e
 
 
 @contextlib.contextmanager
@@ -244,5 +258,6 @@ class Throughput:
 
 
 __all__ = [
-    "MetricsLogger", "Throughput", "is_terminal", "library_bars_off_unless_terminal", "scalars", "wandb_mode", "write_summary",
+    "MetricsLogger", "Throughput", "is_terminal", "library_bars_off_unless_terminal", "scalars", "wandb_mode",
+    "write_summary",
 ]
