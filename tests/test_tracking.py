@@ -155,6 +155,22 @@ def test_a_failed_stage_finishes_its_wandb_run_as_failed(tmp_path, offline_wandb
     assert attempts == []
 
 
+def test_a_stage_that_fails_midway_leaves_its_wandb_run_finished_as_failed(tmp_path, offline_wandb, monkeypatch):
+    from helpers.wandb_records import read_run
+
+    attempts, drain = offline_wandb
+    monkeypatch.setenv("INTERLEAF_FAULT", "enospc:step=2")  # the disk fills up after step 2
+    with pytest.raises(OSError):
+        train(_stage(tmp_path, report_to=["wandb"]), progress=False)
+    drain()
+    run = read_run(tmp_path / "run" / "wandb")
+    assert run["exit_code"] == 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [row["_step"] for row in run["history"]] == [1, 2]
+    assert [row["train/loss"] for row in run["history"]] == [r["loss"] for r in records]
+    assert attempts == []
+
+
 def test_an_online_run_without_credentials_is_a_config_error(tmp_path, offline_wandb, monkeypatch):
     attempts, _ = offline_wandb
     monkeypatch.setenv("WANDB_MODE", "online")  # the user's explicit choice
