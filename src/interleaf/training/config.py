@@ -22,14 +22,9 @@ A stage YAML::
     gradient_checkpointing: false
     checkpoint: {every: 500, keep_last: 2}   # keep_last >= 2 leaves a fallback if the newest is damaged
     max_nonfinite_steps: 3            # steps with a NaN/inf loss are skipped; this many in a row stop the run
-<<<<<<< HEAD
     log_every: 10                     # metrics.jsonl also has tokens/s, FLOP/s and, with a peak, the MFU
     peak_flops: null                  # FLOP/s of one device for the MFU (default: known CUDA GPUs in bf16)
-    report_to: [tensorboard]          # trackers that get metrics.jsonl's scalars (default: none)
-=======
-    log_every: 10
     report_to: [tensorboard]          # trackers given metrics.jsonl's scalars: tensorboard, wandb (default: none)
->>>>>>> wandb
     seed: 0
     out: runs/name
     distributed: {strategy: ddp}      # ddp | fsdp (used when launched by torchrun with > 1 process)
@@ -212,12 +207,8 @@ class StageConfig:
     # no optimiser update, gradients dropped, counted in summary.json. This many in a row stop the run.
     max_nonfinite_steps: int = setting(3, ge=1)
     log_every: int = setting(10, ge=1)
-<<<<<<< HEAD
     peak_flops: float | None = setting(None, gt=0)  # one device's peak FLOP/s for the MFU (training.flops)
-    report_to: list[Literal["tensorboard"]] = field(default_factory=list)  # trackers mirroring metrics.jsonl; none by default
-=======
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # trackers mirroring metrics.jsonl; none by default
->>>>>>> wandb
     seed: int = setting(0, ge=0)
     out: str = setting("runs/train", nonempty=True)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
