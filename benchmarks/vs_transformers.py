@@ -74,8 +74,8 @@ TARGETS = {
 REFERENCE_NAME = {"idefics": "transformers IDEFICS", "llava": "transformers LlavaForConditionalGeneration"}
 
 
-def build_idefics(size: dict, root: Path):
-    """(transformers IDEFICS, interleaf model, processor) with identical weights."""
+def build_idefics(size: dict, root: Path, dtype: torch.dtype = torch.float32):
+    """(transformers IDEFICS, interleaf model, processor) with identical weights (in ``dtype``)."""
     from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
     from interleaf.convert import from_idefics
@@ -94,11 +94,11 @@ def build_idefics(size: dict, root: Path):
         perceiver_config=dict(**size["perceiver"], qk_layer_norms_perceiver=True),
     )
     torch.manual_seed(0)
-    reference = IdeficsForVisionText2Text(config).eval()
+    reference = IdeficsForVisionText2Text(config).to(dtype).eval()
     reference.save_pretrained(root / "idefics")
     tok.save_pretrained(root / "idefics")
     from_idefics(root / "idefics", root / "interleaf")
-    ours, processor = interleaf.load(root / "interleaf")
+    ours, processor = interleaf.load(root / "interleaf", dtype=dtype)
     ours.apply_freeze()  # load leaves every parameter trainable; freeze the backbones as IDEFICS does
     return reference, ours.eval(), processor
 
