@@ -8,6 +8,7 @@ target and by how much it is met or missed. ``--results DIR`` appends the same t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -28,13 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def quiet() -> None:
-    """No progress bars or loading reports from transformers in the printed tables."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import transformers
+@contextlib.contextmanager
+def quiet():
+    """No progress bars or loading reports from transformers in the printed tables (restored after)."""
+    from transformers.utils import logging
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def timed(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:

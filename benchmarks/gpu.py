@@ -229,6 +229,14 @@ def generate_rows(shape: str, args, device, dtype) -> tuple[list[Row], bool]:
                 "new tokens/s", True, None if args.dry_run else 2.5)], same
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextlib.contextmanager
 def process_group(device):
     """The torchrun group when launched so, else a group of one (FSDP2 needs one)."""
@@ -237,12 +245,13 @@ def process_group(device):
     if dist.is_initialized():
         yield
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    launched = "RANK" in os.environ  # torchrun: its rendezvous; else a free local port, no variables set
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if launched else (0, 1)
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo", rank=rank, world_size=world)
+    init = "env://" if launched else f"tcp://127.0.0.1:{_free_port()}"
+    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo", init_method=init, rank=rank,
+                            world_size=world)
     try:
         yield
     finally:
@@ -266,40 +275,40 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="default: PEAKS by the device's name")
     parser.add_argument("--results", type=Path, nargs="?", const=benchlib.RESULTS, default=None)
     args = parser.parse_args(argv)
-    benchlib.quiet()
-    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2 on the outputs; none edited in place
-    if args.dry_run:
-        device, dtype = "cpu", torch.float32
-        args.train = args.decode = args.generate = "dry"
-        args.batch, args.seq, args.images, args.steps, args.warmup = 2, 32, 2, 1, 1
-        args.new_tokens, args.repeats = 4, 1
-    else:
-        if not torch.cuda.is_available():
-            parser.error("no GPU here: run with --dry-run to check the script on a CPU")
-        device, dtype = "cuda", torch.bfloat16
-        name = torch.cuda.get_device_name(0).lower()
-        peak, bandwidth = next((v for k, v in PEAKS.items() if k in name), (None, None))
-        args.peak_tflops = args.peak_tflops or peak
-        args.bandwidth_gbs = args.bandwidth_gbs or bandwidth
-    shapes = {part: [s for s in getattr(args, part).split(",") if s] for part in ("train", "decode", "generate")}
-    trained, decoded, rows, same = [], [], [], True
-    with process_group(device):
-        import torch.distributed as dist
+    with benchlib.quiet():
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2 on the outputs; none edited in place
+        if args.dry_run:
+            device, dtype = "cpu", torch.float32
+            args.train = args.decode = args.generate = "dry"
+            args.batch, args.seq, args.images, args.steps, args.warmup = 2, 32, 2, 1, 1
+            args.new_tokens, args.repeats = 4, 1
+        else:
+            if not torch.cuda.is_available():
+                parser.error("no GPU here: run with --dry-run to check the script on a CPU")
+            device, dtype = "cuda", torch.bfloat16
+            name = torch.cuda.get_device_name(0).lower()
+            peak, bandwidth = next((v for k, v in PEAKS.items() if k in name), (None, None))
+            args.peak_tflops = args.peak_tflops or peak
+            args.bandwidth_gbs = args.bandwidth_gbs or bandwidth
+        shapes = {part: [s for s in getattr(args, part).split(",") if s] for part in ("train", "decode", "generate")}
+        trained, decoded, rows, same = [], [], [], True
+        with process_group(device):
+            import torch.distributed as dist
 
-        trained = [train_case(shape, args, device, dtype) for shape in shapes["train"]]
-        main_rank = dist.get_rank() == 0
-    if not main_rank:
-        return dict(trained=trained)
-    decoded = [decode_case(shape, args, device, dtype) for shape in shapes["decode"]]
-    for shape in shapes["generate"]:
-        more, ok = generate_rows(shape, args, device, dtype)
-        rows, same = rows + more, same and ok
-    title = "interleaf on a GPU" + (" (dry run on CPU: tiny shapes, the layout only)" if args.dry_run else "")
-    lines = benchlib.header(title, torch.get_num_threads(), argv, "gpu.py")
-    lines += [f"dtype {str(dtype).replace('torch.', '')}; peak {_num(args.peak_tflops)} TFLOP/s, bandwidth "
-              f"{_num(args.bandwidth_gbs)} GB/s; identical greedy generations with transformers' IDEFICS: "
-              + ("yes" if same else "NO"), "", *tables(trained, decoded), *benchlib.table(rows, "transformers")]
-    return dict(trained=trained, decoded=decoded, rows=rows, same=same, text=benchlib.emit(lines, args.results))
+            trained = [train_case(shape, args, device, dtype) for shape in shapes["train"]]
+            main_rank = dist.get_rank() == 0
+        if not main_rank:
+            return dict(trained=trained)
+        decoded = [decode_case(shape, args, device, dtype) for shape in shapes["decode"]]
+        for shape in shapes["generate"]:
+            more, ok = generate_rows(shape, args, device, dtype)
+            rows, same = rows + more, same and ok
+        title = "interleaf on a GPU" + (" (dry run on CPU: tiny shapes, the layout only)" if args.dry_run else "")
+        lines = benchlib.header(title, torch.get_num_threads(), argv, "gpu.py")
+        lines += [f"dtype {str(dtype).replace('torch.', '')}; peak {_num(args.peak_tflops)} TFLOP/s, bandwidth "
+                  f"{_num(args.bandwidth_gbs)} GB/s; identical greedy generations with transformers' IDEFICS: "
+                  + ("yes" if same else "NO"), "", *tables(trained, decoded), *benchlib.table(rows, "transformers")]
+        return dict(trained=trained, decoded=decoded, rows=rows, same=same, text=benchlib.emit(lines, args.results))
 
 
 def _num(value, digits: int = 4) -> str:

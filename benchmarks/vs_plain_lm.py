@@ -142,24 +142,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=None, help="default: the size's (smoke 4, tiny 64, mid 32)")
     parser.add_argument("--results", type=Path, nargs="?", const=benchlib.RESULTS, default=None,
                         help="append the table to DIR/<machine>-<date>.md (default DIR: benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true", help="the smoke size, one repeat: seconds (the tests run this)")
     args = parser.parse_args(argv)
-    benchlib.quiet()
-    torch.set_num_threads(args.threads)
-    new_tokens = args.new_tokens or VLM_SIZES[args.size]["new_tokens"]
-    rows_x, bad_x, note_x = cross_attention_rows(args.size, args.repeats, new_tokens)
-    rows_t, bad_t, note_t = token_insertion_rows(args.size, args.repeats, new_tokens)
-    mismatches = bad_x + bad_t
-    lines = benchlib.header(f"interleaf decoding vs the plain LM it wraps, {args.size} size", args.threads, argv,
-                            "vs_plain_lm.py")
-    lines += [
-        f"{note_x}; {note_t}; {new_tokens} new tokens, {PROMPT} text tokens after the image; median of "
-        f"{args.repeats} after a warm-up; plain LM's greedy tokens where the image cannot matter: "
-        + ("identical" if not mismatches else "DIFFERENT (" + "; ".join(mismatches) + ")"),
-        "",
-        *benchlib.table(rows_x + rows_t, "plain LM"),
-    ]
-    text = benchlib.emit(lines, args.results)
-    return dict(rows=rows_x + rows_t, mismatches=mismatches, text=text)
+    if args.smoke:
+        args.size, args.repeats = "smoke", 1
+    with benchlib.quiet():
+        torch.set_num_threads(args.threads)
+        new_tokens = args.new_tokens or VLM_SIZES[args.size]["new_tokens"]
+        rows_x, bad_x, note_x = cross_attention_rows(args.size, args.repeats, new_tokens)
+        rows_t, bad_t, note_t = token_insertion_rows(args.size, args.repeats, new_tokens)
+        mismatches = bad_x + bad_t
+        lines = benchlib.header(f"interleaf decoding vs the plain LM it wraps, {args.size} size", args.threads, argv,
+                                "vs_plain_lm.py")
+        lines += [
+            f"{note_x}; {note_t}; {new_tokens} new tokens, {PROMPT} text tokens after the image; median of "
+            f"{args.repeats} after a warm-up; plain LM's greedy tokens where the image cannot matter: "
+            + ("identical" if not mismatches else "DIFFERENT (" + "; ".join(mismatches) + ")"),
+            "",
+            *benchlib.table(rows_x + rows_t, "plain LM"),
+        ]
+        text = benchlib.emit(lines, args.results)
+        return dict(rows=rows_x + rows_t, mismatches=mismatches, text=text)
 
 
 if __name__ == "__main__":

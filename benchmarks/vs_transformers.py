@@ -232,28 +232,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="leave out the forked peak-memory cases")
     parser.add_argument("--results", type=Path, nargs="?", const=benchlib.RESULTS, default=None,
                         help="append the tables to DIR/<machine>-<date>.md (default DIR: benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true", help="the smoke size, one repeat: seconds (the tests run this)")
     args = parser.parse_args(argv)
-    benchlib.quiet()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    if args.smoke:
+        args.size, args.repeats = "smoke", 1
+    with benchlib.quiet():
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
 
-    out: dict = {}
-    for family in (["idefics", "llava"] if args.family == "all" else [args.family]):
-        result = compare(family, args.size, args.repeats, args.new_tokens, memory=not args.no_memory)
-        (p_ref, p_our), (t_ref, t_our) = result["parameters"], result["trainable"]
-        lines = benchlib.header(f"interleaf vs {REFERENCE_NAME[family]}, {args.size} size", args.threads, argv,
-                                "vs_transformers.py")
-        lines += [
-            f"Parameters: {p_ref:,} (transformers) / {p_our:,} (interleaf); trainable: {t_ref:,} / {t_our:,}; "
-            f"{result['new_tokens']} new tokens per generate; median of {args.repeats} after a warm-up; "
-            f"identical greedy generations: "
-            + ("yes" if not result["mismatches"] else "NO (" + "; ".join(result["mismatches"]) + ")"),
-            "",
-            *benchlib.table(result["rows"], REFERENCE_NAME[family]),
-        ]
-        result["text"] = benchlib.emit(lines, args.results)
-        out[family] = result
-    return out
+        out: dict = {}
+        for family in (["idefics", "llava"] if args.family == "all" else [args.family]):
+            result = compare(family, args.size, args.repeats, args.new_tokens, memory=not args.no_memory)
+            (p_ref, p_our), (t_ref, t_our) = result["parameters"], result["trainable"]
+            lines = benchlib.header(f"interleaf vs {REFERENCE_NAME[family]}, {args.size} size", args.threads, argv,
+                                    "vs_transformers.py")
+            lines += [
+                f"Parameters: {p_ref:,} (transformers) / {p_our:,} (interleaf); trainable: {t_ref:,} / {t_our:,}; "
+                f"{result['new_tokens']} new tokens per generate; median of {args.repeats} after a warm-up; "
+                f"identical greedy generations: "
+                + ("yes" if not result["mismatches"] else "NO (" + "; ".join(result["mismatches"]) + ")"),
+                "",
+                *benchlib.table(result["rows"], REFERENCE_NAME[family]),
+            ]
+            result["text"] = benchlib.emit(lines, args.results)
+            out[family] = result
+        return out
 
 
 if __name__ == "__main__":
