@@ -10,7 +10,10 @@ layers + CLIP ViT-B/16, the same layout, about 1.2 B parameters; ``dry``: a few 
 
 - train: bf16 weights, the IDEFICS freeze (perceiver, cross-attention and added token rows train),
   FSDP2 (``fully_shard`` on each decoder layer, cross-attention block, the tower and the
-  perceiver, then the root) and activation checkpointing on each decoder layer and block; AdamW.
+  perceiver, then the root) and activation checkpointing as the trainer applies it: the LM's own,
+  on each decoder layer (the cross-attention blocks keep their activations: they project the media
+  keys and values into a per-call cache on first use, which a recomputation would not repeat,
+  so a checkpoint around a block fails its saved-tensor check); AdamW.
   Model FLOPs per step are counted once by ``torch.utils.flop_counter.FlopCounterMode`` on one
   row before sharding and checkpointing (forward + backward, no recomputation, matrix products
   and attention), times the rows per GPU, so
@@ -126,8 +129,8 @@ def model_flops(model, data: dict) -> float:
 
 
 def shard(model) -> None:
-    """Activation checkpointing as the trainer applies it (the LM's own, on each decoder layer with
-    its cross-attention block), then FSDP2 on every unit and the root."""
+    """Activation checkpointing as the trainer applies it (the LM's own, on each decoder layer; not
+    the cross-attention blocks, see the module's docstring), then FSDP2 on every unit and the root."""
     from torch.distributed.fsdp import fully_shard
 
     from interleaf.training.distributed import fsdp_units
