@@ -184,6 +184,24 @@ def distributed() -> Iterator[DistState]:
     _finish(state)
 
 
+def end_launched_process(state: DistState) -> None:
+    """After a CLI verb succeeded in every process of a ``torchrun`` launch (its group already destroyed):
+    end this process now with status 0, output flushed, without the interpreter's teardown.
+
+    Objects that still refer to the destroyed group's C++ state (FSDP2's device meshes, DTensor's
+    functional collectives) are otherwise finalised while the interpreter tears itself down, and
+    gloo's worker threads can then abort the process ("terminate called without an active
+    exception") after all the work was done and saved, which torchrun reports as a failure. Only the
+    CLI calls this, as the last thing a verb does; library functions never end the caller's process.
+    One process (no launch): nothing happens.
+    """
+    if not state.enabled:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 # --------------------------------------------------------------------------- collectives
 
 

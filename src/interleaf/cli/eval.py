@@ -65,7 +65,7 @@ def eval_cmd(
             raise InputError(f"--option {item!r}: write KEY=VALUE")
         k, v = item.split("=", 1)
         options[k.strip()] = v.strip()
-    from ..distributed import distributed
+    from ..distributed import distributed, end_launched_process
     from ..evaluation.runner import evaluate
     from .models import load_model
 
@@ -77,6 +77,7 @@ def eval_cmd(
             zero_shot_trick=zero_shot_trick, chat=chat, limit=limit, data_dir=data, images_dir=images, out_dir=out,
             task_options=options, num_beams=num_beams, print_table=True, extra_config={"model": model}, dist=state,
         )
+    end_launched_process(state)  # under torchrun: no interpreter teardown after the results are written
 
 
 def register(app: typer.Typer) -> None:

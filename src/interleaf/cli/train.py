@@ -39,7 +39,7 @@ def train_cmd(
     """
     from transformers.utils import logging as hf_logging
 
-    from ..distributed import distributed
+    from ..distributed import distributed, end_launched_process
     from ..training import train
 
     hf_logging.disable_progress_bar()
@@ -51,6 +51,7 @@ def train_cmd(
     if state.is_main:
         for r in results:
             typer.echo(f"{r.name}: {r.final}")
+    end_launched_process(state)  # under torchrun: no interpreter teardown after the work is saved
 
 
 def register(app: typer.Typer) -> None:
