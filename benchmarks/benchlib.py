@@ -180,3 +180,23 @@ def emit(lines: list[str], results: Path | None) -> str:
             f.write(text + "\n")
         print(f"(appended to {path})")
     return text
+
+
+def size_arguments(parser, sizes) -> None:
+    """The options the CPU comparison scripts share: the size, threads, repeats, new tokens, where the
+    results go, and ``--smoke`` (the smoke size, one repeat: what the tests run)."""
+    parser.add_argument("--size", choices=list(sizes), default="tiny")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: the size's (smoke 4, tiny 64, mid 32)")
+    parser.add_argument("--results", type=Path, nargs="?", const=RESULTS, default=None,
+                        help="append the tables to DIR/<machine>-<date>.md (default DIR: benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true", help="the smoke size, one repeat: seconds (the tests run this)")
+
+
+def parse_size_arguments(parser, argv):
+    """``parser.parse_args(argv)`` with ``--smoke`` applied."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.size, args.repeats = "smoke", 1
+    return args

@@ -77,6 +77,20 @@ def decode_rate(fn, batch: int, new_tokens: int, repeats: int) -> float:
     return batch * (new_tokens - 1) / max(full - first, 1e-9)
 
 
+def decode_rows(ours, plain, text, with_image, pixels, new_tokens: int, repeats: int, label: str,
+                target: float | None = None) -> list[Row]:
+    """At batch 1 and 8: the plain LM decoding ``text`` against interleaf decoding ``with_image`` (the same
+    prompt length, with its image); ``label`` names a row, ``{batch}`` in it the batch."""
+    rows = []
+    for batch in (1, 8):
+        ids, px = with_image[:batch], pixels[:batch]
+        with torch.no_grad():
+            r_plain = decode_rate(lambda n: greedy(plain, n, input_ids=text[:batch]), batch, new_tokens, repeats)
+            r_ours = decode_rate(lambda n: greedy(ours, n, input_ids=ids, pixel_values=px), batch, new_tokens, repeats)
+        rows.append(Row(label.format(batch=batch), r_plain, r_ours, "decode tokens/s", True, target))
+    return rows
+
+
 def cross_attention_rows(size: str, repeats: int, new_tokens: int) -> tuple[list[Row], list[str], str]:
     g = torch.Generator().manual_seed(0)
     vocab = VOCAB[size]
@@ -91,14 +105,8 @@ def cross_attention_rows(size: str, repeats: int, new_tokens: int) -> tuple[list
             mismatches.append("cross-attention, gates closed")
     del closed
     ours, plain = cross_attention_pair(size, gates=1.0)
-    rows = []
-    for batch in (1, 8):
-        ids, px = with_image[:batch], pixels[:batch]
-        with torch.no_grad():
-            r_plain = decode_rate(lambda n: greedy(plain, n, input_ids=text[:batch]), batch, new_tokens, repeats)
-            r_ours = decode_rate(lambda n: greedy(ours, n, input_ids=ids, pixel_values=px), batch, new_tokens, repeats)
-        rows.append(Row(f"cross-attention every 4 layers, gates open, batch {batch}", r_plain, r_ours,
-                        "decode tokens/s", True, TARGET))
+    rows = decode_rows(ours, plain, text, with_image, pixels, new_tokens, repeats,
+                       "cross-attention every 4 layers, gates open, batch {batch}", TARGET)
     n_plain, n_ours = plain.num_parameters(), ours.num_parameters()
     note = (f"cross-attention: plain LM {n_plain:,} parameters, interleaf {n_ours:,} "
             f"({100 * (n_ours - n_plain) / n_plain:.0f} % more: blocks, vision tower, resampler)")
@@ -122,30 +130,16 @@ def token_insertion_rows(size: str, repeats: int, new_tokens: int) -> tuple[list
     with torch.no_grad():
         if not torch.equal(greedy(ours, 8, input_ids=text[:2]), greedy(plain, 8, input_ids=text[:2])):
             mismatches.append("token insertion, text only")
-    rows = []
-    for batch in (1, 8):
-        ids, px = with_image[:batch], pixels[:batch]
-        with torch.no_grad():
-            r_plain = decode_rate(lambda n: greedy(plain, n, input_ids=text[:batch]), batch, new_tokens, repeats)
-            r_ours = decode_rate(lambda n: greedy(ours, n, input_ids=ids, pixel_values=px), batch, new_tokens, repeats)
-        rows.append(Row(f"token insertion, 1 image ({per_image} positions), batch {batch}", r_plain, r_ours,
-                        "decode tokens/s", True))
+    rows = decode_rows(ours, plain, text, with_image, pixels, new_tokens, repeats,
+                       f"token insertion, 1 image ({per_image} positions), batch {{batch}}")
     note = f"token insertion: LM {plain.num_parameters():,} parameters, {PROMPT + per_image} prompt positions"
     return rows, mismatches, note
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=list(VLM_SIZES), default="tiny")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=None, help="default: the size's (smoke 4, tiny 64, mid 32)")
-    parser.add_argument("--results", type=Path, nargs="?", const=benchlib.RESULTS, default=None,
-                        help="append the table to DIR/<machine>-<date>.md (default DIR: benchmarks/results)")
-    parser.add_argument("--smoke", action="store_true", help="the smoke size, one repeat: seconds (the tests run this)")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.size, args.repeats = "smoke", 1
+    benchlib.size_arguments(parser, VLM_SIZES)
+    args = benchlib.parse_size_arguments(parser, argv)
     with benchlib.quiet():
         torch.set_num_threads(args.threads)
         new_tokens = args.new_tokens or VLM_SIZES[args.size]["new_tokens"]

@@ -225,17 +225,9 @@ def compare(family: str, size_name: str, repeats: int, new_tokens: int | None, m
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=["idefics", "llava", "all"], default="all")
-    parser.add_argument("--size", choices=list(SIZES), default="tiny")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=None, help="default: the size's (smoke 4, tiny 64, mid 32)")
+    benchlib.size_arguments(parser, SIZES)
     parser.add_argument("--no-memory", action="store_true", help="leave out the forked peak-memory cases")
-    parser.add_argument("--results", type=Path, nargs="?", const=benchlib.RESULTS, default=None,
-                        help="append the tables to DIR/<machine>-<date>.md (default DIR: benchmarks/results)")
-    parser.add_argument("--smoke", action="store_true", help="the smoke size, one repeat: seconds (the tests run this)")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.size, args.repeats = "smoke", 1
+    args = benchlib.parse_size_arguments(parser, argv)
     with benchlib.quiet():
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)

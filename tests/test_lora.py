@@ -17,6 +17,8 @@ from torch import nn
 from helpers.families import FAMILIES, POLICIES, build_family, stage_model
 from safetensors.torch import load_file
 
+import peft
+
 import interleaf
 from interleaf.errors import CheckpointError, ConfigError
 from interleaf.model import lora
@@ -24,7 +26,6 @@ from interleaf.training import train
 from interleaf.training import checkpoint as ckpt
 from interleaf.training.config import load_recipe
 
-peft = pytest.importorskip("peft")
 
 # the part each combination names, and the module prefix every one of its layers must have
 COMBOS = (["lm_attention"], ["lm_mlp"], ["lm_attention", "lm_mlp"], ["resampler"], ["vision"],

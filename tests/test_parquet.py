@@ -180,7 +180,7 @@ def test_data_convert_round_trips_through_interleaf_files(tmp_path, proc, layout
 
 
 def test_converted_parquet_loads_in_datasets_with_images(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     path, _ = hp.vsft(tmp_path / "hub.parquet")
     convert(load_mixture({"sources": [_source(path, "llava")]}).sources[0], tmp_path / "mine")
     convert(load_mixture({"sources": [_source(tmp_path / "mine" / "llava.jsonl", "llava")]}).sources[0],
@@ -191,7 +191,7 @@ def test_converted_parquet_loads_in_datasets_with_images(tmp_path):
 
 
 def test_files_written_by_datasets_read_as_training_data(tmp_path, proc):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     from PIL import Image
 
     features = datasets.Features({
