@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from helpers.llava import assert_same_weights, save_reference
+from helpers.llava import assert_cli_round_trip, assert_same_weights, save_reference
 from tiny import tiny_llava
 from transformers import LlavaForConditionalGeneration
 
@@ -200,18 +200,4 @@ def test_cross_attention_model_cannot_go_to_llava(tmp_path):
 
 
 def test_command_line_both_ways(saved, tmp_path):
-    from interleaf.cli import main
-
-    reference = LlavaForConditionalGeneration.from_pretrained(saved)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "llava", str(saved), str(tmp_path / "ours")])
-    assert exit_info.value.code == 0
-    with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "llava", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "llava"])
-    assert exit_info.value.code == 0
-    back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "back")
-    for key, tensor in reference.state_dict().items():
-        assert torch.equal(back.state_dict()[key], tensor), key
-    with pytest.raises(SystemExit) as exit_info:  # a user error: one line, exit code 2
-        main(["convert", "llava", str(saved), str(tmp_path / "x"), "--to", "nowhere"])
-    assert exit_info.value.code == 2
+    assert_cli_round_trip("llava", LlavaForConditionalGeneration, saved, tmp_path)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from helpers.llava import assert_same_weights, save_reference
+from helpers.llava import assert_cli_round_trip, assert_same_weights, save_reference
 from tiny import tiny_llava_next, tiny_llava_next_processor
 from transformers import LlavaNextForConditionalGeneration
 
@@ -291,21 +291,7 @@ def test_wrong_model_type_is_explained(saved, tmp_path):
 
 
 def test_command_line_both_ways(saved, tmp_path):
-    from interleaf.cli import main
-
-    reference = LlavaNextForConditionalGeneration.from_pretrained(saved)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "llava-next", str(saved), str(tmp_path / "ours")])
-    assert exit_info.value.code == 0
-    with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "llava-next", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "llava-next"])
-    assert exit_info.value.code == 0
-    back = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "back")
-    for key, tensor in reference.state_dict().items():
-        assert torch.equal(back.state_dict()[key], tensor), key
-    with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "llava-next", str(saved), str(tmp_path / "x"), "--to", "nowhere"])
-    assert exit_info.value.code == 2
+    assert_cli_round_trip("llava-next", LlavaNextForConditionalGeneration, saved, tmp_path)
 
 
 # -- presets --

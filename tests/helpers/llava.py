@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -44,3 +45,20 @@ def assert_same_weights(want, got) -> None:
     assert want.keys() == got.keys()
     for key, tensor in want.items():
         assert torch.equal(got[key], tensor), key
+
+
+def assert_cli_round_trip(verb: str, reference_cls, saved, tmp_path) -> None:
+    """``interleaf convert VERB`` to interleaf and back (``--to VERB``) gives bit-identical weights, and an
+    unknown ``--to`` is a user error (exit code 2)."""
+    from interleaf.cli import main
+
+    reference = reference_cls.from_pretrained(saved)
+    for args in ([str(saved), str(tmp_path / "ours")], [str(tmp_path / "ours"), str(tmp_path / "back"), "--to", verb]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["convert", verb, *args])
+        assert exit_info.value.code == 0
+    assert_same_weights(reference, reference_cls.from_pretrained(tmp_path / "back"))
+    with pytest.raises(SystemExit) as exit_info:  # a user error: one line, exit code 2
+        main(["convert", verb, str(saved), str(tmp_path / "x"), "--to", "nowhere"])
+    assert exit_info.value.code == 2
+
