@@ -196,7 +196,8 @@ def template_wants_parts(tokenizer) -> bool:
     iterates over the parts (``{% for part in message['content'] %}``, or
     ``selectattr('type', 'equalto', 'text')`` as transformers' LLaVA templates do). A rendering
     that raises counts as not showing the text; a template that shows it neither way is treated as
-    a string-content one (and fails as it did before when a conversation goes through it).
+    a string-content one (and fails as it did before when a conversation goes through it). The
+    answer is remembered on the tokenizer for its current template, so the probe runs once.
     """
     def shows(content) -> bool:
         try:
@@ -205,7 +206,16 @@ def template_wants_parts(tokenizer) -> bool:
             return False
         return isinstance(rendered, str) and _PROBE in rendered
 
-    return not shows(_PROBE) and shows([{"type": "text", "text": _PROBE}])
+    template = getattr(tokenizer, "chat_template", None)
+    known = getattr(tokenizer, "_interleaf_wants_parts", None)  # (template, answer): one probe per template
+    if known is not None and known[0] == template:
+        return known[1]
+    answer = not shows(_PROBE) and shows([{"type": "text", "text": _PROBE}])
+    try:
+        tokenizer._interleaf_wants_parts = (template, answer)
+    except AttributeError:  # a tokenizer that takes no attributes: probe every time
+        pass
+    return answer
 
 
 def _parse_chat(messages, row, tokenizer, images_root, add_generation_prompt, image_token,
