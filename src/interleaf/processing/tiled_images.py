@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ..config import AnyresConfig
 from . import anyres as anyres_tiling
@@ -42,10 +43,7 @@ def tiled_pixels(
         views.append(pixels)  # (1+N, 3, S, S)
         width, height = loaded.size
         sizes.append((width, height) if cfg.convention == "xgenmm" else (height, width))
-    s = cfg.base_size
-    out = torch.zeros((len(views), max(v.shape[0] for v in views), 3, s, s), dtype=torch.float32)
-    for k, v in enumerate(views):
-        out[k, : v.shape[0]] = v
+    out = pad_sequence(views, batch_first=True).to(torch.float32)  # (K, max_views, 3, S, S)
     return out, torch.tensor(sizes, dtype=torch.long)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
@@ -140,19 +141,12 @@ def batch_images(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None] | 
     tiled = [s is not None for _, s in held]
     if any(tiled) != all(tiled):
         raise ValueError("a cohort mixes images with and without image_sizes; one model's processor gives one layout")
-    if not all(tiled):
-        n_max = max(p.shape[0] for p, _ in held)
-        batch = torch.zeros((len(rows), n_max, *held[0][0].shape[1:]), dtype=torch.float32)  # (R, N_max, 3, S, S)
-        for i, (p, _) in enumerate(given):
-            if p is not None:
-                batch[i, : p.shape[0]] = p
-        return batch, None
-    v_max = max(p.shape[1] for p, _ in held)
-    batch = torch.zeros((sum(p.shape[0] for p, _ in held), v_max, *held[0][0].shape[2:]), dtype=torch.float32)
-    k = 0
-    for p, _ in held:  # (K, V_max, 3, S, S)
-        batch[k : k + p.shape[0], : p.shape[1]] = p
-        k += p.shape[0]
+    if not all(tiled):  # (R, N_max, 3, S, S): each row's images, zero-padded on the image axis
+        empty = held[0][0][:0]
+        per_row = [p if p is not None else empty for p, _ in given]
+        return pad_sequence(per_row, batch_first=True).to(torch.float32), None
+    images = [image for p, _ in held for image in p]  # each (V, 3, S, S), the job's own padding kept
+    batch = pad_sequence(images, batch_first=True).to(torch.float32)  # (K, V_max, 3, S, S)
     return batch, torch.cat([torch.as_tensor(s).reshape(-1, 2) for _, s in held])  # (K, 2)
 
 
