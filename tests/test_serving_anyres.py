@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from helpers.serving import ANYRES, MODEL_NAME, data_url, png, reference, start_server, tiny_model, to_processor_messages
-from interleaf.serving.cohort import Row, batch_images
+from interleaf.serving.rows import Row
+from interleaf.serving.running import batch_images
 from interleaf.serving.jobs import Job
 
 MAX_TOKENS = 7
@@ -52,7 +53,7 @@ def served(request):
     model, processor = tiny_model(request.param)
     expected = [reference(model, processor, messages, MAX_TOKENS) for messages, _, _ in CASES]
     rows = sum(n for _, n, _ in CASES)
-    server = start_server(model, processor, max_batch_size=rows, max_queue=64, round_tokens=3)
+    server = start_server(model, processor, max_batch_size=rows, max_queue=64)
     yield model, processor, server, expected
     server.stop()
 
@@ -84,13 +85,13 @@ def test_concurrent_requests_in_one_cohort_each_equal_generate_alone(served):
         with lock:
             rounds.append(list(jobs))
 
-    batcher.round_hook = hook
+    batcher.step_hook = hook
     batcher.batch_wait_s = 120.0  # a hang guard: the worker starts as soon as every row is queued
     try:
         with ThreadPoolExecutor(len(CASES)) as pool:
             answers = list(pool.map(lambda case: ask(server.url, *case), CASES))
     finally:
-        batcher.round_hook = None
+        batcher.step_hook = None
         batcher.batch_wait_s = 0.005
     for (messages, n, stream), got, want in zip(CASES, answers, expected):
         assert got == [want] * n, (messages, stream)

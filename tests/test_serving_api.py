@@ -16,7 +16,7 @@ from helpers.serving import FAMILIES, MODEL_NAME, data_url, png, reference, star
 @pytest.fixture(scope="module", params=FAMILIES)
 def served(request):
     model, processor = tiny_model(request.param)
-    server = start_server(model, processor, round_tokens=4)
+    server = start_server(model, processor)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     yield model, processor, server, client
     server.stop()
@@ -134,7 +134,7 @@ def test_a_long_answer_does_not_hold_up_a_new_request(served):
     short request then runs its one round right after the long answer's second or third, of 75."""
     model, processor, server, client = served
     batcher = server.app.state.batcher
-    long_rounds, short_rounds = [], []
+    long_rounds, short_rounds = [], []  # the long answer's model calls so far, at each call
 
     def hook(jobs) -> None:
         if any(j.max_new_tokens == 3 for j in jobs):
@@ -144,7 +144,7 @@ def test_a_long_answer_does_not_hold_up_a_new_request(served):
             if len(long_rounds) == 2:
                 wait_for(lambda: any(j.max_new_tokens == 3 for j in batcher.jobs), "the short request is queued")
 
-    batcher.round_hook = hook
+    batcher.step_hook = hook
     long_messages = [{"role": "user", "content": "Write a very long essay about rivers."}]
     reasons = []
     try:
@@ -156,13 +156,14 @@ def test_a_long_answer_does_not_hold_up_a_new_request(served):
         short = ask(client, [{"role": "user", "content": "Hi"}], max_tokens=3)
         thread.join(120)
     finally:
-        batcher.round_hook = None
+        batcher.step_hook = None
     assert short.choices[0].message.content is not None
     assert reasons == ["length"], "the long request must run its full length for this test to mean anything"
-    assert len(long_rounds) == 300 // 4  # round_tokens=4
-    # one round (3 tokens), right after the long answer's second or third (whether the short request was
-    # queued before or during the second), not after its 75th
-    assert len(short_rounds) == 1 and short_rounds[0] in (2, 3), short_rounds
+    assert len(long_rounds) == 300  # a prefill (the first token) and 299 decoding steps
+    # the short request is prefilled right after the long answer's second or third model call (whether it was
+    # queued before or during the second), then joins it for its two decoding steps; not after its 300th
+    k = short_rounds[0]
+    assert k in (2, 3) and short_rounds == [k, k, k + 1], short_rounds
 
 
 def wait_for(predicate, what: str, timeout: float = 120) -> None:

@@ -84,20 +84,20 @@ def test_concurrent_image_requests_of_different_lengths_get_their_own_answers(ti
     ns = [1, 2, 1, 3, 1, 1, 2, 1]
     bodies = [image_request(i, 1 + i % 2, m, n) for i, (m, n) in enumerate(zip(lengths, ns))]
     expected = [reference(model, processor, b["messages"], b["max_tokens"]) for b in bodies]
-    server = start_server(model, processor, max_batch_size=16, round_tokens=4)
+    server = start_server(model, processor, max_batch_size=16)
     gate = Gate()
     try:
         batcher = server.app.state.batcher
-        batcher.round_hook = gate
-        hold = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hold"}], "max_tokens": 2,
-                "temperature": 0.5}  # sampled: a cohort of its own, ahead of the eight
+        batcher.step_hook = gate
+        hold = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hold"}], "max_tokens": 1,
+                "temperature": 0.5}  # holds the worker in its prefill (and is done after it), ahead of the eight
         with ThreadPoolExecutor(len(bodies) + 1) as pool:
             opener = pool.submit(post, server.url, hold)
             wait_until(lambda: gate.entered.is_set() or opener.done(), "the first request holds the worker")
             assert gate.entered.is_set(), opener.result().text
             futures = [pool.submit(post, server.url, b) for b in bodies]
             wait_until(lambda: batcher.pending == len(bodies), "all eight requests are queued")
-            gate.open.set()  # all eight are admitted together, as one cohort of 12 rows
+            gate.open.set()  # all eight are admitted together: one prefill of 12 rows
             answers = [f.result() for f in futures]
             assert opener.result().status_code == 200
         for body, r, want in zip(bodies, answers, expected):
@@ -114,7 +114,7 @@ def test_concurrent_image_requests_of_different_lengths_get_their_own_answers(ti
 
 def mixed_requests(model, processor) -> list[tuple[dict, str]]:
     """Requests as users mix them, each with its answer alone: with and without images (0, 1, 2), short and
-    long prompts, n up to 3, stop strings, streamed and not; all greedy, so all may share one cohort."""
+    long prompts, n up to 3, stop strings, streamed and not."""
     text = lambda words, max_tokens, n=1: {  # noqa: E731
         "model": MODEL_NAME, "messages": [{"role": "user", "content": words}], "max_tokens": max_tokens,
         "temperature": 0, "n": n}
@@ -153,18 +153,18 @@ def answers_of(r: httpx.Response, body: dict) -> list[str]:
     return texts
 
 
-def test_a_cohort_of_mixed_requests_gives_each_its_answer_alone(tiny):
+def test_a_batch_of_mixed_requests_gives_each_its_answer_alone(tiny):
     """Requests with and without images, of different lengths, n, stop strings and streaming, from
-    concurrent clients, run as one cohort; each answer equals the request's answer alone."""
+    concurrent clients, admitted together into one batch; each answer equals the request's answer alone."""
     model, processor = tiny
     cases = mixed_requests(model, processor)
-    server = start_server(model, processor, max_batch_size=16, round_tokens=3)
+    server = start_server(model, processor, max_batch_size=16)
     gate = Gate()
     try:
         batcher = server.app.state.batcher
-        batcher.round_hook = gate
-        hold = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hold"}], "max_tokens": 2,
-                "temperature": 0.5}  # sampled: a cohort of its own, ahead of the others
+        batcher.step_hook = gate
+        hold = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hold"}], "max_tokens": 1,
+                "temperature": 0.5}  # holds the worker in its prefill (and is done after it), ahead of the others
         with ThreadPoolExecutor(len(cases) + 1) as pool:
             opener = pool.submit(post, server.url, hold)
             wait_until(lambda: gate.entered.is_set() or opener.done(), "the first request holds the worker")
@@ -176,32 +176,35 @@ def test_a_cohort_of_mixed_requests_gives_each_its_answer_alone(tiny):
             assert opener.result().status_code == 200
         for (body, want), r in zip(cases, responses):
             assert answers_of(r, body) == [want] * body["n"], body
-        assert batcher.max_rows_seen == sum(body["n"] for body, _ in cases)  # one cohort
+        assert batcher.max_rows_seen == sum(body["n"] for body, _ in cases)  # one batch
         wait_until(lambda: batcher.active_rows == 0, "the finished rows leave the batch")
     finally:
         gate.open.set()
         server.stop()
 
 
-def test_a_round_that_raises_fails_only_its_cohort(tiny):
+def test_a_prefill_that_raises_fails_only_its_requests(tiny):
+    """A request whose prefill fails gets a 500; the request already running beside it is untouched."""
     model, processor = tiny
-    server = start_server(model, processor, max_batch_size=16, round_tokens=4)
+    server = start_server(model, processor, max_batch_size=16)
     batcher = server.app.state.batcher
     gate = Gate()
     poison_tokens = 13
-    gate.fail_if = lambda jobs: (RuntimeError("injected failure in a round")
+    gate.fail_if = lambda jobs: (RuntimeError("injected failure in a prefill")
                                  if any(j.max_new_tokens == poison_tokens for j in jobs) else None)
-    batcher.round_hook = gate
+    batcher.step_hook = gate
     try:
         poison = image_request(1, 1, poison_tokens)
-        seeded = {**image_request(2, 1, 6), "temperature": 0.8, "seed": 7}  # a seeded request is a cohort of its own
+        seeded = {**image_request(2, 1, 6), "temperature": 0.8, "seed": 7}
         with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(post, server.url, poison), pool.submit(post, server.url, seeded)]
-            wait_until(lambda: batcher.pending + batcher.active_rows == 2, "both requests are in")
-            gate.open.set()
-            bad, good = [f.result() for f in futures]
+            running = pool.submit(post, server.url, seeded)
+            wait_until(lambda: gate.entered.is_set(), "the seeded request is being prefilled")
+            failing = pool.submit(post, server.url, poison)
+            wait_until(lambda: batcher.pending == 1, "the poisoned request waits")
+            gate.open.set()  # the seeded request runs; the poisoned one joins at its next step and fails alone
+            bad, good = failing.result(), running.result()
         error = assert_error_shape(bad, 500, "generation_failed")
-        assert error["type"] == "server_error" and "injected failure in a round" in error["message"]
+        assert error["type"] == "server_error" and "injected failure in a prefill" in error["message"]
         assert good.status_code == 200 and good.json()["choices"][0]["finish_reason"] in ("stop", "length")
         # the streamed form of the same failure: an error event, then the stream ends
         with httpx.stream("POST", server.url + "/v1/chat/completions", json={**poison, "stream": True},
@@ -213,15 +216,43 @@ def test_a_round_that_raises_fails_only_its_cohort(tiny):
         r = post(server.url, after)
         assert r.status_code == 200
         assert r.json()["choices"][0]["message"]["content"] == reference(model, processor, after["messages"], 9)
-        assert batcher.rounds_failed == 2 and batcher.active_rows == 0
+        assert batcher.steps_failed == 2 and batcher.active_rows == 0
         assert httpx.get(server.url + "/health").status_code == 200
     finally:
         gate.open.set()
         server.stop()
 
 
+def test_a_decoding_step_that_raises_fails_the_running_rows_and_the_worker_goes_on(tiny):
+    """A decoding step that fails after a request's rows joined fails the rows of that step (they share its
+    caches), drops the batch, and the next request is served as if nothing happened."""
+    model, processor = tiny
+    server = start_server(model, processor, max_batch_size=16)
+    batcher = server.app.state.batcher
+    calls = []
+
+    def hook(jobs):
+        if any(j.max_new_tokens == 17 for j in jobs):
+            calls.append(len(jobs))
+            if len(calls) == 3:  # its prefill, a first decoding step, then this one
+                raise RuntimeError("injected failure in a decoding step")
+
+    batcher.step_hook = hook
+    try:
+        error = assert_error_shape(post(server.url, image_request(1, 2, 17, n=2)), 500, "generation_failed")
+        assert "injected failure in a decoding step" in error["message"]
+        assert batcher.steps_failed == 1 and batcher.active_rows == 0
+        after = image_request(3, 1, 9)
+        r = post(server.url, after)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == reference(model, processor, after["messages"], 9)
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop()
+
+
 class _WorkerKiller(BaseException):
-    """Not an ``Exception``: escapes the per-round guard and ends the worker thread."""
+    """Not an ``Exception``: escapes the per-step guard and ends the worker thread."""
 
 
 def test_a_dead_worker_answers_its_requests_and_then_503_at_once(tiny):
@@ -232,7 +263,7 @@ def test_a_dead_worker_answers_its_requests_and_then_503_at_once(tiny):
     def die(jobs):
         raise _WorkerKiller("injected: the worker thread ends")
 
-    batcher.round_hook = die
+    batcher.step_hook = die
     try:
         body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
         error = assert_error_shape(post(server.url, body), 503, "worker_unavailable")
@@ -251,7 +282,7 @@ def test_a_stalled_worker_is_reported_and_recovers(tiny):
     server = start_server(model, processor, stall_timeout_s=0.2)
     batcher = server.app.state.batcher
     gate = Gate()
-    batcher.round_hook = gate
+    batcher.step_hook = gate
     try:
         body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
         with ThreadPoolExecutor(1) as pool:
@@ -271,10 +302,10 @@ def test_a_stalled_worker_is_reported_and_recovers(tiny):
 
 def test_clients_that_go_away_free_their_rows(tiny):
     model, processor = tiny
-    server = start_server(model, processor, round_tokens=2)
+    server = start_server(model, processor)
     batcher = server.app.state.batcher
     rounds = threading.Semaphore(0)
-    batcher.round_hook = lambda jobs: rounds.acquire(timeout=HANG_GUARD_S)
+    batcher.step_hook = lambda jobs: rounds.acquire(timeout=HANG_GUARD_S)
     try:
         body = image_request(4, 1, 64)
         # a streaming client that reads one piece, then hangs up
@@ -295,7 +326,7 @@ def test_clients_that_go_away_free_their_rows(tiny):
                    "both rows are dropped")
         # at most two rounds in all (not 32 each): the streamed row is dropped at the first step after its client
         # left, and the other request at its first step, or from the queue before it runs
-        assert batcher.batches_run <= 2
+        assert batcher.steps_run <= 2
     finally:
         for _ in range(64):
             rounds.release()
@@ -304,10 +335,10 @@ def test_clients_that_go_away_free_their_rows(tiny):
 
 def test_stop_cancels_running_work_and_answers_503(tiny):
     model, processor = tiny
-    server = start_server(model, processor, round_tokens=1, shutdown_timeout_s=5)
+    server = start_server(model, processor, shutdown_timeout_s=5)
     batcher = server.app.state.batcher
     gate = Gate()
-    batcher.round_hook = gate
+    batcher.step_hook = gate
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "a long answer"}], "max_tokens": 64}
     with ThreadPoolExecutor(3) as pool:
         running = pool.submit(post, server.url, body)
@@ -333,11 +364,11 @@ model, processor = tiny_model()
 app = create_app(model, processor, model_name="tiny", shutdown_timeout_s=2)
 if mode == "stuck":
     never = threading.Event()
-    app.state.batcher.round_hook = lambda jobs: never.wait()
+    app.state.batcher.step_hook = lambda jobs: never.wait()
 elif mode == "dead":
     def die(jobs):
         raise SystemExit("injected: the worker thread ends")
-    app.state.batcher.round_hook = die
+    app.state.batcher.step_hook = die
 serve(app, port=0, log_level="warning", on_started=lambda host, port: print("PORT", port, flush=True))
 print("EXITED CLEANLY", flush=True)
 """

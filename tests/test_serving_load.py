@@ -41,7 +41,7 @@ def loaded(request):
     model, processor = tiny_model(request.param)
     cases = prompts()
     expected = [reference(model, processor, m, MAX_TOKENS) for m in cases]
-    server = start_server(model, processor, max_batch_size=8, max_queue=256, round_tokens=4)
+    server = start_server(model, processor, max_batch_size=8, max_queue=256)
     yield server, cases, expected
     server.stop()
 
@@ -72,12 +72,12 @@ def test_32_concurrent_clients_200_requests_all_correct_and_memory_settles(loade
     gc.collect()
     before = rss_bytes()
     batcher = server.server.config.app.state.batcher
-    rounds_before = batcher.batches_run
+    rounds_before = batcher.steps_run
     results = run_clients(server.url, cases, expected, total=200, clients=32)
     wrong = [(k, got, want) for k, got, want in results if got != want]
     assert len(results) == 200 and not wrong, wrong[:3]
     assert batcher.max_rows_seen > 1  # requests really were batched together
-    assert batcher.batches_run - rounds_before < 200 * 2  # far fewer rounds than one batch per request would need
+    assert batcher.steps_run - rounds_before < 200 * 2  # far fewer rounds than one batch per request would need
     gc.collect()
     after = rss_bytes()
     assert after - before < 300 * 2**20, f"RSS grew by {(after - before) / 2**20:.0f} MiB under load"
@@ -88,7 +88,7 @@ def test_32_concurrent_clients_200_requests_all_correct_and_memory_settles(loade
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_full_queue_answers_429_and_the_server_recovers(family):
     model, processor = tiny_model(family)
-    server = start_server(model, processor, max_batch_size=1, max_queue=1, round_tokens=2)
+    server = start_server(model, processor, max_batch_size=1, max_queue=1)
     try:
         body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "count slowly"}],
                 "max_tokens": 40, "temperature": 0}

@@ -20,7 +20,7 @@ from helpers.serving import ANYRES, FAMILIES, MODEL_NAME, data_url, png, referen
 @pytest.fixture(scope="module", params=FAMILIES + ANYRES[:1])
 def served(request):
     model, processor = tiny_model(request.param)
-    server = start_server(model, processor, round_tokens=4)
+    server = start_server(model, processor)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     yield model, processor, server, client
     server.stop()
@@ -233,7 +233,7 @@ def test_a_full_queue_answers_429_with_retry_after(family):
     """One request runs (held in its round), one waits in the queue of one: the next is a 429 with
     ``Retry-After``, which the official client reads as a rate limit; then all is served."""
     model, processor = tiny_model(family)
-    server = start_server(model, processor, max_batch_size=1, max_queue=1, round_tokens=2)
+    server = start_server(model, processor, max_batch_size=1, max_queue=1)
     batcher = server.app.state.batcher
     release, running = threading.Event(), threading.Event()
 
@@ -241,7 +241,7 @@ def test_a_full_queue_answers_429_with_retry_after(family):
         running.set()
         release.wait(60)
 
-    batcher.round_hook = hold
+    batcher.step_hook = hold
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
     answers: list[httpx.Response] = []
     threads = [threading.Thread(target=lambda: answers.append(post(server, body))) for _ in range(2)]
@@ -262,7 +262,7 @@ def test_a_full_queue_answers_429_with_retry_after(family):
             client.chat.completions.create(**body)
         assert caught.value.response.headers["retry-after"] == "1"
     finally:
-        batcher.round_hook = None
+        batcher.step_hook = None
         release.set()
         for t in threads:
             t.join(60)

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from interleaf.serving import ServeLimits
-from interleaf.serving.cohort import Cohort
+from interleaf.serving.running import RunningBatch
 from helpers.serving import MODEL_NAME, data_url, png, reference, rss_bytes, start_server, tiny_model
 
 pytestmark = pytest.mark.slow
@@ -129,7 +129,7 @@ def soak_setup():
             if key not in expected:
                 expected[key] = reference(model, processor, messages[key[0]], key[1])
     limits = ServeLimits(max_completion_tokens=64, max_n=4)
-    server = start_server(model, processor, limits=limits, max_batch_size=16, max_queue=256, round_tokens=4)
+    server = start_server(model, processor, limits=limits, max_batch_size=16, max_queue=256)
     yield server, messages, items, expected
     server.stop()
 
@@ -199,7 +199,7 @@ def test_soak_32_clients_mixed_requests(soak_setup, capsys):
         assert send(replay, body, False)[1] == item["answer"], f"seeded request {item} differs alone"
 
     # afterwards: nothing running or queued, no batch state alive, a healthy worker, memory settled
-    rounds = batcher.batches_run
+    rounds = batcher.steps_run
     assert batcher.pending == 0
     for _ in range(HANG_S * 100):  # rows of clients that hung up leave at their next step
         if batcher.active_rows == 0:
@@ -207,7 +207,7 @@ def test_soak_32_clients_mixed_requests(soak_setup, capsys):
         time.sleep(0.01)
     assert batcher.active_rows == 0, f"{batcher.active_rows} rows still running after the soak"
     gc.collect()
-    assert not [o for o in gc.get_objects() if type(o) is Cohort], "batch state outlived its requests"
+    assert not [o for o in gc.get_objects() if type(o) is RunningBatch], "batch state outlived its requests"
     health = replay.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert batcher._thread is not None and batcher._thread.is_alive()
@@ -217,7 +217,7 @@ def test_soak_32_clients_mixed_requests(soak_setup, capsys):
         print(f"\nsoak: {REQUESTS} requests from {CLIENTS} clients ({kinds.count('greedy')} greedy, "
               f"{kinds.count('seeded')} seeded, {kinds.count('hangup')} hung up, {kinds.count('bad')} bad); "
               f"wrong answers {len(problems) - len(hangs)}, hangs {len(hangs)}; rows cancelled "
-              f"{batcher.rows_cancelled}; rounds {rounds}; largest batch {batcher.max_rows_seen} rows; "
+              f"{batcher.rows_cancelled}; decoding steps {rounds}; largest batch {batcher.max_rows_seen} rows; "
               f"RSS {rss_before / 2**20:.0f} MiB before, {rss_after / 2**20:.0f} MiB after")
     assert rss_after - rss_before < MEMORY_MARGIN, f"RSS grew by {(rss_after - rss_before) / 2**20:.0f} MiB"
     assert batcher.max_rows_seen > 1  # batched (a request with n > 1 alone gives several rows)

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from interleaf.generation import StopCutter, cut_at_stop, find_stop, split_at_stop
-from interleaf.serving.cohort import Row
+from interleaf.serving.rows import Row
 from interleaf.serving.jobs import Job
 
 

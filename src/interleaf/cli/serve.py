@@ -20,6 +20,9 @@ def serve_cmd(
     allowed_hosts: Optional[str] = typer.Option(None, help="With --allow-urls: the only hosts image URLs may name (comma-separated); these may be private."),
     max_batch_size: int = typer.Option(8, min=1, help="Most sequences generated at once."),
     max_queue: int = typer.Option(64, min=1, help="Most requests waiting; more get HTTP 429."),
+    max_cache_mb: Optional[float] = typer.Option(
+        None, min=0.001, help="Most memory the running requests' KV and image caches may take (MiB); a request "
+        "waits until it fits, and one that never could gets HTTP 400. Default: no limit beyond the batch size."),
     max_body_bytes: int = typer.Option(20_000_000, min=1, help="Largest request body."),
     max_images: int = typer.Option(8, min=1, help="Most images per request."),
     max_image_pixels: int = typer.Option(16_000_000, min=1, help="Most pixels (width x height) per image."),
@@ -48,6 +51,7 @@ def serve_cmd(
         m, p, model_name=name, api_key=api_key or None, limits=limits,
         url_policy=URLPolicy.from_options(allow_urls, allowed_hosts),
         max_batch_size=max_batch_size, max_queue=max_queue,
+        max_cache_bytes=None if max_cache_mb is None else int(max_cache_mb * 2**20),
         stall_timeout_s=stall_timeout, shutdown_timeout_s=shutdown_timeout,
     )
     if not api_key and not _is_loopback(host):

@@ -2,7 +2,7 @@
 
 The token-insertion counterpart of :class:`~interleaf.model.cross_attention.MediaCache`: what
 :meth:`~interleaf.model.InterleafForConditionalGeneration.prepare_media` returns for
-``fusion: token_insertion``, so that a caller (the server's cohorts) continues a batch over
+``fusion: token_insertion``, so that a caller (a server that keeps a batch across calls) continues a batch over
 several ``generate`` calls with its KV cache and drops finished rows, without knowing the family::
 
     media = model.prepare_media(input_ids, pixel_values, attention_mask)        # images encoded here

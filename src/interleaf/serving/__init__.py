@@ -1,9 +1,10 @@
-"""Serving: an OpenAI-compatible HTTP server with dynamic batching, a chat REPL, a web playground.
+"""Serving: an OpenAI-compatible HTTP server with continuous batching, a chat REPL, a web playground.
 
 - :func:`create_app` builds the FastAPI app from the chat service (:mod:`.service`) and its routes
   (:mod:`.routes`); ``interleaf serve`` runs it with uvicorn (:func:`serve`), :class:`ServerThread`
   in a background thread.
-- :class:`Batcher` batches concurrent requests through ``model.generate`` (see its module).
+- :class:`Batcher` runs concurrent requests as one continuous batch: each joins at the next decoding
+  step and leaves when done (see its module, and :mod:`.running` for the batch's caches).
 - :func:`run_chat` is the terminal chat (``interleaf chat``).
 """
 

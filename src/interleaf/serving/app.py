@@ -34,7 +34,7 @@ def create_app(
     url_policy: URLPolicy | None = None,
     max_batch_size: int = 8,
     max_queue: int = 64,
-    round_tokens: int = 8,
+    max_cache_bytes: int | None = None,
     stall_timeout_s: float = 120.0,
     shutdown_timeout_s: float = 10.0,
 ) -> FastAPI:
@@ -54,7 +54,7 @@ def create_app(
     processor.max_images = limits.max_images
     processor.max_pixels = limits.max_image_pixels
     batcher = Batcher(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
-                      round_tokens=round_tokens, stall_timeout_s=stall_timeout_s, tokenizer_lock=lock)
+                      max_cache_bytes=max_cache_bytes, stall_timeout_s=stall_timeout_s, tokenizer_lock=lock)
     service = ChatService(processor, batcher, model_name, limits, policy, lock)
 
     async def lifespan(app: FastAPI):

@@ -1,56 +1,53 @@
-"""Dynamic batching: many requests, one model, one worker thread.
+"""Continuous batching: many requests, one model, one worker thread, one running batch.
 
-Design (continuous batching by *cohorts*, generated in short rounds; the jobs and their errors
-are in :mod:`~interleaf.serving.jobs`, a cohort and its rows in :mod:`~interleaf.serving.cohort`,
-this module holds the queue, the worker thread and its health):
+Design (the jobs and their errors are in :mod:`~interleaf.serving.jobs`, a row's text in
+:mod:`~interleaf.serving.rows`, the running batch and its caches in :mod:`~interleaf.serving.running`,
+the choice of each row's token in :mod:`~interleaf.serving.sampling`; this module holds the queue,
+the worker thread and its health):
 
 - Request handlers turn a request into a :class:`Job` (token ids and image pixels, already
   validated) and :meth:`Batcher.submit` it to a bounded queue; a full queue raises
   :class:`QueueFull` at once (the server answers 429).
-- One worker thread owns the model. Each turn of its loop it first *admits* waiting jobs: when
-  nothing is running it waits for a first job and then at most ``batch_wait_s`` for more; when
-  something is running it takes whatever is waiting without waiting. It admits jobs while their
-  rows (``n`` each) fit in ``max_batch_size`` rows in flight, and groups them by sampling
-  settings (all greedy jobs together; sampled jobs by temperature and top_p; a job with a
-  ``seed`` alone, so that its seed reproduces its answer) into new *cohorts*: one left-padded
-  batch each, whose images are encoded once (:meth:`~interleaf.model.InterleafForConditionalGeneration.prepare_media`:
-  the per-call image state of either fusion family, a cross-attention media cache or a
-  token-insertion model's image embeddings; the batcher only passes it to ``generate`` and
-  selects its rows).
-- Then every cohort runs one *round*: ``model.generate`` for at most ``round_tokens`` new tokens,
-  continuing from the cohort's own KV cache (``past_key_values``) and image state. A cohort is
-  never merged with another (so no KV cache is ever re-aligned), and a newly arrived request
-  waits at most one round of each running cohort before its own prefill: a long answer never
-  makes a short one wait for it to finish.
-- A :class:`transformers.generation.streamers.BaseStreamer` receives each step's tokens for the
-  whole cohort and hands each row's new text to its job (a request with ``n > 1`` has ``n``
-  rows). A row finishes on an end token, a stop string (cut from the answer at its earliest
-  occurrence, as OpenAI does: :func:`~interleaf.generation.split_at_stop`), its own
-  ``max_new_tokens``, or when its client went away; a stopping criterion tells ``generate`` which
-  rows are done, and finished rows are dropped from the cohort (and from its caches) after the round.
+- One worker thread owns the model and repeats: *admit*, then *one decoding step*. When nothing
+  runs it waits for a first job and then at most ``batch_wait_s`` for more; otherwise it takes
+  whatever is waiting without waiting. It admits jobs in arrival order while their rows (``n``
+  each) fit in ``max_batch_size`` rows in flight and their caches in ``max_cache_bytes`` (the KV
+  cache of the padded batch at every row's longest length, plus the cross-attention media caches;
+  see :meth:`Batcher.cache_need`), and while their prompts stay within ``max_prefill_tokens``
+  (at least one job each time), so that a burst of long prompts is prefilled over several turns
+  with decoding steps between them and running streams keep flowing.
+- The newcomers are *prefilled* as one left-padded batch with their images (either family), their
+  first tokens chosen and sent, and they *join* the running batch: caches left-padded to one width
+  and concatenated, nobody's prefix recomputed (:class:`~interleaf.serving.running.RunningBatch`).
+- Each decoding step feeds every row's last token, chooses each row's next token by its own
+  settings (greedy, temperature, top_p; a seeded job from its own generator) and hands each row's
+  new text to its job (a request with ``n > 1`` has ``n`` rows). A row finishes on an end token, a
+  stop string (cut from the answer at its earliest occurrence, as OpenAI does:
+  :func:`~interleaf.generation.split_at_stop`), its own ``max_new_tokens``, or when its client
+  went away, and leaves the batch (and its caches) at once. A request therefore joins the running
+  batch at the next step and leaves it when done, whatever the others are doing.
 
-Greedy rows get what ``model.generate`` gives the same prompt alone: left padding and a cache
-continued over rounds compute the same logits as one call (the tests hold this token for token
-under concurrent load; in half precision on a GPU, as with any batched inference, the batch shape
-can change the last bits of a logit). The price of never merging cohorts is throughput: requests
-that arrive at different moments run as separate ``generate`` calls, interleaved round by round.
-Seeded sampling keeps its own random state per cohort, so a ``seed`` reproduces an answer.
+Greedy rows get what ``model.generate`` gives the same prompt alone: left padding and masked
+positions compute the same logits (the tests hold this token for token for requests that join
+and leave at random steps; in half precision on a GPU, as with any batched inference, the batch
+shape can change the last bits of a logit). A seeded job reproduces its answer whatever runs
+beside it. The one host synchronisation per step is reading the chosen tokens, which the
+streams need.
 
 Failure is contained by design:
 
-- An exception while preparing or running a cohort (a model error, a bad tensor, a bug in the
-  bookkeeping) fails the requests of that cohort only: each gets an ``("error", exc)`` event (the
-  server answers HTTP 500), the traceback is logged, the cohort and its caches are dropped, and the
-  worker carries on with the others.
+- An exception while prefilling newcomers (a bad image, a model error) fails those requests only;
+  an exception in a decoding step fails the rows of the running batch (they share its caches) and
+  drops it. Each failed request gets an ``("error", exc)`` event (the server answers HTTP 500), the
+  traceback is logged, and the worker carries on with the next requests.
 - If the worker thread ends anyway, it fails every request it holds on its way out; from then on
   :meth:`Batcher.health` reports it dead and :meth:`Batcher.submit` raises
   :class:`WorkerUnavailable` at once instead of queueing work nobody will do. A worker that has
-  had work but made no progress (no decoding step) for ``stall_timeout_s`` is reported stuck the
+  had work but made no progress (no model call) for ``stall_timeout_s`` is reported stuck the
   same way, until it makes progress again.
-- :meth:`Batcher.shutdown` refuses new work and asks the worker to stop: a running ``generate``
-  ends at its next decoding step, and every queued or running request gets
-  :class:`ServerClosed`. :meth:`Batcher.stop` then waits for the worker until a deadline and
-  logs (and returns ``False``) when it could not.
+- :meth:`Batcher.shutdown` refuses new work and asks the worker to stop: it stops before its next
+  model call, and every queued or running request gets :class:`ServerClosed`. :meth:`Batcher.stop`
+  then waits for the worker until a deadline and logs (and returns ``False``) when it could not.
 """
 
 from __future__ import annotations
@@ -61,12 +58,15 @@ import threading
 import time
 from typing import Callable
 
-from transformers import StoppingCriteriaList
+import torch
 
 from ..generation import generation_kwargs
-from .cohort import Cohort, Row, RowsDone, RowStreamer, group_rows
-from .jobs import Job, QueueFull, ServerClosed, WorkerUnavailable
-from .logprobs import LogprobRecorder, TokenTexts, entry, logprob_kwargs
+from .jobs import Job, QueueFull, ServerClosed, TooLarge, WorkerUnavailable
+from .logprobs import TokenTexts, entry
+from .memory import CacheSizes
+from .rows import Row
+from .running import RunningBatch
+from .sampling import choose_tokens, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +81,25 @@ class Batcher:
         *,
         max_batch_size: int = 8,
         max_queue: int = 64,
-        round_tokens: int = 8,
+        max_cache_bytes: int | None = None,
+        max_prefill_tokens: int = 4096,
         batch_wait_s: float = 0.005,
         stall_timeout_s: float = 120.0,
         tokenizer_lock: threading.Lock | None = None,
     ):
-        if max_batch_size < 1 or max_queue < 1 or round_tokens < 1:
-            raise ValueError("max_batch_size, max_queue and round_tokens must be at least 1")
+        if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
+            raise ValueError("max_batch_size, max_queue and max_prefill_tokens must be at least 1")
         if stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be positive")
+        if max_cache_bytes is not None and max_cache_bytes < 1:
+            raise ValueError("max_cache_bytes must be a positive number of bytes, or None for no limit")
         self.model = model
         self.processor = processor
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.round_tokens = round_tokens
+        self.max_cache_bytes = max_cache_bytes
+        self.max_prefill_tokens = max_prefill_tokens
+        self._sizes: CacheSizes | None = None  # bytes a row's caches take, for admission by memory
         self.batch_wait_s = batch_wait_s
         self.stall_timeout_s = stall_timeout_s
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
@@ -104,17 +109,20 @@ class Batcher:
         self.token_texts = TokenTexts(processor.tokenizer)  # each token's text and bytes, for logprobs
         self._pending: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
-        self._active: list[Cohort] = []
+        self._running: RunningBatch | None = None
+        self._admitting: list[Row] = []  # rows being prefilled, not yet in the running batch
         self._stopping = False
         self._deadline: float | None = None  # when shutdown must be over
         self._thread: threading.Thread | None = None
-        self._working = False  # the worker holds work (admitting or running cohorts)
+        self._working = False  # the worker holds work (admitting or running rows)
         self._beat = time.monotonic()  # the worker's last sign of progress
         self.death: str | None = None  # why the worker ended unexpectedly
-        # Called with the cohort's jobs before each round (tests use it to make a round fail or stall).
-        self.round_hook: Callable[[list[Job]], None] | None = None
-        self.batches_run = 0  # rounds run, for tests and metrics
-        self.rounds_failed = 0
+        # Called with the jobs of each model call, a prefill or a decoding step, before it (tests use it to
+        # make one fail or stall).
+        self.step_hook: Callable[[list[Job]], None] | None = None
+        self.steps_run = 0  # decoding steps run, for tests and metrics
+        self.prefills_run = 0
+        self.steps_failed = 0  # prefills and decoding steps that raised
         self.max_rows_seen = 0
         self.rows_cancelled = 0  # rows dropped because their client went away
 
@@ -188,7 +196,14 @@ class Batcher:
         """Queue ``job``; raises :class:`QueueFull` when ``max_queue`` jobs are already waiting,
         :class:`ServerClosed` during shutdown and :class:`WorkerUnavailable` when no healthy worker would run it."""
         if job.n > self.max_batch_size:
-            raise ValueError(f"n={job.n} is more than the server's max batch size {self.max_batch_size}")
+            raise TooLarge(f"n={job.n} is more than the server's max batch size {self.max_batch_size}", "n")
+        if self.max_cache_bytes is not None:
+            need = self.cache_need([job], alone=True)
+            if need > self.max_cache_bytes:
+                raise TooLarge(
+                    f"this request's caches would take {need / 2**20:.1f} MiB, more than the server's cache budget of "
+                    f"{self.max_cache_bytes / 2**20:.1f} MiB: ask for fewer tokens, fewer choices (n) or fewer images",
+                    "max_tokens")
         with self._cond:
             if self._stopping:
                 raise ServerClosed("the server is shutting down")
@@ -207,14 +222,34 @@ class Batcher:
 
     @property
     def active_rows(self) -> int:
-        return sum(len(c.rows) for c in self._active)
+        """Rows in flight: running, or being prefilled to join."""
+        running = self._running
+        return len(self._admitting) + (0 if running is None else len(running.rows))
 
     @property
     def jobs(self) -> list[Job]:
-        """Every job held: queued, or with rows in the running batches (a snapshot)."""
+        """Every job held: queued, or with rows in the running batch (a snapshot)."""
         with self._cond:
             queued = list(self._pending)
-        return queued + [job for cohort in list(self._active) for job in cohort.jobs]
+        running = self._running
+        return queued + _jobs_of(self._admitting + ([] if running is None else running.rows))
+
+    def cache_need(self, jobs: list[Job], alone: bool = False) -> int:
+        """Bytes the running batch's caches would take with ``jobs`` admitted, at every row's longest length:
+        KV positions for all rows at the longest row's prompt + answer (rows are padded to one width),
+        plus the cross-attention keys and values of each row's images. ``alone``: without the running rows."""
+        running = None if alone else self._running
+        rows: list[tuple[Job, int]] = []  # (job, its prompt's positions in the model) of every row
+        if running is not None:  # a running row's own length, grown (xGen-MM) prompts included
+            rows = [(r.job, n - len(r.tokens)) for r, n in zip(running.rows, running.lengths)]
+        rows += [(job, job.lm_length or len(job.input_ids)) for job in jobs for _ in range(job.n)]
+        if not rows:
+            return 0
+        if self._sizes is None:
+            self._sizes = CacheSizes(self.model)
+        width = max(prompt + job.max_new_tokens for job, prompt in rows)
+        images = sum(0 if job.pixel_values is None else job.pixel_values.shape[0] for job, _ in rows)
+        return self._sizes.kv_per_position * width * len(rows) + self._sizes.media_per_image * images
 
     # -- the worker --
     def _run(self) -> None:
@@ -230,9 +265,9 @@ class Batcher:
             with self._cond:
                 jobs = list(self._pending)
                 self._pending.clear()
-            for cohort in self._active:
-                jobs += cohort.jobs
-            self._active = []
+            jobs += _jobs_of(self._admitting + (self._running.rows if self._running is not None else []))
+            self._running = None
+            self._admitting = []
             self._working = False
             for job in jobs:
                 job.emit(("error", error))
@@ -240,7 +275,7 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                if not self._active:
+                if self._running is None:
                     self._working = False
                     while not self._pending and not self._stopping:
                         self._cond.wait()
@@ -255,83 +290,116 @@ class Batcher:
                 jobs = self._take()
                 self._working = True
                 self._beat = time.monotonic()
-            self._admit(jobs)
-            if not self._run_rounds():
-                return
-
-    def _run_rounds(self) -> bool:
-        """One round of every running cohort; False when shutdown began. (A method of its own, so
-        that no local variable keeps a finished cohort's caches alive while the worker waits.)"""
-        for cohort in list(self._active):
+            if jobs:
+                self._admit(jobs)
             if self._stopping:
-                return False
-            self._round(cohort)
-        return True
+                return
+            if self._running is not None:
+                self._decode()
 
     def _take(self) -> list[Job]:
+        """The waiting jobs to admit now, in arrival order: within the free rows, the cache budget and
+        the prefill budget (the first job always, when it fits the rows and the cache)."""
+        if self._running is not None and not self._running.joinable:
+            return []  # this LM's cache cannot take newcomers: they start when the running rows are done
         free = self.max_batch_size - self.active_rows
-        jobs = []
+        jobs: list[Job] = []
+        prefill = 0
         while self._pending and self._pending[0].n <= free:
-            job = self._pending.popleft()
+            job = self._pending[0]
             if job.cancelled.is_set():
+                self._pending.popleft()
                 self.rows_cancelled += job.n
                 continue
-            jobs.append(job)
+            tokens = job.n * (job.lm_length or len(job.input_ids))
+            if jobs and prefill + tokens > self.max_prefill_tokens:
+                break
+            if self.max_cache_bytes is not None and self.cache_need(jobs + [job]) > self.max_cache_bytes:
+                break
+            jobs.append(self._pending.popleft())
             free -= job.n
+            prefill += tokens
         return jobs
 
     def _admit(self, jobs: list[Job]) -> None:
-        for rows in group_rows(jobs):
-            try:
-                self._active.append(Cohort(rows, rows[0].job.sampling, self.model, self.pad_id))
-            except Exception as e:  # noqa: BLE001 (reported to the requests, the worker goes on)
-                log.exception("preparing a batch of %d row(s) failed", len(rows))
-                self._fail(rows, e)
-            self._beat = time.monotonic()
+        """Prefill the newcomers and add them to the running batch; a failure fails them only."""
+        rows = []
+        for job in jobs:
+            generator = seeded_generator(job.sampling, self.model.device)
+            for i in range(job.n):
+                rows.append(Row(job, i))
+                rows[-1].generator = generator
+        self._admitting = rows
+        self.max_rows_seen = max(self.max_rows_seen, self.active_rows)
+        try:
+            if self.step_hook is not None:
+                self.step_hook(jobs)
+            with torch.no_grad():
+                batch, logits = RunningBatch.prefill(self.model, rows, self.pad_id)
+                self.prefills_run += 1
+                self._beat = time.monotonic()
+                self._choose(batch, logits)
+            alive = [i for i, r in enumerate(batch.rows) if not r.done]
+            if alive and len(alive) < len(batch.rows):
+                batch.keep(alive)
+            if not alive:
+                pass
+            elif self._running is None:
+                self._running = batch
+            else:
+                self._running.join(batch, self.model)
+            self._admitting = []
+        except Exception as e:  # noqa: BLE001 (reported to the requests, the worker goes on)
+            log.exception("prefilling %d new row(s) failed; failing their requests", len(rows))
+            self._admitting = []
+            self.steps_failed += 1
+            failed = [r for r in rows if not r.done]
+            for row in rows:
+                row.done = True
+            self._fail(failed, e)
+        # (anything else, BaseException, leaves the rows in _admitting: the worker's way out answers them)
+
+    def _decode(self) -> None:
+        """One decoding step of the running batch; an exception fails its rows and drops it with its caches."""
+        running = self._running
+        try:
+            if self.step_hook is not None:
+                self.step_hook(_jobs_of(running.rows))
+            if self._stopping:
+                return  # the worker's way out answers the rows still running
+            with torch.no_grad():
+                logits = running.step(self.model)
+                self.steps_run += 1
+                self._choose(running, logits)
+            alive = [i for i, r in enumerate(running.rows) if not r.done]
+            if not alive:
+                self._running = None
+            elif len(alive) < len(running.rows):
+                running.keep(alive)
+        except Exception as e:  # noqa: BLE001 (the batch's rows fail; the worker goes on with new requests)
+            log.exception("a decoding step of %d row(s) failed; failing their requests", len(running.rows))
+            self._running = None  # before the answers go out: whoever reads them sees the batch gone
+            self.steps_failed += 1
+            failed = [r for r in running.rows if not r.done]
+            for row in running.rows:
+                row.done = True
+            self._fail(failed, e)
+
+    def _choose(self, batch: RunningBatch, logits: torch.Tensor) -> None:
+        """Each row's next token from ``logits`` (B, V): chosen, kept as the row's next input, handed to its job."""
+        rows = batch.rows
+        tokens = choose_tokens(logits, [r.job.sampling for r in rows], [r.generator for r in rows])
+        batch.last = tokens
+        logprobs = torch.log_softmax(logits.float(), dim=-1) if any(r.entries is not None for r in rows) else None
+        self._step(rows, tokens.tolist(), logprobs)
 
     def _fail(self, rows: list[Row], error: BaseException) -> None:
         for job in {id(r.job): r.job for r in rows}.values():
             job.emit(("error", error))
 
-    def _round(self, cohort: Cohort) -> None:
-        """One round of ``cohort``; any exception fails its requests only and drops it with its caches."""
-        try:
-            self._run_round(cohort)
-        except Exception as e:  # noqa: BLE001 (one cohort's failure must not stop the others)
-            log.exception("a generation round of %d row(s) failed; failing their requests", len(cohort.rows))
-            self.rounds_failed += 1
-            self._fail([r for r in cohort.rows if not r.done], e)
-            for row in cohort.rows:
-                row.done = True
-            self._active.remove(cohort)
-
-    def _run_round(self, cohort: Cohort) -> None:
-        if self.round_hook is not None:
-            self.round_hook(cohort.jobs)
-        alive = [r for r in cohort.rows if not r.done]
-        steps = min(self.round_tokens, max(r.job.max_new_tokens - len(r.tokens) for r in alive))
-        s = cohort.sampling
-        kwargs = generation_kwargs(self.processor, max_new_tokens=steps, temperature=s.temperature, top_p=s.top_p)
-        if cohort.recorder is not None:
-            kwargs = logprob_kwargs(kwargs, cohort.recorder, s)
-        streamer = RowStreamer(lambda tokens: self._step(cohort.rows, tokens, cohort.recorder))
-        self.max_rows_seen = max(self.max_rows_seen, len(cohort.rows))
-        stopping = StoppingCriteriaList([RowsDone(cohort.rows, lambda: self._stopping)])
-        cohort.generate(self.model, kwargs, streamer, stopping)
-        self.batches_run += 1
-        if self._stopping:
-            return  # the worker's way out answers the rows still running
-        for row in cohort.rows:  # rows a round left without reaching a rule (cannot happen, but be safe)
-            if not row.done and len(row.tokens) >= row.job.max_new_tokens:
-                row.finish("length")
-        keep = [i for i, r in enumerate(cohort.rows) if not r.done]
-        if not keep:
-            self._active.remove(cohort)
-        elif len(keep) < len(cohort.rows):
-            cohort.keep(keep)
-
     # -- per-token bookkeeping --
-    def _step(self, rows: list[Row], tokens: list[int], recorder: LogprobRecorder | None = None) -> None:
+    def _step(self, rows: list[Row], tokens: list[int], logprobs: torch.Tensor | None = None) -> None:
+        """Hand each row its new token (and its log-probability entry when asked); finish rows by their rules."""
         self._beat = time.monotonic()
         for i, (row, token) in enumerate(zip(rows, tokens)):
             if row.done:
@@ -341,9 +409,9 @@ class Batcher:
                 self.rows_cancelled += 1
                 continue
             row.tokens.append(token)
-            if row.entries is not None and recorder is not None and token not in self.eos_ids:
+            if row.entries is not None and logprobs is not None and token not in self.eos_ids:
                 with self.tokenizer_lock:
-                    row.entries.append(entry(recorder.latest[i], token, row.job.logprobs or 0, self.token_texts))
+                    row.entries.append(entry(logprobs[i], token, row.job.logprobs or 0, self.token_texts))
             if token in self.eos_ids:
                 self._flush(row, final=True)
                 row.finish("stop")
@@ -370,3 +438,8 @@ class Batcher:
                 break
             k += 1
         return k
+
+
+def _jobs_of(rows: list[Row]) -> list[Job]:
+    """The jobs with a row still running (each once, in order)."""
+    return list({id(r.job): r.job for r in rows if not r.done}.values())

@@ -30,6 +30,15 @@ class ServerClosed(RuntimeError):
     """The batcher is shutting down."""
 
 
+class TooLarge(ValueError):
+    """A request the server can never run as asked (more choices than its batch, caches over its budget);
+    ``param`` names the request field to change."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class WorkerUnavailable(RuntimeError):
     """The worker thread is not running (never started, or died) or is stuck: new work would hang."""
 
@@ -70,6 +79,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     image_sizes: torch.Tensor | None = None  # (N_img, 2) for any-resolution models, as the processor gives them
     logprobs: int | None = None  # None: no log-probabilities; k: each token's, with its k most likely alternatives
+    lm_length: int | None = None  # the prompt's positions in the model (images grown, xGen-MM); None: len(input_ids)
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -5,11 +5,10 @@ and top_p (the model's own distribution, as OpenAI reports it), for the chosen t
 ``top_logprobs`` asks, the ``k`` most likely tokens (sorted, most likely first). A probability of
 zero is reported as ``-9999.0``, OpenAI's value for "very unlikely".
 
-How: a :class:`LogprobRecorder` placed first among ``generate``'s logits processors keeps each
-step's log-softmax ``(R, V)`` for the cohort; the batcher reads the rows that asked right after the
-step's tokens are chosen (the streamer runs after the processors). Temperature and top_p then run as
-the same processors ``generate`` would build itself (:func:`logprob_kwargs`), after the recorder, so
-an answer is the same with or without ``logprobs``. Cohorts without such a row run without any of this.
+How: when a row of the running batch asked for them, the batcher takes the log-softmax ``(B, V)`` of
+each step's logits (float32) and reads that row's entry from it; temperature and top_p act only on the
+choice of the token (:mod:`~interleaf.serving.sampling`), so an answer is the same with or without
+``logprobs``.
 
 Each entry is ``{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}``;
 ``bytes`` are the token's own bytes (a byte-level BPE token that holds part of a character gives
@@ -22,39 +21,10 @@ import math
 import re
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
-from .jobs import Sampling
 
 VERY_UNLIKELY = -9999.0
 MAX_TOP_LOGPROBS = 20
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece byte fallback
-
-
-class LogprobRecorder(LogitsProcessor):
-    """Keeps the last step's log-softmax of the logits it is given; changes nothing."""
-
-    def __init__(self):
-        self.latest: torch.Tensor | None = None  # (R, V) float32
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.latest = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-
-def logprob_kwargs(kwargs: dict, recorder: LogprobRecorder, sampling: Sampling) -> dict:
-    """``generate`` kwargs (from :func:`~interleaf.generation.generation_kwargs`) with ``recorder`` seeing
-    the model's logits first: sampling's temperature and top_p move into processors after it."""
-    kwargs = dict(kwargs)
-    processors = LogitsProcessorList([recorder])
-    if not sampling.greedy:
-        if sampling.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p=sampling.top_p, min_tokens_to_keep=1))
-        kwargs.update(temperature=1.0, top_p=1.0)  # so that generate builds neither warper itself
-    kwargs["logits_processor"] = processors
-    return kwargs
 
 
 def _byte_level_table() -> dict[str, int]:

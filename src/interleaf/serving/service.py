@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from ..errors import InputError, OfflineError
 from ..processing.images import load_image
 from .batcher import Batcher
-from .jobs import Event, Job, QueueFull, Sampling, ServerClosed, WorkerUnavailable
+from .jobs import Event, Job, QueueFull, Sampling, ServerClosed, TooLarge, WorkerUnavailable
 from .limits import ServeLimits, URLPolicy, fetch_image_url
 from .logprobs import choice_logprobs
 from .schemas import ChatCompletionRequest, chunk, completion, error_body, new_id, usage, validation_message
@@ -70,6 +70,7 @@ class Prepared:
     pixel_values: torch.Tensor | None  # (N_img, 3, S, S), or (N_img, V, 3, S, S) with image_sizes
     max_new_tokens: int
     image_sizes: torch.Tensor | None = None  # (N_img, 2), any-resolution models only
+    lm_length: int | None = None  # the prompt's positions in the model, its images grown (xGen-MM)
 
 
 def request_images(inputs, count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -122,7 +123,7 @@ class ChatService:
         """(ok, body) of ``GET /health``."""
         ok, why = self.batcher.health()
         body = {"status": "ok" if ok else "unavailable", "model": self.model_name, "queued": self.batcher.pending,
-                "running": self.batcher.active_rows, "rounds_failed": self.batcher.rounds_failed}
+                "running": self.batcher.active_rows, "failures": self.batcher.steps_failed}
         if not ok:
             body["reason"] = why
         return ok, body
@@ -190,7 +191,7 @@ class ChatService:
                                     f"context of {context} tokens; {fix} or ask for fewer tokens", "messages",
                                "context_length_exceeded")
             max_new = context - length
-        return Prepared(ids, pixels, max_new, sizes)
+        return Prepared(ids, pixels, max_new, sizes, length)
 
     def submit(self, req: ChatCompletionRequest, prepared: Prepared, sink: Callable[[Event], None]) -> Job:
         """Queue the request's job; its events go to ``sink`` (from the worker thread)."""
@@ -198,6 +199,7 @@ class ChatService:
             input_ids=prepared.input_ids, pixel_values=prepared.pixel_values, image_sizes=prepared.image_sizes,
             max_new_tokens=prepared.max_new_tokens, n=req.n, stop=req.stop_list(), sink=sink,
             sampling=Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed), logprobs=req.top_count(),
+            lm_length=prepared.lm_length,
         )
         try:
             self.batcher.submit(job)
@@ -207,8 +209,8 @@ class ChatService:
             raise APIError(503, str(e), code="shutting_down") from e
         except WorkerUnavailable as e:
             raise APIError(503, f"the server cannot run requests now: {e}", code="worker_unavailable") from e
-        except ValueError as e:  # n larger than the batch
-            raise APIError(400, str(e), "n") from e
+        except TooLarge as e:  # n larger than the batch, or caches larger than the server's budget
+            raise APIError(400, str(e), e.param) from e
         return job
 
     def _messages(self, req: ChatCompletionRequest) -> list[dict]:

@@ -1,0 +1,119 @@
+"""Continuous batching: requests join a running batch at random decoding steps and leave it when done,
+and every greedy answer is still ``model.generate``'s on that request alone; a seeded sampled request
+is its own replay alone. Both fusion families, with 0-2 images, prompts of different lengths, ``n`` > 1,
+streamed and not, and the any-resolution models whose image lengths depend on the image."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from helpers.serving import ANYRES, FAMILIES, MODEL_NAME, data_url, png, reference, start_server, tiny_model
+
+HANG_GUARD_S = 120  # a bound on how long anything may take before the test calls it a hang
+
+# (words, images, max_tokens, n, stream)
+CASES = [
+    ("Describe everything you see here, please, in detail.", 1, 24, 1, True),
+    ("Hi", 0, 5, 1, False),
+    ("What colour is it?", 2, 9, 2, True),
+    ("Tell me a long story about a river that runs to the sea " * 2, 0, 14, 1, False),
+    ("Which is bigger?", 2, 3, 1, False),
+    ("Name it.", 1, 11, 3, True),
+    ("Count the shapes and then count them again.", 1, 7, 1, False),
+]
+
+
+def body_of(k: int, words: str, images: int, max_tokens: int, n: int, stream: bool) -> dict:
+    pictures = [{"type": "image_url", "image_url": {"url": data_url(png(((50 * k) % 256, 30 * j, 120),
+                                                                         (18 + 7 * k + 5 * j, 14 + 3 * k)))}}
+                for j in range(images)]
+    content = [*pictures, {"type": "text", "text": words}] if images else words
+    return {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "n": n, "stream": stream}
+
+
+def post(url: str, body: dict) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=HANG_GUARD_S)
+
+
+def answers_of(r: httpx.Response, body: dict) -> list[str]:
+    """Each choice's text, from a JSON answer or from the events of a streamed one."""
+    assert r.status_code == 200, r.text
+    if not body.get("stream"):
+        return [c["message"]["content"] for c in r.json()["choices"]]
+    texts = [""] * body["n"]
+    for line in r.text.splitlines():
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                texts[c["index"]] += c["delta"].get("content") or ""
+    return texts
+
+
+def wait_until(predicate, what: str) -> None:
+    deadline = time.monotonic() + HANG_GUARD_S  # a hang guard, not a speed requirement
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("family", FAMILIES + ANYRES)
+def test_requests_joining_and_leaving_at_random_steps_get_generate_alone(family):
+    model, processor = tiny_model(family)
+    bodies = [body_of(k, *case) for k, case in enumerate(CASES)]
+    seeded = {**body_of(99, "Say something surprising.", 1, 8, 2, False), "temperature": 0.9, "top_p": 0.9,
+              "seed": 5}
+    bodies.append(seeded)
+    expected = [[reference(model, processor, b["messages"], b["max_tokens"])] * b["n"] for b in bodies[:-1]]
+    rng = random.Random(sum(map(ord, family)))
+    # request k > 0 is sent during the hook of a random decoding step, so it joins at the next step
+    plan: dict[int, list[int]] = {}
+    for k in range(1, len(bodies)):
+        plan.setdefault(rng.randrange(0, 10), []).append(k)
+    server = start_server(model, processor, max_batch_size=16, max_queue=64)
+    batcher = server.app.state.batcher
+    futures: dict[int, object] = {}
+    running_at_join: list[int] = []
+    with ThreadPoolExecutor(len(bodies)) as pool:
+
+        def send(k: int) -> None:
+            before = batcher.pending + batcher.active_rows + sum(f.done() for f in futures.values())
+            futures[k] = pool.submit(post, server.url, bodies[k])
+            # the request is queued (or already answered) before the step runs: it joins at the next one
+            wait_until(lambda: batcher.pending + batcher.active_rows + sum(f.done() for f in futures.values())
+                       > before or futures[k].done(), f"request {k} is queued")
+
+        lock = threading.Lock()
+
+        def hook(jobs) -> None:
+            with lock:
+                for k in plan.pop(batcher.steps_run, []):
+                    running_at_join.append(batcher.active_rows)
+                    send(k)
+
+        batcher.step_hook = hook
+        try:
+            futures[0] = pool.submit(post, server.url, bodies[0])
+            wait_until(lambda: futures[0].done() or not plan, "every request is sent")
+            with lock:  # the batch ran dry before their step: send them now
+                for k in [k for ks in plan.values() for k in ks]:
+                    send(k)
+                plan.clear()
+            wait_until(lambda: len(futures) == len(bodies), "every request is sent")
+            answers = {k: answers_of(futures[k].result(), bodies[k]) for k in range(len(bodies))}
+        finally:
+            batcher.step_hook = None
+    try:
+        for k, want in enumerate(expected):
+            assert answers[k] == want, (k, bodies[k]["messages"])
+        # the seeded request replayed alone gives the same answer it gave inside the running batch
+        assert answers_of(post(server.url, seeded), seeded) == answers[len(bodies) - 1]
+        assert sum(1 for rows in running_at_join if rows > 0) >= 3, running_at_join  # most joined a running batch
+        wait_until(lambda: batcher.active_rows == 0, "every row leaves the batch")
+    finally:
+        server.stop()
