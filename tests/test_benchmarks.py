@@ -2,7 +2,8 @@
 
 Each prints its dated header (date, machine, commit, the exact command) and its tables; the greedy
 generations of interleaf and the reference it is compared with (transformers' IDEFICS and LLaVA,
-the plain LM it wraps) are the same tokens. The timings themselves are not checked.
+the plain LM it wraps) are the same tokens, and the server's greedy answers under concurrent load
+are batched ``generate``'s. The timings themselves are not checked.
 """
 
 from __future__ import annotations
@@ -104,3 +105,25 @@ def test_a_missed_target_says_by_how_much():
     assert slower.verdict() == ">= 0.80x: missed by 25 %"
     faster = from_lib.Row("train step", 2.0, 1.0, "s", target=1.3)
     assert faster.ratio == pytest.approx(2.0) and faster.verdict() == ">= 1.30x: met"
+
+
+@pytest.mark.parametrize("family", ["cross_attention", "token_insertion"])
+def test_serve_smoke_answers_as_batched_generate_and_prints_every_figure(family, tmp_path):
+    module = script("serve")
+    argv = ["--smoke", "--family", family, "--requests", "3", "--clients", "2", "--gap", "0.01", "--threads", "1",
+            "--results", str(tmp_path)]
+    out = module.main(argv)
+    assert out["failed"] == [] and out["matched"] == 3  # text only, 1 image, 2 images: each the ceiling's answer
+    assert out["server_tokens"] == out["ceiling_tokens"] > 0
+    assert [row.case for row in out["rows"]] == ["completion tokens", "requests"]
+    assert_filled(out["rows"])
+    assert all(row.higher_is_better for row in out["rows"])
+    assert set(out["figures"]) == {"request latency", "time to first token"}
+    for p50, p95 in out["figures"].values():
+        assert 0 < p50 <= p95 and math.isfinite(p95)
+    text = out["text"]
+    assert_dated_header(text, "serve.py " + " ".join(argv))
+    assert "| case | generate ceiling | server | ratio | target |" in text
+    assert "| request latency (s) |" in text and "| time to first token (s) |" in text
+    assert "server answers equal to the ceiling's: 3/3" in text
+    assert out["text"] in next(tmp_path.glob("*.md")).read_text()
