@@ -95,27 +95,12 @@ def _norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor | None
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def _grad_norm(params: list[torch.Tensor], clip: float | None) -> float:
-    norm = _norm(params, clip)
-    return 0.0 if norm is None else float(norm)
-
-
-def _finish_update(optimizer: torch.optim.Optimizer, finite: bool) -> None:
+def finish_update(optimizer: torch.optim.Optimizer, finite: bool) -> None:
+    """Update the weights when the step is ``finite``; zero the gradients either way."""
     if finite:
         optimizer.step()
     # else: skip the update: no optimiser step, gradients dropped
     optimizer.zero_grad(set_to_none=True)
-
-
-def apply_update(
-    stage: StageConfig, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], step_loss: float
-) -> tuple[float, bool]:
-    """Clip and update after the backward passes, or skip the update when the loss or the gradient
-    norm is not finite; gradients are zeroed either way. Returns ``(grad_norm, updated)``."""
-    grad_norm = _grad_norm(params, stage.optim.clip_grad_norm) if math.isfinite(step_loss) else math.nan
-    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-    _finish_update(optimizer, finite)
-    return grad_norm, finite
 
 
 @dataclass
@@ -175,13 +160,21 @@ def micro_batch(
     by_source.index_add_(0, rows.to(by_source.device, non_blocking=True), ce_rows.detach().double())
 
 
-def read_step(stage: StageConfig, plan: StepPlan, totals: torch.Tensor, params: list[torch.Tensor]) -> tuple[float, float, float]:
-    """``(loss, z_mean, grad_norm)`` of the step from the device, in one read; the gradients are
-    clipped on the way (whatever the loss: a step that is not finite drops them)."""
+def read_with_grad_norm(sums: torch.Tensor, stage: StageConfig, params: list[torch.Tensor]) -> tuple[list[float], float]:
+    """The step's ``sums`` (float64, on the device) and the gradients' norm before clipping, in one
+    read: ``(sums as floats, grad_norm)``. The gradients are clipped on the way, whatever the loss (a
+    step that is not finite drops them); no gradient at all gives a norm of 0."""
     norm = _norm(params, stage.optim.clip_grad_norm)
-    on_device = torch.cat([totals, (norm if norm is not None else totals.new_zeros(())).reshape(1).to(totals)])
-    wce, wz, grad_norm = on_device.tolist()  # the step's one read; float64 arithmetic from here on
-    step_loss = (wce + stage.z_loss * wz) / plan.den
+    norm = norm.reshape(1).to(sums) if norm is not None else sums.new_zeros(1)
+    *values, grad_norm = torch.cat([sums, norm]).tolist()  # the step's one read
+    return values, grad_norm
+
+
+def read_step(stage: StageConfig, plan: StepPlan, totals: torch.Tensor, params: list[torch.Tensor]) -> tuple[float, float, float]:
+    """``(loss, z_mean, grad_norm)`` of the step, from its weighted CE and Z^2 sums ``totals`` (see
+    :func:`read_with_grad_norm`); the norm is NaN when the loss is not finite."""
+    (wce, wz), grad_norm = read_with_grad_norm(totals, stage, params)
+    step_loss = (wce + stage.z_loss * wz) / plan.den  # float64, as the sums
     return step_loss, wz / plan.den, grad_norm if math.isfinite(step_loss) else math.nan
 
 
@@ -201,7 +194,7 @@ def optimizer_step(
     totals = all_reduce_sum(totals, dist)
     step_loss, z_mean, grad_norm = read_step(stage, plan, totals, params)
     finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-    _finish_update(optimizer, finite)
+    finish_update(optimizer, finite)
     tokens, trained, squared = plan.counts
     return StepOutcome(
         loss=step_loss, grad_norm=grad_norm, finite=finite, z_mean=z_mean, tokens=tokens, trained=trained,
@@ -210,4 +203,7 @@ def optimizer_step(
     )
 
 
-__all__ = ["StepOutcome", "StepPlan", "apply_update", "lm_tokens", "micro_batch", "optimizer_step", "plan_step", "read_step"]
+__all__ = [
+    "StepOutcome", "StepPlan", "finish_update", "lm_tokens", "micro_batch", "optimizer_step", "plan_step",
+    "read_step", "read_with_grad_norm",
+]
