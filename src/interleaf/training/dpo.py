@@ -49,7 +49,7 @@ from ..errors import ConfigError, InterleafError, TrainingError
 from ..model.loss import dpo_loss, sequence_logps, trained_tokens
 from .config import StageConfig
 from .distributed import DistState, all_reduce_sum, gather_objects
-from .step import StepOutcome, _no_sync, _take, finish_update, lm_tokens, read_with_grad_norm
+from .step import StepOutcome, _no_sync, _take, finish_update, lm_tokens, read_with_grad_norm, to_device
 
 # batch keys that are not model inputs
 _NOT_INPUTS = ("labels", "loss_weight", "pairs")
@@ -89,7 +89,7 @@ def check_stage_data(stage: StageConfig) -> None:
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
     """The batch's tensors the model's ``forward`` takes (everything but the labels and weights)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in _NOT_INPUTS and torch.is_tensor(v)}
+    return {k: to_device(v, device) for k, v in batch.items() if k not in _NOT_INPUTS and torch.is_tensor(v)}
 
 
 def _autocast(stage: StageConfig, device: torch.device):
@@ -123,7 +123,7 @@ class ModelReference:
         """The reference's ``(chosen, rejected)`` sequence log-probabilities, each (B,)."""
         with _autocast(stage, device):
             out = self.model(**model_inputs(batch, device))
-        logps, _ = sequence_logps(out.logits, batch["labels"].to(device, non_blocking=True))
+        logps, _ = sequence_logps(out.logits, to_device(batch["labels"], device))
         n = batch["pairs"]
         return logps[:n], logps[n:]
 
@@ -143,7 +143,7 @@ class CachedReference:
                 "holds the pairs of the stage's preference sources, read before training); a custom data stream "
                 "needs dpo.reference: model"
             ) from None
-        t = torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)  # (B, 2)
+        t = to_device(torch.tensor(values, dtype=torch.float32), device)  # (B, 2)
         return t[:, 0], t[:, 1]
 
 
@@ -249,7 +249,7 @@ def _micro_batch(
     device: weighted loss, chosen and rejected rewards, correct pairs, chosen and rejected logps) and
     each pair's loss to its source's entry of ``by_source``. Reads nothing back from the device."""
     dpo, device, n = stage.dpo, dist.device, b["pairs"]
-    labels = b["labels"].to(device, non_blocking=True)
+    labels = to_device(b["labels"], device)
     with _no_sync(trainee.wrapped, sync), _autocast(stage, device):
         out = trainee.wrapped(**model_inputs(b, device))
     logps, _ = sequence_logps(out.logits, labels)
@@ -257,12 +257,12 @@ def _micro_batch(
     losses, chosen, rejected = dpo_loss(
         logps[:n], logps[n:], ref_chosen.float(), ref_rejected.float(), dpo.beta, dpo.label_smoothing
     )
-    w = b["loss_weight"][:n].to(losses.device, losses.dtype, non_blocking=True)
+    w = to_device(b["loss_weight"][:n].to(losses.dtype), device)
     ((w * losses).sum() / den * dist.world_size).backward()
     parts = [(w * losses).detach().sum(), chosen.sum(), rejected.sum(), (chosen > rejected).sum(),
              logps[:n].detach().sum(), logps[n:].detach().sum()]
     sums += torch.stack([x.double() for x in parts])
-    by_source.index_add_(0, rows.to(device, non_blocking=True), losses.detach().double())
+    by_source.index_add_(0, to_device(rows, device), losses.detach().double())
 
 
 def dpo_step(stage: StageConfig, trainee, dist: DistState) -> StepOutcome:

@@ -7,7 +7,7 @@ The loss formula (per-sample weights, the global token count, DDP's averaging) i
 Host synchronisation: a micro-batch (:func:`micro_batch`) reads nothing back from the device. What
 the host needs of a batch (the token counts, the loss's denominator, each row's source) is counted
 on the collated CPU tensors before the batch moves to the device (:func:`plan_step`); the batch
-moves with ``non_blocking`` copies; the summed losses and per-source cross-entropies stay on the
+moves without waiting (:func:`to_device`); the summed losses and per-source cross-entropies stay on the
 device, added up over the micro-batches. The step then reads the device once
 (:func:`read_step`): the summed losses and the gradient norm, in one transfer, because the decision
 to update the weights (skip a step whose loss or gradient is not finite, see
@@ -85,6 +85,15 @@ def _no_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (a CPU tensor) on ``device`` without waiting for the device's queued work: to a GPU
+    through page-locked memory with a non-blocking copy (a copy from ordinary memory may wait for
+    the stream); elsewhere ``t.to(device)``."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor | None:
     """The gradients' total norm before clipping (a tensor, not read), clipping them to ``clip``;
     None when no parameter has a gradient."""
@@ -119,8 +128,10 @@ def plan_step(raw: list[list[dict]], batches: list[dict], dist: DistState) -> St
     """Count what the host needs on the collated CPU batches (no device work); with several
     processes, the global sums are one all-reduce on the device, read once."""
     local_den = sum(float((b["loss_weight"] * trained_tokens(b["labels"]).float()).sum()) for b in batches)
-    counts = [float(sum(lm_tokens(b) for b in batches)), float(sum(int(trained_tokens(b["labels"]).sum()) for b in batches)),
-              float(sum(squared_lengths(b) for b in batches))]
+    counts = [
+        float(sum(lm_tokens(b) for b in batches)), float(sum(int(trained_tokens(b["labels"]).sum()) for b in batches)),
+        float(sum(squared_lengths(b) for b in batches)),
+    ]
     sources: dict[str, int] = {}
     rows, source_tokens = [], []
     for samples, b in zip(raw, batches):
@@ -146,21 +157,23 @@ def micro_batch(
     on the device). Reads nothing back from the device."""
     device = dist.device
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=stage.precision == "bf16")
-    move = {k: b[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels", "loss_weight")}
+    move = {k: to_device(b[k], device) for k in ("input_ids", "attention_mask", "labels", "loss_weight")}
     with _no_sync(wrapped, sync), autocast:
         out = wrapped(
             input_ids=move["input_ids"], attention_mask=move["attention_mask"],
-            pixel_values=b["pixel_values"].to(device, non_blocking=True) if "pixel_values" in b else None,
+            pixel_values=to_device(b["pixel_values"], device) if "pixel_values" in b else None,
         )
     # without z-loss, Z is reported but not differentiated
     wce, wz, ce_rows, _ = weighted_token_loss(out.logits, move["labels"], move["loss_weight"], z_grad=bool(stage.z_loss))
     loss = (wce.sum() + stage.z_loss * wz.sum()) / den * dist.world_size
     loss.backward()
     totals += torch.stack([wce.detach().sum(), wz.detach().sum()]).double()
-    by_source.index_add_(0, rows.to(by_source.device, non_blocking=True), ce_rows.detach().double())
+    by_source.index_add_(0, to_device(rows, device), ce_rows.detach().double())
 
 
-def read_with_grad_norm(sums: torch.Tensor, stage: StageConfig, params: list[torch.Tensor]) -> tuple[list[float], float]:
+def read_with_grad_norm(
+    sums: torch.Tensor, stage: StageConfig, params: list[torch.Tensor]
+) -> tuple[list[float], float]:
     """The step's ``sums`` (float64, on the device) and the gradients' norm before clipping, in one
     read: ``(sums as floats, grad_norm)``. The gradients are clipped on the way, whatever the loss (a
     step that is not finite drops them); no gradient at all gives a norm of 0."""
@@ -170,7 +183,9 @@ def read_with_grad_norm(sums: torch.Tensor, stage: StageConfig, params: list[tor
     return values, grad_norm
 
 
-def read_step(stage: StageConfig, plan: StepPlan, totals: torch.Tensor, params: list[torch.Tensor]) -> tuple[float, float, float]:
+def read_step(
+    stage: StageConfig, plan: StepPlan, totals: torch.Tensor, params: list[torch.Tensor]
+) -> tuple[float, float, float]:
     """``(loss, z_mean, grad_norm)`` of the step, from its weighted CE and Z^2 sums ``totals`` (see
     :func:`read_with_grad_norm`); the norm is NaN when the loss is not finite."""
     (wce, wz), grad_norm = read_with_grad_norm(totals, stage, params)
@@ -205,5 +220,5 @@ def optimizer_step(
 
 __all__ = [
     "StepOutcome", "StepPlan", "finish_update", "lm_tokens", "micro_batch", "optimizer_step", "plan_step",
-    "read_step", "read_with_grad_norm",
+    "read_step", "read_with_grad_norm", "to_device",
 ]
