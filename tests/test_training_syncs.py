@@ -1,7 +1,7 @@
 """The trainer makes no host synchronisation per micro-batch: the forward, the loss, the backward
 and the metrics of a micro-batch queue device work without reading any of it back, on both fusion
-families, with and without z-loss, over a mixture of two sources (the per-source losses); and the same for
-a DPO stage, with either reference.
+families, with and without z-loss, over a mixture of two sources (the per-source losses); and the
+same for a DPO stage, with either reference.
 
 What is measured (see :mod:`interleaf.training.step`):
 
@@ -10,8 +10,7 @@ What is measured (see :mod:`interleaf.training.step`):
 - an optimiser step: :func:`interleaf.training.step.optimizer_step`, without the counting on the
   collated CPU tensors before the batches move (:func:`~interleaf.training.step.plan_step`,
   :func:`~interleaf.training.dpo.plan_pairs`: host tensors, not device values) and without torch's
-  optimiser update (AdamW reads its step counters,
-  which are host tensors): exactly one read, the step's losses and gradient norm together, which
+  optimiser update (AdamW reads its step counters, which are host tensors): exactly one read, the step's losses and gradient norm together, which
   decides whether the weights are updated;
 - the log: a step that writes a record reads the per-source sums once; the others read nothing.
 """
@@ -56,7 +55,7 @@ def _stage(corpus, out, family: str, z_loss: float) -> dict:
 
 class DeviceSyncs(HostSyncs):
     """:class:`HostSyncs` that leaves out what runs on host tensors: the counting on the collated CPU
-    batches (:func:`interleaf.training.step.plan_step`) and torch's optimiser update."""
+    batches (:data:`HOST_COUNTING`) and torch's optimiser update."""
 
     def skip(self, frame) -> bool:
         while frame is not None:
@@ -93,6 +92,8 @@ def _train(stage: dict, monkeypatch, steps: int = 3, micro_per_step: int = 2):
     steps_ = Recorder(monkeypatch, loop, "dpo_step" if objective == "dpo" else "optimizer_step", DeviceSyncs)
     logs = Recorder(monkeypatch, report.StageReport, "after_step")
     train(stage, progress=False)
+    records = [json.loads(line) for line in (Path(stage["out"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and len(records[-1]["loss_by_source"]) == 2  # both sources reported
     assert len(micro.calls) == steps * micro_per_step and len(steps_.calls) == steps and len(logs.calls) == steps
     return micro, steps_, logs
 
