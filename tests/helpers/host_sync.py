@@ -47,8 +47,14 @@ class HostSyncs(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name in SYNCING or (name in ("__getitem__", "__setitem__") and _is_boolean_index(args)):
-            self.calls.append((name, *_caller()))
+            if not self.skip(sys._getframe(1)):
+                self.calls.append((name, *_caller()))
         return func(*args, **(kwargs or {}))
+
+    def skip(self, frame) -> bool:
+        """Whether to leave out an operation asked for from ``frame`` (and its callers): a subclass
+        leaves out what it does not measure (work on host tensors, say); nothing here."""
+        return False
 
     def in_interleaf(self) -> list[tuple[str, str]]:
         """The syncing operations interleaf's own code asked for: ``(operation, file:line)``."""

@@ -38,17 +38,18 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections import defaultdict
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, InterleafError, TrainingError
-from ..model.loss import dpo_loss, sequence_logps
+from ..model.loss import dpo_loss, sequence_logps, trained_tokens
 from .config import StageConfig
 from .distributed import DistState, all_reduce_sum, gather_objects
-from .step import StepOutcome, _no_sync, _take, apply_update, lm_tokens
+from .step import StepOutcome, _no_sync, _take, finish_update, lm_tokens, read_with_grad_norm, to_device
 
 # batch keys that are not model inputs
 _NOT_INPUTS = ("labels", "loss_weight", "pairs")
@@ -88,7 +89,7 @@ def check_stage_data(stage: StageConfig) -> None:
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
     """The batch's tensors the model's ``forward`` takes (everything but the labels and weights)."""
-    return {k: v.to(device) for k, v in batch.items() if k not in _NOT_INPUTS and torch.is_tensor(v)}
+    return {k: to_device(v, device) for k, v in batch.items() if k not in _NOT_INPUTS and torch.is_tensor(v)}
 
 
 def _autocast(stage: StageConfig, device: torch.device):
@@ -122,7 +123,7 @@ class ModelReference:
         """The reference's ``(chosen, rejected)`` sequence log-probabilities, each (B,)."""
         with _autocast(stage, device):
             out = self.model(**model_inputs(batch, device))
-        logps, _ = sequence_logps(out.logits, batch["labels"])
+        logps, _ = sequence_logps(out.logits, to_device(batch["labels"], device))
         n = batch["pairs"]
         return logps[:n], logps[n:]
 
@@ -142,7 +143,7 @@ class CachedReference:
                 "holds the pairs of the stage's preference sources, read before training); a custom data stream "
                 "needs dpo.reference: model"
             ) from None
-        t = torch.tensor(values, dtype=torch.float32, device=device)  # (B, 2)
+        t = to_device(torch.tensor(values, dtype=torch.float32), device)  # (B, 2)
         return t[:, 0], t[:, 1]
 
 
@@ -210,57 +211,98 @@ def build_reference(stage: StageConfig, model: nn.Module, processor, dist: DistS
 # --------------------------------------------------------------------------- the step
 
 
+@dataclass
+class PairPlan:
+    """What the host knows of a DPO step's micro-batches from their collated CPU tensors (see
+    :class:`interleaf.training.step.StepPlan`): global sums and each row's source."""
+
+    den: float  # sum of the pairs' weights over the global batch, at least 1e-12
+    counts: tuple[int, int, int]  # pairs, tokens, trained tokens over the global batch
+    sources: list[str]  # the sources of this process's pairs, in order of first appearance
+    rows: list[torch.Tensor]  # per micro-batch: each pair's index in ``sources`` (long, CPU)
+    source_pairs: list[float]  # per source: this process's pairs
+
+
+def plan_pairs(raw: list[list[dict]], batches: list[dict], dist: DistState) -> PairPlan:
+    """Count on the collated CPU batches; with several processes the global sums are one all-reduce, read once."""
+    local = torch.tensor([
+        sum(float(b["loss_weight"][: b["pairs"]].sum()) for b in batches), sum(b["pairs"] for b in batches),
+        sum(lm_tokens(b) for b in batches), sum(int(trained_tokens(b["labels"]).sum()) for b in batches),
+    ], dtype=torch.float64)
+    if dist.enabled:
+        local = all_reduce_sum(local.to(dist.device), dist).cpu()
+    den, pairs, tokens, trained = local.tolist()
+    sources: dict[str, int] = {}
+    rows = [torch.tensor([sources.setdefault(s.get("source", "data"), len(sources)) for s in samples]) for samples in raw]
+    source_pairs = [0.0] * len(sources)
+    for index in rows:
+        for i in index.tolist():
+            source_pairs[i] += 1
+    return PairPlan(max(den, 1e-12), (int(pairs), int(tokens), int(trained)), list(sources), rows, source_pairs)
+
+
+def _micro_batch(
+    stage: StageConfig, trainee, samples: list[dict], b: dict, rows: torch.Tensor, den: float, dist: DistState,
+    sync: bool, sums: torch.Tensor, by_source: torch.Tensor,
+) -> None:
+    """Forward and backward one micro-batch of pairs; add its sums to ``sums`` (float64 (6,), on the
+    device: weighted loss, chosen and rejected rewards, correct pairs, chosen and rejected logps) and
+    each pair's loss to its source's entry of ``by_source``. Reads nothing back from the device."""
+    dpo, device, n = stage.dpo, dist.device, b["pairs"]
+    labels = to_device(b["labels"], device)
+    with _no_sync(trainee.wrapped, sync), _autocast(stage, device):
+        out = trainee.wrapped(**model_inputs(b, device))
+    logps, _ = sequence_logps(out.logits, labels)
+    ref_chosen, ref_rejected = trainee.reference.logps(samples, b, stage, device)
+    losses, chosen, rejected = dpo_loss(
+        logps[:n], logps[n:], ref_chosen.float(), ref_rejected.float(), dpo.beta, dpo.label_smoothing
+    )
+    w = to_device(b["loss_weight"][:n].to(losses.dtype), device)
+    ((w * losses).sum() / den * dist.world_size).backward()
+    parts = [(w * losses).detach().sum(), chosen.sum(), rejected.sum(), (chosen > rejected).sum(),
+             logps[:n].detach().sum(), logps[n:].detach().sum()]
+    sums += torch.stack([x.double() for x in parts])
+    by_source.index_add_(0, to_device(rows, device), losses.detach().double())
+
+
 def dpo_step(stage: StageConfig, trainee, dist: DistState) -> StepOutcome:
     """One DPO optimiser step at the learning rate already set (see the module docstring).
 
     ``trainee`` is the stage's :class:`~interleaf.training.prepare.Trainee` with its ``reference``.
+    As in :func:`interleaf.training.step.optimizer_step`, a micro-batch reads nothing back from the
+    device; the step reads its sums and the gradient norm once, to decide whether to update.
     """
     from ..data.preference import collate_preference
 
-    dpo, device = stage.dpo, dist.device
-    assert dpo is not None
+    assert stage.dpo is not None
     raw = [_pairs(_take(trainee.stream, trainee.micro), f"stage {stage.name!r}") for _ in range(stage.grad_accum)]
     batches = [collate_preference(samples, trainee.processor.pad_token_id) for samples in raw]
-    local_den = sum(float(b["loss_weight"][: b["pairs"]].sum()) for b in batches)
-    den = max(float(all_reduce_sum(torch.tensor([local_den], dtype=torch.float64), dist)[0]), 1e-12)
-    # weighted loss, chosen and rejected rewards, correct pairs, pairs, tokens, trained tokens, chosen and rejected logps
-    totals = torch.zeros(9, dtype=torch.float64)
-    by_source: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    plan = plan_pairs(raw, batches, dist)
+    sums = torch.zeros(6, dtype=torch.float64, device=dist.device)
+    by_source = torch.zeros(len(plan.sources), dtype=torch.float64, device=dist.device)  # DPO loss per source
     for j, (samples, b) in enumerate(zip(raw, batches)):
-        n = b["pairs"]
-        with _no_sync(trainee.wrapped, j == len(batches) - 1), _autocast(stage, device):
-            out = trainee.wrapped(**model_inputs(b, device))
-        logps, counts = sequence_logps(out.logits, b["labels"])
-        ref_chosen, ref_rejected = trainee.reference.logps(samples, b, stage, device)
-        losses, chosen, rejected = dpo_loss(
-            logps[:n], logps[n:], ref_chosen.float(), ref_rejected.float(), dpo.beta, dpo.label_smoothing
-        )
-        w = b["loss_weight"][:n].to(losses.device, losses.dtype)
-        ((w * losses).sum() / den * dist.world_size).backward()
-        totals += torch.tensor([
-            float((w * losses).detach().sum()), float(chosen.sum()), float(rejected.sum()),
-            float((chosen > rejected).sum()), n, float(lm_tokens(b)), float(counts.sum()),
-            float(logps[:n].detach().sum()), float(logps[n:].detach().sum()),
-        ], dtype=torch.float64)
-        for s, loss in zip(samples, losses.detach().tolist()):
-            by_source[s.get("source", "data")][0] += loss
-            by_source[s.get("source", "data")][1] += 1
-    totals = all_reduce_sum(totals, dist)
-    step_loss = float(totals[0] / den)
-    grad_norm, finite = apply_update(stage, trainee.optimizer, trainee.params, step_loss)
-    pairs = max(float(totals[4]), 1.0)
+        _micro_batch(stage, trainee, samples, b, plan.rows[j], plan.den, dist, j == len(batches) - 1, sums, by_source)
+    (wloss, chosen, rejected, correct, logp_chosen, logp_rejected), grad_norm = read_with_grad_norm(
+        all_reduce_sum(sums, dist), stage, trainee.params
+    )
+    step_loss = wloss / plan.den
+    grad_norm = grad_norm if math.isfinite(step_loss) else math.nan
+    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    finish_update(trainee.optimizer, finite)
+    pairs_, tokens, trained = plan.counts
+    pairs = max(float(pairs_), 1.0)
     metrics = {
-        "rewards/chosen": float(totals[1]) / pairs, "rewards/rejected": float(totals[2]) / pairs,
-        "rewards/margins": float(totals[1] - totals[2]) / pairs, "rewards/accuracies": float(totals[3]) / pairs,
-        "logps/chosen": float(totals[7]) / pairs, "logps/rejected": float(totals[8]) / pairs,
+        "rewards/chosen": chosen / pairs, "rewards/rejected": rejected / pairs,
+        "rewards/margins": (chosen - rejected) / pairs, "rewards/accuracies": correct / pairs,
+        "logps/chosen": logp_chosen / pairs, "logps/rejected": logp_rejected / pairs,
     }
     return StepOutcome(
-        loss=step_loss, grad_norm=grad_norm, finite=finite, z_mean=0.0, tokens=int(totals[5]), trained=int(totals[6]),
-        by_source=by_source, metrics=metrics,
+        loss=step_loss, grad_norm=grad_norm, finite=finite, z_mean=0.0, tokens=tokens, trained=trained,
+        by_source={src: [by_source[i], plan.source_pairs[i]] for i, src in enumerate(plan.sources)}, metrics=metrics,
     )
 
 
 __all__ = [
-    "CachedReference", "ModelReference", "build_reference", "cache_reference", "check_stage_data", "dpo_step",
-    "model_inputs",
+    "CachedReference", "ModelReference", "PairPlan", "build_reference", "cache_reference", "check_stage_data", "dpo_step",
+    "model_inputs", "plan_pairs",
 ]

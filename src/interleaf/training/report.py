@@ -29,7 +29,9 @@ class StageReport:
         self.stage, self.logger, self.dist, self.flops = stage, logger, dist, flops
         logger.open_trackers(stage.report_to)  # only the main process's logger is enabled
         self.through = Throughput()
-        self.window: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # source -> [CE sum, tokens] since last log
+        # source -> [CE sum, tokens] since the last record; a sum may be a tensor on the device, read when the
+        # record is written (once per log_every steps)
+        self.window: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
         self.last_rate = 0.0
         peak = device_peak_flops(stage.peak_flops, dist.device, stage.precision)
         self.peak = peak * dist.world_size if peak is not None else None  # every process's devices together
@@ -132,9 +134,22 @@ def _merge_bad(dicts: list[dict]) -> dict:
     return {"seen": dict(seen), "bad": {s: dict(r) for s, r in bad.items()}}
 
 
-def _reduce_window(window: dict[str, list[float]], dist: DistState) -> dict[str, float]:
+def _on_host(window: dict[str, list]) -> dict[str, list[float]]:
+    """The window with its sums as floats: the sums a step left on the device are read in one transfer."""
+    import torch
+
+    on_device = [(src, i) for src, pair in window.items() for i, v in enumerate(pair) if torch.is_tensor(v)]
+    host = {src: [v if not torch.is_tensor(v) else None for v in pair] for src, pair in window.items()}
+    if on_device:
+        values = torch.stack([window[src][i].to(torch.float64) for src, i in on_device]).tolist()
+        for (src, i), v in zip(on_device, values):
+            host[src][i] = v
+    return host
+
+
+def _reduce_window(window: dict[str, list], dist: DistState) -> dict[str, float]:
     merged: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for part in gather_objects(dict(window), dist):
+    for part in gather_objects(_on_host(window), dist):
         for src, (c, n) in part.items():
             merged[src][0] += c
             merged[src][1] += n

@@ -3,13 +3,24 @@ micro-batch, then update the weights, or skip the update when the loss or gradie
 
 The loss formula (per-sample weights, the global token count, DDP's averaging) is in
 :mod:`interleaf.training.loop`.
+
+Host synchronisation: a micro-batch (:func:`micro_batch`) reads nothing back from the device. What
+the host needs of a batch (the token counts, the loss's denominator, each row's source) is counted
+on the collated CPU tensors before the batch moves to the device (:func:`plan_step`); the batch
+moves without waiting (:func:`to_device`); the summed losses and per-source cross-entropies stay on the
+device, added up over the micro-batches. The step then reads the device once
+(:func:`read_step`): the summed losses and the gradient norm, in one transfer, because the decision
+to update the weights (skip a step whose loss or gradient is not finite, see
+:func:`interleaf.training.progress.Progress.advance`) is the host's: the optimiser's update cannot
+be undone on the device. With several processes, the global token count the loss is divided by is
+an all-reduce before the first micro-batch, read once more. The per-source losses stay on the device
+until the log record that reports them (:mod:`interleaf.training.report`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +44,9 @@ class StepOutcome:
     tokens: int  # positions the LM attends in the global batch (grown images at their length)
     trained: int  # trained positions in the global batch
     squared_lengths: int = 0  # sum over the global batch's rows of (positions the LM sees)^2 (attention FLOPs)
-    by_source: dict[str, list[float]] = field(default_factory=dict)  # source -> [CE sum, tokens], this process
+    # source -> [CE sum, tokens] of this process; the CE sum may be a 0-dim float64 tensor still on the
+    # device (read when a record reports it, see interleaf.training.report)
+    by_source: dict[str, list] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own values (DPO: rewards), logged as they are
 
 
@@ -72,28 +85,112 @@ def _no_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def _grad_norm(params: list[torch.Tensor], clip: float | None) -> float:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (a CPU tensor) on ``device`` without waiting for the device's queued work: to a GPU
+    through page-locked memory with a non-blocking copy (a copy from ordinary memory may wait for
+    the stream); elsewhere ``t.to(device)``."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor | None:
+    """The gradients' total norm before clipping (a tensor, not read), clipping them to ``clip``;
+    None when no parameter has a gradient."""
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad:
-        return 0.0
+        return None
     norm = torch.nn.utils.clip_grad_norm_(with_grad, clip if clip is not None else math.inf)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def apply_update(
-    stage: StageConfig, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], step_loss: float
-) -> tuple[float, bool]:
-    """Clip and update after the backward passes, or skip the update when the loss or the gradient
-    norm is not finite; gradients are zeroed either way. Returns ``(grad_norm, updated)``."""
-    grad_norm = _grad_norm(params, stage.optim.clip_grad_norm) if math.isfinite(step_loss) else math.nan
-    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+def finish_update(optimizer: torch.optim.Optimizer, finite: bool) -> None:
+    """Update the weights when the step is ``finite``; zero the gradients either way."""
     if finite:
         optimizer.step()
     # else: skip the update: no optimiser step, gradients dropped
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, finite
+
+
+@dataclass
+class StepPlan:
+    """What the host knows of a step's micro-batches from their collated CPU tensors, before any of
+    them moves to the device: the loss's denominator and the counts the log reports."""
+
+    den: float  # sum of w_i |T_i| over the global batch (every process), at least 1e-12
+    counts: tuple[int, int, int]  # tokens, trained tokens, squared lengths over the global batch
+    sources: list[str]  # the sources of this process's rows, in order of first appearance
+    rows: list[torch.Tensor]  # per micro-batch: each row's index in ``sources`` (long, CPU)
+    source_tokens: list[float]  # per source: trained tokens of this process's rows
+
+
+def plan_step(raw: list[list[dict]], batches: list[dict], dist: DistState) -> StepPlan:
+    """Count what the host needs on the collated CPU batches (no device work); with several
+    processes, the global sums are one all-reduce on the device, read once."""
+    local_den = sum(float((b["loss_weight"] * trained_tokens(b["labels"]).float()).sum()) for b in batches)
+    counts = [
+        float(sum(lm_tokens(b) for b in batches)), float(sum(int(trained_tokens(b["labels"]).sum()) for b in batches)),
+        float(sum(squared_lengths(b) for b in batches)),
+    ]
+    sources: dict[str, int] = {}
+    rows, source_tokens = [], []
+    for samples, b in zip(raw, batches):
+        index = [sources.setdefault(s.get("source", "data"), len(sources)) for s in samples]
+        rows.append(torch.tensor(index, dtype=torch.long))
+        source_tokens += [0.0] * (len(sources) - len(source_tokens))
+        for i, n in zip(index, trained_tokens(b["labels"]).tolist()):
+            source_tokens[i] += n
+    local = torch.tensor([local_den, *counts], dtype=torch.float64)
+    if dist.enabled:
+        local = all_reduce_sum(local.to(dist.device), dist).cpu()
+    den, tokens, trained, squared = local.tolist()
+    return StepPlan(den=max(den, 1e-12), counts=(int(tokens), int(trained), int(squared)), sources=list(sources),
+                    rows=rows, source_tokens=source_tokens)
+
+
+def micro_batch(
+    stage: StageConfig, wrapped: nn.Module, b: dict, rows: torch.Tensor, den: float, dist: DistState,
+    sync: bool, totals: torch.Tensor, by_source: torch.Tensor,
+) -> None:
+    """Forward and backward one collated micro-batch; add its weighted CE and Z^2 sums to ``totals``
+    (float64 (2,), on the device) and each row's CE to its source's entry of ``by_source`` (float64,
+    on the device). Reads nothing back from the device."""
+    device = dist.device
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=stage.precision == "bf16")
+    move = {k: to_device(b[k], device) for k in ("input_ids", "attention_mask", "labels", "loss_weight")}
+    with _no_sync(wrapped, sync), autocast:
+        out = wrapped(
+            input_ids=move["input_ids"], attention_mask=move["attention_mask"],
+            pixel_values=to_device(b["pixel_values"], device) if "pixel_values" in b else None,
+        )
+    # without z-loss, Z is reported but not differentiated
+    wce, wz, ce_rows, _ = weighted_token_loss(out.logits, move["labels"], move["loss_weight"], z_grad=bool(stage.z_loss))
+    loss = (wce.sum() + stage.z_loss * wz.sum()) / den * dist.world_size
+    loss.backward()
+    totals += torch.stack([wce.detach().sum(), wz.detach().sum()]).double()
+    by_source.index_add_(0, to_device(rows, device), ce_rows.detach().double())
+
+
+def read_with_grad_norm(
+    sums: torch.Tensor, stage: StageConfig, params: list[torch.Tensor]
+) -> tuple[list[float], float]:
+    """The step's ``sums`` (float64, on the device) and the gradients' norm before clipping, in one
+    read: ``(sums as floats, grad_norm)``. The gradients are clipped on the way, whatever the loss (a
+    step that is not finite drops them); no gradient at all gives a norm of 0."""
+    norm = _norm(params, stage.optim.clip_grad_norm)
+    norm = norm.reshape(1).to(sums) if norm is not None else sums.new_zeros(1)
+    *values, grad_norm = torch.cat([sums, norm]).tolist()  # the step's one read
+    return values, grad_norm
+
+
+def read_step(
+    stage: StageConfig, plan: StepPlan, totals: torch.Tensor, params: list[torch.Tensor]
+) -> tuple[float, float, float]:
+    """``(loss, z_mean, grad_norm)`` of the step, from its weighted CE and Z^2 sums ``totals`` (see
+    :func:`read_with_grad_norm`); the norm is NaN when the loss is not finite."""
+    (wce, wz), grad_norm = read_with_grad_norm(totals, stage, params)
+    step_loss = (wce + stage.z_loss * wz) / plan.den  # float64, as the sums
+    return step_loss, wz / plan.den, grad_norm if math.isfinite(step_loss) else math.nan
 
 
 def optimizer_step(
@@ -101,42 +198,27 @@ def optimizer_step(
     stream, micro: int, pad_id: int, dist: DistState,
 ) -> StepOutcome:
     """Run one step at the learning rate already set; gradients are zeroed afterwards either way."""
-    device = dist.device
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=stage.precision == "bf16")
     raw = [_take(stream, micro) for _ in range(stage.grad_accum)]
     batches = [_collate(samples, pad_id) for samples in raw]
-    local_den = sum(float((b["loss_weight"] * trained_tokens(b["labels"]).float()).sum()) for b in batches)
-    den = float(all_reduce_sum(torch.tensor([local_den], dtype=torch.float64), dist)[0])
-    den = max(den, 1e-12)
-    totals = torch.zeros(5, dtype=torch.float64)  # weighted CE, weighted Z^2, tokens, trained tokens, squared lengths
-    by_source: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    plan = plan_step(raw, batches, dist)
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)  # weighted CE, weighted Z^2
+    by_source = torch.zeros(len(plan.sources), dtype=torch.float64, device=dist.device)  # CE per source
     for j, b in enumerate(batches):
-        with _no_sync(wrapped, j == len(batches) - 1), autocast:
-            out = wrapped(
-                input_ids=b["input_ids"].to(device),
-                attention_mask=b["attention_mask"].to(device),
-                pixel_values=b["pixel_values"].to(device) if "pixel_values" in b else None,
-            )
-        # without z-loss, Z is reported but not differentiated
-        wce, wz, ce_rows, counts = weighted_token_loss(out.logits, b["labels"], b["loss_weight"], z_grad=bool(stage.z_loss))
-        loss = (wce.sum() + stage.z_loss * wz.sum()) / den * dist.world_size
-        loss.backward()
-        totals += torch.tensor(
-            [float(wce.detach().sum()), float(wz.detach().sum()), float(lm_tokens(b)), float(counts.sum()),
-             float(squared_lengths(b))],
-            dtype=torch.float64,
-        )
-        for src, c, n in zip((x.get("source", "data") for x in raw[j]), ce_rows.detach().tolist(), counts.tolist()):
-            by_source[src][0] += c
-            by_source[src][1] += n
+        micro_batch(stage, wrapped, b, plan.rows[j], plan.den, dist, j == len(batches) - 1, totals, by_source)
     # The decision to update rests on the loss summed over every process, so all agree.
     totals = all_reduce_sum(totals, dist)
-    step_loss = float((totals[0] + stage.z_loss * totals[1]) / den)
-    grad_norm, finite = apply_update(stage, optimizer, params, step_loss)
+    step_loss, z_mean, grad_norm = read_step(stage, plan, totals, params)
+    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    finish_update(optimizer, finite)
+    tokens, trained, squared = plan.counts
     return StepOutcome(
-        loss=step_loss, grad_norm=grad_norm, finite=finite, z_mean=float(totals[1] / den),
-        tokens=int(totals[2]), trained=int(totals[3]), squared_lengths=int(totals[4]), by_source=by_source,
+        loss=step_loss, grad_norm=grad_norm, finite=finite, z_mean=z_mean, tokens=tokens, trained=trained,
+        squared_lengths=squared,
+        by_source={src: [by_source[i], plan.source_tokens[i]] for i, src in enumerate(plan.sources)},
     )
 
 
-__all__ = ["StepOutcome", "apply_update", "lm_tokens", "optimizer_step"]
+__all__ = [
+    "StepOutcome", "StepPlan", "finish_update", "lm_tokens", "micro_batch", "optimizer_step", "plan_step",
+    "read_step", "read_with_grad_norm", "to_device",
+]
