@@ -13,7 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers.serving import ANYRES, FAMILIES, MODEL_NAME, data_url, png, reference, start_server, tiny_model
+from helpers.serving import (ANYRES, FAMILIES, MODEL_NAME, data_url, png, reference, start_server, tiny_model,
+                             to_processor_messages)
+
+from interleaf.serving.memory import CacheSizes
 
 HANG_GUARD_S = 120  # a bound on how long anything may take before the test calls it a hang
 
@@ -115,5 +118,28 @@ def test_requests_joining_and_leaving_at_random_steps_get_generate_alone(family)
         assert answers_of(post(server.url, seeded), seeded) == answers[len(bodies) - 1]
         assert sum(1 for rows in running_at_join if rows > 0) >= 3, running_at_join  # most joined a running batch
         wait_until(lambda: batcher.active_rows == 0, "every row leaves the batch")
+    finally:
+        server.stop()
+
+
+def test_admission_by_cache_memory_waits_for_room_and_refuses_what_never_fits():
+    """With a cache budget that holds one request's KV cache but not two, two concurrent requests run one after
+    the other (both answered as alone); a request whose caches alone exceed the budget gets a 400."""
+    model, processor = tiny_model("tiny-random")
+    body = body_of(0, "Tell me about rivers.", 0, 12, 1, False)
+    inputs = processor([to_processor_messages(body["messages"])])
+    length = int(inputs["attention_mask"][0].sum())
+    need = CacheSizes(model).kv_per_position * (length + body["max_tokens"])  # one row at its longest
+    server = start_server(model, processor, max_batch_size=8, max_cache_bytes=int(need * 1.5))
+    batcher = server.app.state.batcher
+    try:
+        want = [reference(model, processor, body["messages"], body["max_tokens"])]
+        with ThreadPoolExecutor(2) as pool:
+            answers = [f.result() for f in [pool.submit(post, server.url, body) for _ in range(2)]]
+        assert [answers_of(r, body) for r in answers] == [want, want]
+        assert batcher.max_rows_seen == 1  # the second waited for the first one's room
+        too_long = post(server.url, {**body, "max_tokens": 2 * length + 40})
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+        assert "cache budget" in too_long.json()["error"]["message"]
     finally:
         server.stop()
