@@ -23,6 +23,9 @@ def serve_cmd(
     max_cache_mb: Optional[float] = typer.Option(
         None, min=0.001, help="Most memory the running requests' KV and image caches may take (MiB); a request "
         "waits until it fits, and one that never could gets HTTP 400. Default: no limit beyond the batch size."),
+    max_prefill_tokens: int = typer.Option(
+        4096, min=1, help="Most prompt tokens prefilled between two decoding steps (at least one request each time), "
+        "so that a burst of long prompts does not stall running answers."),
     max_body_bytes: int = typer.Option(20_000_000, min=1, help="Largest request body."),
     max_images: int = typer.Option(8, min=1, help="Most images per request."),
     max_image_pixels: int = typer.Option(16_000_000, min=1, help="Most pixels (width x height) per image."),
@@ -52,6 +55,7 @@ def serve_cmd(
         url_policy=URLPolicy.from_options(allow_urls, allowed_hosts),
         max_batch_size=max_batch_size, max_queue=max_queue,
         max_cache_bytes=None if max_cache_mb is None else int(max_cache_mb * 2**20),
+        max_prefill_tokens=max_prefill_tokens,
         stall_timeout_s=stall_timeout, shutdown_timeout_s=shutdown_timeout,
     )
     if not api_key and not _is_loopback(host):

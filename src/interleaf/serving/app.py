@@ -35,6 +35,7 @@ def create_app(
     max_batch_size: int = 8,
     max_queue: int = 64,
     max_cache_bytes: int | None = None,
+    max_prefill_tokens: int = 4096,
     stall_timeout_s: float = 120.0,
     shutdown_timeout_s: float = 10.0,
 ) -> FastAPI:
@@ -44,6 +45,10 @@ def create_app(
     (queued and running requests cancelled, the worker awaited for at most ``shutdown_timeout_s``)
     when the server shuts down. ``/health`` answers 503 while the worker is dead, or holds work but
     made no progress for ``stall_timeout_s``; new requests then fail at once with 503.
+
+    Admission (:class:`~interleaf.serving.batcher.Batcher`): at most ``max_batch_size`` rows in flight,
+    their KV and image caches within ``max_cache_bytes`` (None: no limit), and at most
+    ``max_prefill_tokens`` prompt tokens prefilled between two decoding steps.
     """
     limits = limits or ServeLimits()
     policy = url_policy or URLPolicy()
@@ -54,7 +59,8 @@ def create_app(
     processor.max_images = limits.max_images
     processor.max_pixels = limits.max_image_pixels
     batcher = Batcher(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
-                      max_cache_bytes=max_cache_bytes, stall_timeout_s=stall_timeout_s, tokenizer_lock=lock)
+                      max_cache_bytes=max_cache_bytes, max_prefill_tokens=max_prefill_tokens,
+                      stall_timeout_s=stall_timeout_s, tokenizer_lock=lock)
     service = ChatService(processor, batcher, model_name, limits, policy, lock)
 
     async def lifespan(app: FastAPI):
