@@ -1,6 +1,6 @@
 """The server batches token-insertion models that tile images at any resolution (LLaVA-NeXT and
 xGen-MM instruct): requests with 0, 1 or 2 images of different sizes and aspect ratios, different
-prompt lengths, ``n`` > 1, streamed or not, run in one cohort, and every greedy answer is what
+prompt lengths, ``n`` > 1, streamed or not, run in one batch, and every greedy answer is what
 ``model.generate`` gives that request alone."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def images_of(job: Job) -> int:
     return 0 if job.pixel_values is None else job.pixel_values.shape[0]
 
 
-def test_concurrent_requests_in_one_cohort_each_equal_generate_alone(served):
+def test_concurrent_requests_in_one_batch_each_equal_generate_alone(served):
     _, _, server, expected = served
     batcher = server.app.state.batcher
     rounds: list[list[Job]] = []
@@ -95,7 +95,7 @@ def test_concurrent_requests_in_one_cohort_each_equal_generate_alone(served):
         batcher.batch_wait_s = 0.005
     for (messages, n, stream), got, want in zip(CASES, answers, expected):
         assert got == [want] * n, (messages, stream)
-    first = rounds[0]  # every request was admitted at once: one cohort, one encoding of all the images
+    first = rounds[0]  # every request was admitted at once: one prefill, one encoding of all the images
     assert len(first) == len(CASES) and batcher.max_rows_seen == sum(n for _, n, _ in CASES)
     assert {images_of(job) for job in first} == {0, 1, 2}
     sizes = {tuple(s) for job in first if job.image_sizes is not None for s in job.image_sizes.tolist()}
@@ -157,7 +157,7 @@ def _job(pixels, sizes=None, n: int = 1) -> Job:
     return Job(input_ids=[1, 2], pixel_values=pixels, image_sizes=sizes, max_new_tokens=1, sink=lambda e: None, n=n)
 
 
-def test_a_cohort_lays_out_every_rows_images_in_reading_order():
+def test_a_prefill_lays_out_every_rows_images_in_reading_order():
     a = torch.rand(2, 3, 3, 4, 4)  # two images of 3 views
     b = torch.rand(1, 5, 3, 4, 4)  # one image of 5 views
     jobs = [_job(a, torch.tensor([[8, 4], [4, 8]]), n=2), _job(None), _job(b, torch.tensor([[12, 4]]))]

@@ -1,4 +1,4 @@
-"""The one seam the server's cohorts use for both fusion families: ``model.prepare_media`` gives a batch's
+"""The model seam the server uses for both fusion families: ``model.prepare_media`` gives a batch's
 per-call image state (cross-attention: a ``MediaCache``; token insertion: ``InsertedImages``) with
 ``.select(rows)``; ``generate`` continues from it and a KV cache over several calls, rows dropped between
 calls, and gives what one ``generate`` call gives for the whole batch."""
@@ -80,7 +80,7 @@ def test_inserted_images_refuse_what_they_were_not_prepared_for(kind):
 @torch.no_grad()
 def test_an_image_token_the_model_generates_is_an_ordinary_token(kind):
     """A generated ``<image>`` is text: embedded as its own row, as transformers' LLaVA does, never an image
-    (a server cohort would otherwise fail, or write a prompt image's features over it)."""
+    (a server batch would otherwise fail, or write a prompt image's features over it)."""
     model, processor = tiny_model(kind)
     batch = processor([["a question without images"]])
     image, width = model.image_token_id, batch["input_ids"].shape[1]
