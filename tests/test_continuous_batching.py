@@ -5,7 +5,6 @@ streamed and not, and the any-resolution models whose image lengths depend on th
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -13,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers.serving import (ANYRES, FAMILIES, MODEL_NAME, data_url, png, reference, start_server, tiny_model,
-                             to_processor_messages)
+from helpers.serving import (ANYRES, FAMILIES, MODEL_NAME, answers_of, data_url, png, reference, start_server,
+                             tiny_model, to_processor_messages)
 
 from interleaf.serving.memory import CacheSizes
 
@@ -43,19 +42,6 @@ def body_of(k: int, words: str, images: int, max_tokens: int, n: int, stream: bo
 
 def post(url: str, body: dict) -> httpx.Response:
     return httpx.post(url + "/v1/chat/completions", json=body, timeout=HANG_GUARD_S)
-
-
-def answers_of(r: httpx.Response, body: dict) -> list[str]:
-    """Each choice's text, from a JSON answer or from the events of a streamed one."""
-    assert r.status_code == 200, r.text
-    if not body.get("stream"):
-        return [c["message"]["content"] for c in r.json()["choices"]]
-    texts = [""] * body["n"]
-    for line in r.text.splitlines():
-        if line.startswith("data: {"):
-            for c in json.loads(line[6:])["choices"]:
-                texts[c["index"]] += c["delta"].get("content") or ""
-    return texts
 
 
 def wait_until(predicate, what: str) -> None:

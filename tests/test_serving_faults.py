@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.serving import FAMILIES, MODEL_NAME, data_url, png, reference, start_server, tiny_model
+from helpers.serving import FAMILIES, MODEL_NAME, answers_of, data_url, png, reference, start_server, tiny_model
 
 HANG_GUARD_S = 120  # a bound on how long anything may take before the test calls it a hang
 
@@ -138,19 +138,6 @@ def mixed_requests(model, processor) -> list[tuple[dict, str]]:
                 full = full[: full.find(stop)]
         out.append((body, full))
     return out
-
-
-def answers_of(r: httpx.Response, body: dict) -> list[str]:
-    """Each choice's text, from a JSON answer or from the events of a streamed one."""
-    assert r.status_code == 200, r.text
-    if not body.get("stream"):
-        return [c["message"]["content"] for c in r.json()["choices"]]
-    texts = [""] * body["n"]
-    for line in r.text.splitlines():
-        if line.startswith("data: {"):
-            for c in json.loads(line[6:])["choices"]:
-                texts[c["index"]] += c["delta"].get("content") or ""
-    return texts
 
 
 def test_a_batch_of_mixed_requests_gives_each_its_answer_alone(tiny):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from typing import Any
 
+import httpx
 import torch
 from PIL import Image
 from tiny import tiny_preset
@@ -125,3 +127,16 @@ def one_token_per_image(batch: dict, image_token_id: int, pad_token_id: int) -> 
         "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
         "pixel_values": batch["pixel_values"],
     }
+
+
+def answers_of(r: httpx.Response, body: dict) -> list[str]:
+    """Each choice's text, from a JSON answer or from the events of a streamed one."""
+    assert r.status_code == 200, r.text
+    if not body.get("stream"):
+        return [c["message"]["content"] for c in r.json()["choices"]]
+    texts = [""] * body["n"]
+    for line in r.text.splitlines():
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                texts[c["index"]] += c["delta"].get("content") or ""
+    return texts
