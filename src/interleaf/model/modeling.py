@@ -286,26 +286,40 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         self,
         input_ids: torch.Tensor,
         cache: MediaCache,
-        past_length: int,
+        past_length: int | torch.Tensor,
         image_attention_mask: torch.Tensor | None = None,
     ) -> MediaContext:
+        """Which image each token attends, computed on the device (no host synchronisation).
+
+        ``past_length``: the cached length, an int or (static caches) a 0-d tensor; tokens after a
+        cached prefix attend the prompt's last image. ``one_image_per_row`` (one token per row, or a
+        known cached prefix): each row's tokens attend one image, whose keys and values the blocks
+        gather instead of masking all ``N * L``.
+        """
         rows = input_ids.shape[0]
         row_index = cache.row_index(rows)
         num_images = cache.num_images if row_index is None else cache.num_images[row_index]  # (B_run,)
         num_images = num_images.to(input_ids.device)
-        if past_length == 0:
+        last = (num_images - 1)[:, None]  # (B_run, 1)
+        after_prompt = not torch.is_tensor(past_length) and past_length > 0
+        if after_prompt:  # tokens after the prompt attend its last image
+            index = last.expand_as(input_ids)
+        else:
             index = (input_ids == self.image_token_id).long().cumsum(-1) - 1  # (B, T)
             if image_attention_mask is not None and image_attention_mask.shape[:2] == input_ids.shape:
                 # An explicit mask may take images away (IDEFICS' packed input: none after an EOS).
                 sees = image_attention_mask.to(input_ids.device).bool().any(-1)  # (B, T)
                 index = index.masked_fill(~sees, -1)
-        else:  # tokens after the prompt attend its last image
-            index = (num_images - 1)[:, None].expand_as(input_ids)
-        index = torch.minimum(index, (num_images - 1)[:, None])
-        sees = (index >= 0)[..., None].float()  # (B, T, 1)
-        row_has_image = (num_images > 0)[:, None, None].float()  # (B, 1, 1)
+            if torch.is_tensor(past_length):  # a static cache: prompt or continuation, told apart on the device
+                index = torch.where(past_length.to(index.device) > 0, last.expand_as(index), index)
+        index = torch.minimum(index, last)
+        seen = index >= 0  # (B, T)
+        sees = seen[..., None].float()  # (B, T, 1)
+        # A row with images whose tokens see none, in a batch where no token sees one, computes the plain
+        # LM (as when the batch skips cross-attention altogether); decided on the device.
+        row_has_image = ((num_images > 0)[:, None, None] & seen.any()).float()  # (B, 1, 1)
         return MediaContext(cache=cache, image_index=index, row_index=row_index, sees_image=sees,
-                            row_has_image=row_has_image)
+                            row_has_image=row_has_image, one_image_per_row=after_prompt or input_ids.shape[1] == 1)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -355,13 +369,13 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
                     "new images cannot be added after a cached prefix; run the whole prompt with its images"
                 )
             media_cache = self.prepare_media(input_ids, pixel_values)
+        # A batch without image slots skips cross-attention (a host-side shape test). Otherwise the blocks
+        # run, and tokens that see no image get exactly the plain LM's values from them (MediaContext).
         ctx = (
             self._media_context(input_ids, media_cache, past_length, image_attention_mask)
-            if media_cache is not None
+            if media_cache is not None and media_cache.latents.shape[1] > 0
             else None
         )
-        if ctx is not None and not bool((ctx.image_index >= 0).any()):
-            ctx = None  # no token sees an image: skip cross-attention entirely
         if position_ids is None and attention_mask is not None and self._lm_accepts_position_ids:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1] :]
         lm_kwargs = dict(
