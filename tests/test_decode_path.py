@@ -4,6 +4,8 @@ image counts; a decode step's cross-attention attends only the image its row see
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -109,3 +111,45 @@ def test_a_decode_step_attends_only_its_rows_last_image():
             xa.attend = original
     torch.testing.assert_close(out_gathered, out_masked, atol=1e-5, rtol=1e-5)
     assert not torch.equal(out_gathered[0], x[0]) and torch.equal(out_gathered[1], x[1])  # row 1 has no image
+
+
+@pytest.fixture
+def fresh_dynamo():
+    before = os.environ.get("TOKENIZERS_PARALLELISM")  # transformers sets it when it compiles
+    yield
+    torch._dynamo.reset()  # compiled code belongs to this test's models only
+    if before is None:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_decoding_gives_the_same_greedy_tokens(family, fresh_dynamo):
+    """``generate(compile=True)``: a static KV cache and a compiled decoding step (inductor), the same
+    tokens as the default path, for rows with and without images; a second call reuses the compiled step."""
+    model, processor = build_family(family)
+    model.eval()
+    inputs = _inputs(_batch(processor, 3, True))
+    options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    expected = model.generate(**inputs, **options)
+    recorder = _StepSyncs(model)
+    try:
+        compiled = model.generate(**inputs, **options, compile=True)
+    finally:
+        recorder.remove()
+    assert torch.equal(compiled, expected)
+    for step, syncs in enumerate(recorder.steps[1:], start=1):  # the compiled steps too
+        assert not syncs.in_interleaf(), f"decoding step {step}:\n{syncs.report()}"
+    assert torch.equal(model.generate(**inputs, **options, compile=True), expected)
+
+
+def test_compile_refuses_a_cache_it_cannot_use():
+    from interleaf.errors import InputError
+
+    model, processor = build_family("cross_attention")
+    inputs = _inputs(_batch(processor, 1, False))
+    from transformers import DynamicCache
+
+    with pytest.raises(InputError, match="past_key_values"):
+        model.generate(**inputs, max_new_tokens=2, compile=True, past_key_values=DynamicCache())

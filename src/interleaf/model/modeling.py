@@ -37,6 +37,7 @@ from .cross_attention import (
     media_context,
 )
 from . import inserted_images, token_insertion
+from .compiled import cached_prefix, compile_options
 from .backbone import Backbone
 from .embeddings import DecoupledEmbedding, DecoupledHead, FullVocabularyHead
 from .inserted_images import InsertedImages
@@ -286,15 +287,15 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         self,
         input_ids: torch.Tensor,
         cache: MediaCache,
-        past_length: int | torch.Tensor,
+        past_length: int | bool | torch.Tensor,
         image_attention_mask: torch.Tensor | None = None,
     ) -> MediaContext:
         """Which image each token attends, computed on the device (no host synchronisation).
 
-        ``past_length``: the cached length, an int or (static caches) a 0-d tensor; tokens after a
-        cached prefix attend the prompt's last image. ``one_image_per_row`` (one token per row, or a
-        known cached prefix): each row's tokens attend one image, whose keys and values the blocks
-        gather instead of masking all ``N * L``.
+        ``past_length``: the cached length or whether there is a cached prefix (:func:`cached_prefix`),
+        known on the host or (a static cache's prompt) a tensor; tokens after a cached prefix attend
+        the prompt's last image. ``one_image_per_row`` (one token per row, or a cached prefix): each
+        row's tokens attend one image, whose keys and values the blocks gather instead of masking all ``N * L``.
         """
         rows = input_ids.shape[0]
         row_index = cache.row_index(rows)
@@ -338,6 +339,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         return_dict: bool | None = None,
         image_embeds: torch.Tensor | None = None,  # token insertion: images already encoded (generate)
         hidden_states_only: bool = False,  # base_model's call: the LM's final hidden states, no head
+        decoding: bool = False,  # generate's decoding step: the input continues the cached prompt
         **kwargs,
     ) -> InterleafOutput | BaseModelOutputWithPast:
         if self.config.fusion == "token_insertion":
@@ -350,7 +352,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
                 )
             return token_insertion.forward(
                 self, input_ids, attention_mask, pixel_values, image_embeds, past_key_values, position_ids,
-                labels, use_cache, logits_to_keep, hidden_states_only=hidden_states_only, **kwargs,
+                labels, use_cache, logits_to_keep, hidden_states_only=hidden_states_only, decoding=decoding, **kwargs,
             )
         if image_embeds is not None:
             raise InputError("image_embeds is for token-insertion models; pass pixel_values")
@@ -360,11 +362,11 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
             pixel_values = batch_images
         if input_ids is None:
             raise InputError("input_ids is required (interleaf finds images in the text by the image token)")
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cached = cached_prefix(past_key_values, decoding)  # on the host, or a static cache's prompt: a tensor
         if pixel_values is not None:
             if media_cache is not None:
                 raise InputError("pass either pixel_values or media_cache, not both")
-            if past_length:
+            if bool(cached):
                 raise InputError(
                     "new images cannot be added after a cached prefix; run the whole prompt with its images"
                 )
@@ -372,7 +374,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         # A batch without image slots skips cross-attention (a host-side shape test). Otherwise the blocks
         # run, and tokens that see no image get exactly the plain LM's values from them (MediaContext).
         ctx = (
-            self._media_context(input_ids, media_cache, past_length, image_attention_mask)
+            self._media_context(input_ids, media_cache, cached, image_attention_mask)
             if media_cache is not None and media_cache.latents.shape[1] > 0
             else None
         )
@@ -403,11 +405,22 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         )
 
     # ------------------------------------------------------------------ generation
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        """transformers' inputs, marking decoding steps over a static cache (``decoding``): such a cache
+        keeps its length on the device, and a step must not read it on the host."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        cache = inputs.get("past_key_values")
+        if not is_first_iteration and getattr(cache, "is_compileable", False):
+            inputs["decoding"] = True
+        return inputs
+
     @torch.no_grad()
-    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, media_cache=None, **kwargs):
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, media_cache=None, compile=False,
+                 **kwargs):
         """transformers' ``generate`` with images encoded and keys/values projected once per call.
 
-        Also accepts the seeds' spellings: ``batch_images`` for ``pixel_values``;
+        ``compile=True``: a static KV cache and a compiled decoding step (:mod:`interleaf.model.compiled`;
+        the first call compiles). Also accepts the seeds' spellings: ``batch_images`` for ``pixel_values``;
         ``min_generation_length`` / ``max_generation_length`` for ``min_new_tokens`` /
         ``max_new_tokens``; ``image_attention_mask`` (derived from the text, so ignored).
         """
@@ -420,6 +433,8 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         kwargs.pop("image_attention_mask", None)
         if input_ids is None:
             raise InputError("generate needs input_ids: run the prompt through the interleaf processor first")
+        if compile:
+            kwargs = compile_options(self.device, kwargs, input_ids.shape[1])
         if self.config.fusion == "token_insertion":
             embeds = kwargs.pop("image_embeds", None)
             if media_cache is not None:
