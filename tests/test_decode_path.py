@@ -4,6 +4,7 @@ image counts; a decode step's cross-attention attends only the image its row see
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -153,3 +154,38 @@ def test_compile_refuses_a_cache_it_cannot_use():
 
     with pytest.raises(InputError, match="past_key_values"):
         model.generate(**inputs, max_new_tokens=2, compile=True, past_key_values=DynamicCache())
+
+
+@pytest.fixture
+def generate_options(monkeypatch):
+    """Every ``compile`` option ``model.generate`` receives (the call itself runs without it, quickly)."""
+    from interleaf.model.modeling import InterleafForConditionalGeneration
+
+    seen = []
+    original = InterleafForConditionalGeneration.generate
+
+    def recording(self, *args, compile=False, **kwargs):
+        seen.append(compile)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterleafForConditionalGeneration, "generate", recording)
+    return seen
+
+
+def test_the_generate_and_eval_verbs_pass_compile_on(generate_options, synth_corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from interleaf.cli import app
+
+    runner = CliRunner()
+    for extra in ([], ["--compile"]):
+        result = runner.invoke(app, ["generate", "--model", "tiny-random", "--max-new-tokens", "3", "hi", *extra])
+        assert result.exit_code == 0, result.output
+    assert generate_options == [False, True]
+    generate_options.clear()
+    corpus = synth_corpus.get(n_train_scenes=30, n_heldout_scenes=6)
+    result = runner.invoke(app, ["eval", "--model", "tiny-random", "--task", "synth-vqa", "--data", str(corpus),
+                                 "--limit", "2", "--batch-size", "2", "--out", str(tmp_path / "run"), "--compile"])
+    assert result.exit_code == 0, result.output
+    assert generate_options and all(generate_options)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["compile"] is True
