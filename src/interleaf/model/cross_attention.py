@@ -5,6 +5,7 @@ One block sits in front of a chosen decoder layer of the LM::
     x (B, T, D) ─► norm ─► q ──┐
     latents (B, N_img * L, Dv) ─► k, v (projected once per call, see MediaCache)
                                └─► attention, token t sees only the latents of its latest image
+                                   (a decoding step gathers each row's one image: L keys, not N*L)
                                    ─► zeroed for tokens that see no image
     x = x + tanh(attn_gate) * attn(x)
     x = x + tanh(ffn_gate)  * ffn(norm(x))    (zeroed too for tokens without image, unless

@@ -290,13 +290,9 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         past_length: int | bool | torch.Tensor,
         image_attention_mask: torch.Tensor | None = None,
     ) -> MediaContext:
-        """Which image each token attends, computed on the device (no host synchronisation).
-
-        ``past_length``: the cached length or whether there is a cached prefix (:func:`cached_prefix`),
-        known on the host or (a static cache's prompt) a tensor; tokens after a cached prefix attend
-        the prompt's last image. ``one_image_per_row`` (one token per row, or a cached prefix): each
-        row's tokens attend one image, whose keys and values the blocks gather instead of masking all ``N * L``.
-        """
+        """Which image each token attends, on the device. ``past_length``: the cached length, or whether there
+        is a cached prefix (:func:`cached_prefix`: a tensor for a static cache's prompt); tokens after one
+        attend the prompt's last image. One token per row, or a cached prefix: ``one_image_per_row``."""
         rows = input_ids.shape[0]
         row_index = cache.row_index(rows)
         num_images = cache.num_images if row_index is None else cache.num_images[row_index]  # (B_run,)
@@ -316,8 +312,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         index = torch.minimum(index, last)
         seen = index >= 0  # (B, T)
         sees = seen[..., None].float()  # (B, T, 1)
-        # A row with images whose tokens see none, in a batch where no token sees one, computes the plain
-        # LM (as when the batch skips cross-attention altogether); decided on the device.
+        # a row in a batch where no token sees an image computes the plain LM (as without cross-attention)
         row_has_image = ((num_images > 0)[:, None, None] & seen.any()).float()  # (B, 1, 1)
         return MediaContext(cache=cache, image_index=index, row_index=row_index, sees_image=sees,
                             row_has_image=row_has_image, one_image_per_row=after_prompt or input_ids.shape[1] == 1)
@@ -371,8 +366,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
                     "new images cannot be added after a cached prefix; run the whole prompt with its images"
                 )
             media_cache = self.prepare_media(input_ids, pixel_values)
-        # A batch without image slots skips cross-attention (a host-side shape test). Otherwise the blocks
-        # run, and tokens that see no image get exactly the plain LM's values from them (MediaContext).
+        # no image slots: no cross-attention; else tokens that see no image get the plain LM's values exactly
         ctx = (
             self._media_context(input_ids, media_cache, cached, image_attention_mask)
             if media_cache is not None and media_cache.latents.shape[1] > 0
@@ -405,22 +399,24 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         )
 
     # ------------------------------------------------------------------ generation
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
+                                      attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
         """transformers' inputs, marking decoding steps over a static cache (``decoding``): such a cache
         keeps its length on the device, and a step must not read it on the host."""
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length, past_key_values, attention_mask, inputs_embeds, is_first_iteration, **kwargs
+        )
         cache = inputs.get("past_key_values")
         if not is_first_iteration and getattr(cache, "is_compileable", False):
             inputs["decoding"] = True
         return inputs
 
     @torch.no_grad()
-    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, media_cache=None, compile=False,
-                 **kwargs):
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, media_cache=None, compile=False, **kwargs):
         """transformers' ``generate`` with images encoded and keys/values projected once per call.
 
-        ``compile=True``: a static KV cache and a compiled decoding step (:mod:`interleaf.model.compiled`;
-        the first call compiles). Also accepts the seeds' spellings: ``batch_images`` for ``pixel_values``;
+        ``compile=True``: a compiled decoding step (:mod:`~interleaf.model.compiled`). Also accepts the
+        seeds' spellings: ``batch_images`` for ``pixel_values``;
         ``min_generation_length`` / ``max_generation_length`` for ``min_new_tokens`` /
         ``max_new_tokens``; ``image_attention_mask`` (derived from the text, so ignored).
         """
