@@ -51,8 +51,8 @@ import torch
 from ..errors import ConfigError, InputError
 from ..processing.prompt_format import IGNORE_INDEX
 from . import xgenmm
-from .llava_next import check_llava_next, llava_next_anyres, llava_next_rows
 from .compiled import cached_prefix
+from .llava_next import check_llava_next, llava_next_anyres, llava_next_rows
 from .loss import causal_lm_loss
 
 __all__ = [
