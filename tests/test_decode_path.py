@@ -189,3 +189,23 @@ def test_the_generate_and_eval_verbs_pass_compile_on(generate_options, synth_cor
     assert result.exit_code == 0, result.output
     assert generate_options and all(generate_options)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["compile"] is True
+
+
+@pytest.mark.parametrize("skip_rows", [True, False])
+def test_a_batch_whose_tokens_see_no_image_computes_as_without_images(skip_rows):
+    """Cross-attention runs without asking the host whether any token sees an image; a batch whose
+    image mask takes every image away (IDEFICS' packed input) still gets exactly the logits of the
+    same text without images, also with an image-independent FFN (InfiMM's per-row flag on and off)."""
+    options = dict(gate_init="ones", ffn_without_image=True, skip_rows_without_image=skip_rows)
+    model, processor = build_family("cross_attention", cross_attention=options)
+    model.eval()
+    inputs = _batch(processor, 3, True)
+    hidden = torch.zeros_like(inputs["image_attention_mask"])
+    with torch.no_grad():
+        masked = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       pixel_values=inputs["pixel_values"], image_attention_mask=hidden).logits
+        plain = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        seeing = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       pixel_values=inputs["pixel_values"]).logits
+    assert torch.equal(masked, plain)
+    assert not torch.allclose(seeing, plain)  # the images matter when tokens see them
