@@ -34,9 +34,13 @@ def build_prompt(processor, text: str, images: Sequence[Any] = (), chat: bool | 
 
 def generation_kwargs(
     processor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1,
-    stop: Sequence[str] = (),
+    stop: Sequence[str] = (), compile: bool = False,
 ) -> dict:
+    """``model.generate``'s options for the processor's tokenizer: greedy when ``temperature`` is 0, the
+    EOS and end-of-chunk ids, stop strings; ``compile``: a static KV cache and a compiled decoding step."""
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams)
+    if compile:
+        kwargs["compile"] = True
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
@@ -57,14 +61,15 @@ def generation_kwargs(
 def generate_text(
     model, processor, text: str, *, images: Sequence[Any] = (), max_new_tokens: int = 64,
     temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1, seed: int | None = None,
-    chat: bool | None = None, stream: bool = False, stop: Sequence[str] = (),
+    chat: bool | None = None, stream: bool = False, stop: Sequence[str] = (), compile: bool = False,
 ) -> Iterator[str]:
-    """Yield the answer to ``text`` about ``images`` (pieces as they come when ``stream``)."""
+    """Yield the answer to ``text`` about ``images`` (pieces as they come when ``stream``); ``compile``:
+    a static KV cache and a compiled decoding step (the first call compiles)."""
     prompt = build_prompt(processor, text, images, chat)
     inputs = processor([prompt])
     kwargs = generation_kwargs(
         processor, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_beams=num_beams,
-        stop=stop,
+        stop=stop, compile=compile,
     )
     if seed is not None:
         torch.manual_seed(seed)

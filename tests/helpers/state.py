@@ -9,8 +9,10 @@ import torch
 
 # Variables the tools themselves write, once per process: pytest's, rewritten at each phase of a
 # test; torch's inductor cache directory, recorded the first time torch looks it up; and the two
-# OpenMP settings scikit-learn sets when it is first imported.
-IGNORED_ENV = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"})
+# OpenMP settings scikit-learn sets when it is first imported; the address inductor records for its
+# compiled code's tensors, the first time it compiles.
+IGNORED_ENV = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",
+                         "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"})
 
 
 def torch_state() -> dict[str, object]:

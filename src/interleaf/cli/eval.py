@@ -43,6 +43,7 @@ def eval_cmd(
     num_beams: Optional[int] = typer.Option(None, "--num-beams", min=1, help="Override the task's beams."),
     compare: Optional[tuple[Path, Path]] = typer.Option(None, "--compare", help="Print two results.json side by side."),
     list_tasks: bool = typer.Option(False, "--list", help="List the registered tasks."),
+    compile: bool = typer.Option(False, "--compile", help="Generate with a static KV cache and a compiled decoding step."),
 ) -> None:
     """Evaluate a model on tasks (few-shot, random or RICES demonstrations), or compare results."""
     from ..errors import InputError
@@ -75,7 +76,8 @@ def eval_cmd(
         evaluate(
             m, p, list(task), shots=parsed_shots, trials=trials, seed=seed, batch_size=batch_size, rices=rices,
             zero_shot_trick=zero_shot_trick, chat=chat, limit=limit, data_dir=data, images_dir=images, out_dir=out,
-            task_options=options, num_beams=num_beams, print_table=True, extra_config={"model": model}, dist=state,
+            task_options=options, num_beams=num_beams, compile=compile, print_table=True, extra_config={"model": model},
+            dist=state,
         )
     end_launched_process(state)  # under torchrun: no interpreter teardown after the results are written
 

@@ -78,6 +78,9 @@ def generate_cmd(
     chat: Optional[bool] = typer.Option(
         None, "--chat/--no-chat", help="Render as a chat turn (default: when the tokenizer has a chat template)."
     ),
+    compile: bool = typer.Option(
+        False, "--compile", help="A static KV cache and a compiled decoding step (compiling takes a while first)."
+    ),
 ) -> None:
     """Answer PROMPT about the images, streaming the answer."""
     from ..generation import generate_text
@@ -85,7 +88,7 @@ def generate_cmd(
     m, p = load_model(model, seed=seed)
     for piece in generate_text(
         m, p, prompt, images=image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        num_beams=num_beams, seed=seed, chat=chat, stream=True,
+        num_beams=num_beams, seed=seed, chat=chat, stream=True, compile=compile,
     ):
         typer.echo(piece, nl=False)
     typer.echo()

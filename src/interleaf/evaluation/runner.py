@@ -68,6 +68,7 @@ class EvalOptions:
     task_options: dict[str, Any] = field(default_factory=dict)
     num_beams: int | None = None  # overrides the task's
     max_new_tokens: int | None = None  # overrides the task's
+    compile: bool = False  # generate with a static KV cache and a compiled decoding step (same tokens)
 
     def __post_init__(self) -> None:
         if any(s < 0 for s in self.shots):
@@ -270,7 +271,7 @@ class _TaskRun:
             raws = generate_batch(
                 self.model, self.processor, prompts, max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
                 num_beams=opts.num_beams or task.num_beams, stop=task.stop, length_penalty=task.length_penalty,
-                batch_size=opts.batch_size,
+                batch_size=opts.batch_size, compile=opts.compile,
             )
             for ex, prompt, ids, raw in zip(batch, prompts, demo_ids, raws):
                 records.append(self._record(ex, prompt, ids, raw=raw, pred=postprocess(task.postprocess, raw)))
@@ -313,7 +314,7 @@ def evaluate(
     chat: bool = False, limit: int | None = None, data_dir: str | Path | None = None,
     images_dir: str | Path | None = None, out_dir: str | Path | None = None, task_options: dict | None = None,
     rices_encoder: Encoder | None = None, rices_encoder_id: str | None = None, model_id: str | None = None,
-    num_beams: int | None = None, max_new_tokens: int | None = None, progress: bool = True,
+    num_beams: int | None = None, max_new_tokens: int | None = None, compile: bool = False, progress: bool = True,
     print_table: bool = False, extra_config: dict | None = None,
     on_trial: Callable[[str, int, int, list[dict]], None] | None = None,
     dist: DistState | None = None,
@@ -331,7 +332,7 @@ def evaluate(
         rices=rices, zero_shot_trick=zero_shot_trick, chat=chat, limit=limit,
         data_dir=str(data_dir) if data_dir is not None else None,
         images_dir=str(images_dir) if images_dir is not None else None, task_options=dict(task_options or {}),
-        num_beams=num_beams, max_new_tokens=max_new_tokens,
+        num_beams=num_beams, max_new_tokens=max_new_tokens, compile=compile,
     )
     task_list = [tasks] if isinstance(tasks, (str, TaskSpec)) else list(tasks)
     specs = [t if isinstance(t, TaskSpec) else get_task(t) for t in task_list]

@@ -37,14 +37,15 @@ def _device(model: Any) -> torch.device:
 @torch.no_grad()
 def generate_batch(
     model: Any, processor: Any, prompts: Sequence[Any], *, max_new_tokens: int = 10, num_beams: int = 1,
-    stop: Sequence[str] = (), length_penalty: float | None = None, batch_size: int = 8,
+    stop: Sequence[str] = (), length_penalty: float | None = None, batch_size: int = 8, compile: bool = False,
 ) -> list[str]:
     """Generate for each prompt (processor prompt items or chat messages); returns the new text,
     cut at the earliest stop string. Greedy results do not depend on ``batch_size``."""
     tok = processor.tokenizer
     specials = set(tok.all_special_tokens)
     text_stops = [s for s in stop if s not in specials]  # special tokens stop as EOS ids already
-    kwargs = generation_kwargs(processor, max_new_tokens=max_new_tokens, num_beams=num_beams, stop=text_stops)
+    kwargs = generation_kwargs(processor, max_new_tokens=max_new_tokens, num_beams=num_beams, stop=text_stops,
+                               compile=compile)
     if length_penalty is not None and num_beams > 1:
         kwargs["length_penalty"] = length_penalty
     device = _device(model)

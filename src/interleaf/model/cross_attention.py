@@ -5,6 +5,7 @@ One block sits in front of a chosen decoder layer of the LM::
     x (B, T, D) ─► norm ─► q ──┐
     latents (B, N_img * L, Dv) ─► k, v (projected once per call, see MediaCache)
                                └─► attention, token t sees only the latents of its latest image
+                                   (a decoding step gathers each row's one image: L keys, not N*L)
                                    ─► zeroed for tokens that see no image
     x = x + tanh(attn_gate) * attn(x)
     x = x + tanh(ffn_gate)  * ffn(norm(x))    (zeroed too for tokens without image, unless
@@ -123,6 +124,9 @@ class MediaContext:
     row_index: torch.Tensor | None  # (B_run,) cache row per running row, or None
     sees_image: torch.Tensor  # (B_run, T, 1) float 1.0 where the token has an image
     row_has_image: torch.Tensor | None = None  # (B_run, 1, 1) float 1.0 for a row whose prompt has an image
+    # every token of a row attends the same image (decoding): blocks gather that image's L keys and
+    # values per row instead of masking all N * L
+    one_image_per_row: bool = False
 
 
 _MEDIA: contextvars.ContextVar[MediaContext | None] = contextvars.ContextVar("interleaf_media", default=None)
@@ -194,17 +198,22 @@ class GatedCrossAttentionBlock(nn.Module):
         if block_index not in ctx.cache.kv:
             ctx.cache.kv[block_index] = self.project_media(ctx.cache.latents.to(x.device))
         k, v = ctx.cache.kv[block_index]
-        if ctx.row_index is not None:
-            k, v = k[ctx.row_index], v[ctx.row_index]  # (B_run, H, N*L, Dh)
         q = self.q_proj(self.norm(x)).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         if self.cfg.qk_norm:
             q = self.q_norm(q)
-        # token t attends latent j iff j belongs to t's image; tokens without image attend everything
-        # (keeps softmax finite) and are zeroed below.
-        latent_image = torch.arange(k.shape[2], device=x.device) // ctx.cache.latents_per_image  # (N*L,)
-        index = ctx.image_index  # (B, T)
-        mask = (index[:, :, None] == latent_image[None, None, :]) | (index[:, :, None] < 0)  # (B, T, N*L)
-        out = attend(q, k.to(q.dtype), v.to(q.dtype), mask[:, None])  # (B, H, T, Dh)
+        if ctx.one_image_per_row:
+            k, v = _image_keys_values(k, v, ctx)  # (B_run, H, L, Dh)
+            mask = None
+        else:
+            if ctx.row_index is not None:
+                k, v = k[ctx.row_index], v[ctx.row_index]  # (B_run, H, N*L, Dh)
+            # token t attends latent j iff j belongs to t's image; tokens without image attend everything
+            # (keeps softmax finite) and are zeroed below.
+            latent_image = torch.arange(k.shape[2], device=x.device) // ctx.cache.latents_per_image  # (N*L,)
+            index = ctx.image_index  # (B, T)
+            mask = (index[:, :, None] == latent_image[None, None, :]) | (index[:, :, None] < 0)  # (B, T, N*L)
+            mask = mask[:, None]
+        out = attend(q, k.to(q.dtype), v.to(q.dtype), mask)  # (B, H, T, Dh)
         out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))  # (B, T, D)
         sees = ctx.sees_image.to(out.dtype)  # (B, T, 1)
         x = x + torch.tanh(self.attn_gate).to(x.dtype) * (out * sees)
@@ -214,6 +223,23 @@ class GatedCrossAttentionBlock(nn.Module):
         elif self.cfg.skip_rows_without_image and ctx.row_has_image is not None:
             h = h * ctx.row_has_image.to(h.dtype)  # (rows without image: their attention part is already 0)
         return x + torch.tanh(self.ffn_gate).to(x.dtype) * h
+
+
+def _image_keys_values(k: torch.Tensor, v: torch.Tensor, ctx: MediaContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of the one image each running row attends: (B, H, N*L, Dh) -> (B_run, H, L, Dh).
+
+    Gathered by index on the device (no host synchronisation). A row that sees no image reads its
+    first image slot; its output is zeroed by ``sees_image``.
+    """
+    rows = ctx.image_index.shape[0]
+    cache_rows = ctx.row_index if ctx.row_index is not None else torch.arange(rows, device=k.device)
+    image = ctx.image_index[:, 0].clamp_min(0)  # (B_run,)
+    n, length = ctx.cache.latents.shape[1], ctx.cache.latents_per_image
+    cache_rows, image = cache_rows.to(k.device), image.to(k.device)
+    # advanced indices on dims 0 and 2 of (B, H, N, L, Dh) -> (B_run, H, L, Dh)
+    k = k.unflatten(2, (n, length))[cache_rows, :, image]
+    v = v.unflatten(2, (n, length))[cache_rows, :, image]
+    return k, v
 
 
 class CrossAttentionDecoderLayer(nn.Module):

@@ -37,6 +37,7 @@ from .cross_attention import (
     media_context,
 )
 from . import inserted_images, token_insertion
+from .compiled import cached_prefix, compile_options
 from .backbone import Backbone
 from .embeddings import DecoupledEmbedding, DecoupledHead, FullVocabularyHead
 from .inserted_images import InsertedImages
@@ -286,26 +287,35 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         self,
         input_ids: torch.Tensor,
         cache: MediaCache,
-        past_length: int,
+        past_length: int | bool | torch.Tensor,
         image_attention_mask: torch.Tensor | None = None,
     ) -> MediaContext:
+        """Which image each token attends, on the device. ``past_length``: the cached length, or whether there
+        is a cached prefix (:func:`cached_prefix`: a tensor for a static cache's prompt); tokens after one
+        attend the prompt's last image. One token per row, or a cached prefix: ``one_image_per_row``."""
         rows = input_ids.shape[0]
         row_index = cache.row_index(rows)
         num_images = cache.num_images if row_index is None else cache.num_images[row_index]  # (B_run,)
         num_images = num_images.to(input_ids.device)
-        if past_length == 0:
+        last = (num_images - 1)[:, None]  # (B_run, 1)
+        after_prompt = not torch.is_tensor(past_length) and past_length > 0
+        if after_prompt:  # tokens after the prompt attend its last image
+            index = last.expand_as(input_ids)
+        else:
             index = (input_ids == self.image_token_id).long().cumsum(-1) - 1  # (B, T)
             if image_attention_mask is not None and image_attention_mask.shape[:2] == input_ids.shape:
                 # An explicit mask may take images away (IDEFICS' packed input: none after an EOS).
                 sees = image_attention_mask.to(input_ids.device).bool().any(-1)  # (B, T)
                 index = index.masked_fill(~sees, -1)
-        else:  # tokens after the prompt attend its last image
-            index = (num_images - 1)[:, None].expand_as(input_ids)
-        index = torch.minimum(index, (num_images - 1)[:, None])
-        sees = (index >= 0)[..., None].float()  # (B, T, 1)
-        row_has_image = (num_images > 0)[:, None, None].float()  # (B, 1, 1)
+            if torch.is_tensor(past_length):  # a static cache: prompt or continuation, told apart on the device
+                index = torch.where(past_length.to(index.device) > 0, last.expand_as(index), index)
+        index = torch.minimum(index, last)
+        seen = index >= 0  # (B, T)
+        sees = seen[..., None].float()  # (B, T, 1)
+        # a row in a batch where no token sees an image computes the plain LM (as without cross-attention)
+        row_has_image = ((num_images > 0)[:, None, None] & seen.any()).float()  # (B, 1, 1)
         return MediaContext(cache=cache, image_index=index, row_index=row_index, sees_image=sees,
-                            row_has_image=row_has_image)
+                            row_has_image=row_has_image, one_image_per_row=after_prompt or input_ids.shape[1] == 1)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -324,6 +334,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         return_dict: bool | None = None,
         image_embeds: torch.Tensor | None = None,  # token insertion: images already encoded (generate)
         hidden_states_only: bool = False,  # base_model's call: the LM's final hidden states, no head
+        decoding: bool = False,  # generate's decoding step: the input continues the cached prompt
         **kwargs,
     ) -> InterleafOutput | BaseModelOutputWithPast:
         if self.config.fusion == "token_insertion":
@@ -336,7 +347,7 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
                 )
             return token_insertion.forward(
                 self, input_ids, attention_mask, pixel_values, image_embeds, past_key_values, position_ids,
-                labels, use_cache, logits_to_keep, hidden_states_only=hidden_states_only, **kwargs,
+                labels, use_cache, logits_to_keep, hidden_states_only=hidden_states_only, decoding=decoding, **kwargs,
             )
         if image_embeds is not None:
             raise InputError("image_embeds is for token-insertion models; pass pixel_values")
@@ -346,22 +357,21 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
             pixel_values = batch_images
         if input_ids is None:
             raise InputError("input_ids is required (interleaf finds images in the text by the image token)")
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cached = cached_prefix(past_key_values, decoding)  # on the host, or a static cache's prompt: a tensor
         if pixel_values is not None:
             if media_cache is not None:
                 raise InputError("pass either pixel_values or media_cache, not both")
-            if past_length:
+            if bool(cached):
                 raise InputError(
                     "new images cannot be added after a cached prefix; run the whole prompt with its images"
                 )
             media_cache = self.prepare_media(input_ids, pixel_values)
+        # no image slots: no cross-attention; else tokens that see no image get the plain LM's values exactly
         ctx = (
-            self._media_context(input_ids, media_cache, past_length, image_attention_mask)
-            if media_cache is not None
+            self._media_context(input_ids, media_cache, cached, image_attention_mask)
+            if media_cache is not None and media_cache.latents.shape[1] > 0
             else None
         )
-        if ctx is not None and not bool((ctx.image_index >= 0).any()):
-            ctx = None  # no token sees an image: skip cross-attention entirely
         if position_ids is None and attention_mask is not None and self._lm_accepts_position_ids:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1] :]
         lm_kwargs = dict(
@@ -389,11 +399,24 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         )
 
     # ------------------------------------------------------------------ generation
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
+                                      attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        """transformers' inputs, marking decoding steps over a static cache (``decoding``): such a cache
+        keeps its length on the device, and a step must not read it on the host."""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length, past_key_values, attention_mask, inputs_embeds, is_first_iteration, **kwargs
+        )
+        cache = inputs.get("past_key_values")
+        if not is_first_iteration and getattr(cache, "is_compileable", False):
+            inputs["decoding"] = True
+        return inputs
+
     @torch.no_grad()
-    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, media_cache=None, **kwargs):
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, media_cache=None, compile=False, **kwargs):
         """transformers' ``generate`` with images encoded and keys/values projected once per call.
 
-        Also accepts the seeds' spellings: ``batch_images`` for ``pixel_values``;
+        ``compile=True``: a compiled decoding step (:mod:`~interleaf.model.compiled`). Also accepts the
+        seeds' spellings: ``batch_images`` for ``pixel_values``;
         ``min_generation_length`` / ``max_generation_length`` for ``min_new_tokens`` /
         ``max_new_tokens``; ``image_attention_mask`` (derived from the text, so ignored).
         """
@@ -406,6 +429,8 @@ class InterleafForConditionalGeneration(InterleafPreTrainedModel, GenerationMixi
         kwargs.pop("image_attention_mask", None)
         if input_ids is None:
             raise InputError("generate needs input_ids: run the prompt through the interleaf processor first")
+        if compile:
+            kwargs = compile_options(self.device, kwargs, input_ids.shape[1])
         if self.config.fusion == "token_insertion":
             embeds = kwargs.pop("image_embeds", None)
             if media_cache is not None:

@@ -51,6 +51,7 @@ import torch
 from ..errors import ConfigError, InputError
 from ..processing.prompt_format import IGNORE_INDEX
 from . import xgenmm
+from .compiled import cached_prefix
 from .llava_next import check_llava_next, llava_next_anyres, llava_next_rows
 from .loss import causal_lm_loss
 
@@ -317,23 +318,25 @@ def forward(
     use_cache: bool | None,
     logits_to_keep,
     hidden_states_only: bool = False,
+    decoding: bool = False,
     **kwargs,
 ):
     """The token-insertion forward: ``(loss, logits, past_key_values)`` as an ``InterleafOutput``; with
     ``replace``, logits at the caller's positions and the cache of the grown rows (module docstring).
     ``hidden_states_only``: the LM's final hidden states instead (``BaseModelOutputWithPast``, at the
-    caller's positions likewise), for ``model.base_model``."""
+    caller's positions likewise), for ``model.base_model``. ``decoding``: generate's decoding step
+    (the input continues the cached prompt), known without reading a static cache's length."""
     from .modeling import InterleafOutput
 
-    past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+    cached = bool(cached_prefix(past_key_values, decoding))  # read on the host only for a static cache's prompt
     image_sizes = xgenmm.sizes_from_kwargs(kwargs)  # (H, W) for LLaVA-NeXT, (W, H) for xGen-MM
-    if not past_length:  # xGen-MM's base format: <image> + placeholders are the image's positions
+    if not cached:  # xGen-MM's base format: <image> + placeholders are the image's positions
         input_ids = xgenmm.overwrite_spans(model, input_ids, attention_mask)
     index = None  # replace: where each of the caller's positions went in the grown rows
     if pixel_values is not None:
         if image_embeds is not None:
             raise InputError("pass either pixel_values or image_embeds, not both")
-        if past_length:
+        if cached:
             raise InputError("new images cannot be added after a cached prefix; run the whole prompt with its images")
     if pixel_values is not None and xgenmm.is_anyres(model):
         text_ids, text_mask = input_ids, attention_mask
@@ -352,9 +355,9 @@ def forward(
     image_id = model.image_token_id
     # after a cached prefix the input is generated text: an <image> token the model wrote is an ordinary
     # token there (transformers' LLaVA embeds it so too); images are written over the prompt's only
-    is_image = input_ids == image_id if not past_length else torch.zeros_like(input_ids, dtype=torch.bool)
+    is_image = input_ids == image_id if not cached else torch.zeros_like(input_ids, dtype=torch.bool)
     embeds = model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
-    if not past_length:
+    if not cached:
         embeds = write_image_embeddings(embeds, input_ids, image_embeds, image_id)
     if position_ids is None and attention_mask is not None:  # left padding: positions count real tokens only
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1] :]
