@@ -152,11 +152,18 @@ def _model_syncs(recorder: Recorder) -> collections.Counter:
     return collections.Counter(w for calls in recorder.per_call() for _, w in calls if not w.startswith(TRAINER))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "the model's forward with images still reads the device: it checks the images against the image tokens "
-    "and packs the real images by boolean indexing (modeling.py, token_insertion.py), the cross-attention "
-    "family asks whether any position sees an image, and xGen-MM's placement sizes the grown rows on the host"))
+# Where the model's training forward reads the device: laying out the batch's images, whose counts and places come
+# from the text (which images are real, how many embeddings each row takes, where xGen-MM's grown rows put each
+# token: once per call, the grown rows once per row). Nothing else in a forward may read the device.
+IMAGE_LAYOUT = {"encode_images", "prepare_media", "images_per_row", "write_image_embeddings", "expand_image_tokens",
+                "replace_placement", "text_positions"}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_no_host_sync_in_the_model_forward_of_a_micro_batch(corpus, tmp_path, monkeypatch, family):
+def test_the_model_forward_of_a_micro_batch_reads_the_device_only_to_lay_out_images(corpus, tmp_path, monkeypatch,
+                                                                                    family):
     micro, _, _ = _train(_stage(corpus, tmp_path / "run", family, 0.0), monkeypatch)
-    assert not _model_syncs(micro), _model_syncs(micro)
+    syncs = _model_syncs(micro)
+    assert syncs  # the corpus has images: the layout is read (a test that could not fail otherwise)
+    elsewhere = {w: n for w, n in syncs.items() if w.rsplit("(", 1)[-1].rstrip(")") not in IMAGE_LAYOUT}
+    assert not elsewhere, elsewhere

@@ -57,7 +57,7 @@ class HostSyncs(TorchFunctionMode):
         return False
 
     def in_interleaf(self) -> list[tuple[str, str]]:
-        """The syncing operations interleaf's own code asked for: ``(operation, file:line)``."""
+        """The syncing operations interleaf's own code asked for: ``(operation, file:line (function))``."""
         return [(n, w) for n, w, ours in self.calls if ours]
 
     def report(self) -> str:
@@ -65,7 +65,8 @@ class HostSyncs(TorchFunctionMode):
 
 
 def _caller() -> tuple[str, bool]:
-    """The innermost ``file:line`` outside torch that asked for the operation, and whether it is interleaf's."""
+    """The innermost ``file:line (function)`` outside torch that asked for the operation, and whether it is
+    interleaf's."""
     frame = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.startswith(TORCH):
         frame = frame.f_back
@@ -73,5 +74,5 @@ def _caller() -> tuple[str, bool]:
         return "unknown", False
     path = frame.f_code.co_filename
     if path.startswith(PACKAGE):
-        return f"interleaf/{path[len(PACKAGE) + 1:]}:{frame.f_lineno}", True
-    return f"{path}:{frame.f_lineno}", False
+        return f"interleaf/{path[len(PACKAGE) + 1:]}:{frame.f_lineno} ({frame.f_code.co_name})", True
+    return f"{path}:{frame.f_lineno} ({frame.f_code.co_name})", False
