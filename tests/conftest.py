@@ -74,6 +74,18 @@ def openflamingo_pieces(tmp_path_factory):
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """For a test that compiles: afterwards, no compiled code is kept and the environment is as it was."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")  # transformers sets it when it compiles
+    yield
+    torch._dynamo.reset()  # compiled code belongs to this test's models only
+    if before is None:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+@pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to resolve a host name or open a connection raises (and is recorded)."""
     import socket

@@ -129,3 +129,19 @@ def test_admission_by_cache_memory_waits_for_room_and_refuses_what_never_fits():
         assert "cache budget" in too_long.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_compiled_decoding_steps_give_the_same_answers(fresh_dynamo):
+    """``compile=True`` (``interleaf serve --compile``): decoding steps through ``torch.compile`` with dynamic
+    shapes, as rows join and leave; the answers are the same tokens. (Token insertion: the quickest to compile.)"""
+    model, processor = tiny_model("tiny-llava")
+    bodies = [body_of(k, *CASES[k]) for k in (0, 1, 2)]
+    expected = [[reference(model, processor, b["messages"], b["max_tokens"])] * b["n"] for b in bodies]
+    server = start_server(model, processor, max_batch_size=16, compile=True)
+    try:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: post(server.url, b), bodies))
+        assert [answers_of(r, b) for r, b in zip(answers, bodies)] == expected
+        assert server.app.state.batcher.decoder is not model  # the steps did run compiled
+    finally:
+        server.stop()

@@ -5,7 +5,6 @@ image counts; a decode step's cross-attention attends only the image its row see
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -112,17 +111,6 @@ def test_a_decode_step_attends_only_its_rows_last_image():
             xa.attend = original
     torch.testing.assert_close(out_gathered, out_masked, atol=1e-5, rtol=1e-5)
     assert not torch.equal(out_gathered[0], x[0]) and torch.equal(out_gathered[1], x[1])  # row 1 has no image
-
-
-@pytest.fixture
-def fresh_dynamo():
-    before = os.environ.get("TOKENIZERS_PARALLELISM")  # transformers sets it when it compiles
-    yield
-    torch._dynamo.reset()  # compiled code belongs to this test's models only
-    if before is None:
-        os.environ.pop("TOKENIZERS_PARALLELISM", None)
-    else:
-        os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -31,6 +31,9 @@ def serve_cmd(
     max_image_pixels: int = typer.Option(16_000_000, min=1, help="Most pixels (width x height) per image."),
     max_prompt_tokens: int = typer.Option(4096, min=1),
     max_completion_tokens: int = typer.Option(512, min=1, help="Most (and default) new tokens per answer."),
+    compile: bool = typer.Option(
+        False, "--compile", help="Run decoding steps through torch.compile (the first requests compile; measured in "
+        "the README's Performance section: it does not pay off on a CPU)."),
     shutdown_timeout: float = typer.Option(
         10.0, min=0.1, help="On SIGTERM/SIGINT: cancel running requests and exit within this many seconds."),
     stall_timeout: float = typer.Option(
@@ -55,7 +58,7 @@ def serve_cmd(
         url_policy=URLPolicy.from_options(allow_urls, allowed_hosts),
         max_batch_size=max_batch_size, max_queue=max_queue,
         max_cache_bytes=None if max_cache_mb is None else int(max_cache_mb * 2**20),
-        max_prefill_tokens=max_prefill_tokens,
+        max_prefill_tokens=max_prefill_tokens, compile=compile,
         stall_timeout_s=stall_timeout, shutdown_timeout_s=shutdown_timeout,
     )
     if not api_key and not _is_loopback(host):

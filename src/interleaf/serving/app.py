@@ -36,6 +36,7 @@ def create_app(
     max_queue: int = 64,
     max_cache_bytes: int | None = None,
     max_prefill_tokens: int = 4096,
+    compile: bool = False,
     stall_timeout_s: float = 120.0,
     shutdown_timeout_s: float = 10.0,
 ) -> FastAPI:
@@ -48,7 +49,8 @@ def create_app(
 
     Admission (:class:`~interleaf.serving.batcher.Batcher`): at most ``max_batch_size`` rows in flight,
     their KV and image caches within ``max_cache_bytes`` (None: no limit), and at most
-    ``max_prefill_tokens`` prompt tokens prefilled between two decoding steps.
+    ``max_prefill_tokens`` prompt tokens prefilled between two decoding steps. ``compile``: decoding
+    steps through ``torch.compile`` (the first steps compile; measured in the README's Performance section).
     """
     limits = limits or ServeLimits()
     policy = url_policy or URLPolicy()
@@ -60,7 +62,7 @@ def create_app(
     processor.max_pixels = limits.max_image_pixels
     batcher = Batcher(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
                       max_cache_bytes=max_cache_bytes, max_prefill_tokens=max_prefill_tokens,
-                      stall_timeout_s=stall_timeout_s, tokenizer_lock=lock)
+                      stall_timeout_s=stall_timeout_s, tokenizer_lock=lock, compile=compile)
     service = ChatService(processor, batcher, model_name, limits, policy, lock)
 
     async def lifespan(app: FastAPI):

@@ -86,6 +86,7 @@ class Batcher:
         batch_wait_s: float = 0.005,
         stall_timeout_s: float = 120.0,
         tokenizer_lock: threading.Lock | None = None,
+        compile: bool = False,
     ):
         if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size, max_queue and max_prefill_tokens must be at least 1")
@@ -94,6 +95,9 @@ class Batcher:
         if max_cache_bytes is not None and max_cache_bytes < 1:
             raise ValueError("max_cache_bytes must be a positive number of bytes, or None for no limit")
         self.model = model
+        # decoding steps run through torch.compile (dynamic shapes: rows join and leave, the cache grows);
+        # prefills run the model as it is
+        self.decoder = torch.compile(model, dynamic=True) if compile else model
         self.processor = processor
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -368,7 +372,7 @@ class Batcher:
             if self._stopping:
                 return  # the worker's way out answers the rows still running
             with torch.no_grad():
-                logits = running.step(self.model)
+                logits = running.step(self.decoder)
                 self.steps_run += 1
                 self._choose(running, logits)
             alive = [i for i, r in enumerate(running.rows) if not r.done]

@@ -127,13 +127,14 @@ class RunningBatch:
         return total
 
     def step(self, model) -> torch.Tensor:
-        """Feed each row's ``last`` token: the logits of the next one (B, V); every row grows by one."""
+        """Feed each row's ``last`` token: the logits of the next one (B, V); every row grows by one. ``model`` is
+        the model, or the model compiled (``torch.compile``, the batcher's ``compile``)."""
         width = self.width
         lengths = torch.tensor(self.lengths, device=self.last.device)
         mask = (torch.arange(width + 1, device=self.last.device)[None, :] >= width - lengths[:, None]).long()
         inputs = {} if self.media is None else {"media_cache": self.media}
         out = model(input_ids=self.last[:, None], attention_mask=mask, past_key_values=self.cache, use_cache=True,
-                    **inputs)
+                    decoding=True, **inputs)
         self.lengths = [n + 1 for n in self.lengths]
         return out.logits[:, -1]
 
