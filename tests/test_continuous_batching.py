@@ -145,3 +145,42 @@ def test_compiled_decoding_steps_give_the_same_answers(fresh_dynamo):
         assert server.app.state.batcher.decoder is not model  # the steps did run compiled
     finally:
         server.stop()
+
+
+def test_a_burst_of_prompts_is_prefilled_between_decoding_steps():
+    """With ``max_prefill_tokens`` below one prompt, a burst of four requests is prefilled one request per turn,
+    each turn followed by a decoding step of the running batch: a running answer keeps flowing."""
+    model, processor = tiny_model("tiny-random")
+    long = body_of(0, *CASES[0])
+    burst = [body_of(k, *CASES[k]) for k in (1, 3, 4, 6)]
+    server = start_server(model, processor, max_batch_size=16, max_prefill_tokens=1)
+    batcher = server.app.state.batcher
+    seen: set[int] = set()
+    prefilled_at: list[int] = []  # the decoding steps run before each newcomer's prefill
+
+    with ThreadPoolExecutor(len(burst) + 1) as pool:
+        futures = []
+
+        def hook(jobs) -> None:
+            new = [j for j in jobs if id(j) not in seen]
+            seen.update(id(j) for j in jobs)
+            if new and futures:
+                prefilled_at.append(batcher.steps_run)
+            if batcher.steps_run == 2 and not futures:  # the long answer runs: the burst arrives at once
+                futures.extend(pool.submit(post, server.url, b) for b in burst)
+                wait_until(lambda: batcher.pending == len(burst), "the burst is queued")
+
+        batcher.step_hook = hook
+        try:
+            first = pool.submit(post, server.url, long)
+            wait_until(lambda: len(futures) == len(burst), "the burst is sent")
+            answers = [f.result() for f in [first, *futures]]
+        finally:
+            batcher.step_hook = None
+    try:
+        for r, body in zip(answers, [long, *burst]):
+            want = reference(model, processor, body["messages"], body["max_tokens"])
+            assert answers_of(r, body) == [want] * body["n"]
+        assert len(prefilled_at) == len(burst) and prefilled_at == sorted(set(prefilled_at)), prefilled_at
+    finally:
+        server.stop()
