@@ -12,9 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from transformers import AutoConfig
 from helpers.serving import (ANYRES, FAMILIES, MODEL_NAME, answers_of, data_url, png, reference, start_server,
                              tiny_model, to_processor_messages)
+from tiny import LM_FAMILIES, set_gates
 
+import interleaf
 from interleaf.serving.memory import CacheSizes
 
 HANG_GUARD_S = 120  # a bound on how long anything may take before the test calls it a hang
@@ -51,21 +54,14 @@ def wait_until(predicate, what: str) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("family", FAMILIES + ANYRES)
-def test_requests_joining_and_leaving_at_random_steps_get_generate_alone(family):
-    model, processor = tiny_model(family)
-    bodies = [body_of(k, *case) for k, case in enumerate(CASES)]
-    seeded = {**body_of(99, "Say something surprising.", 1, 8, 2, False), "temperature": 0.9, "top_p": 0.9,
-              "seed": 5}
-    bodies.append(seeded)
-    expected = [[reference(model, processor, b["messages"], b["max_tokens"])] * b["n"] for b in bodies[:-1]]
-    rng = random.Random(sum(map(ord, family)))
-    # request k > 0 is sent during the hook of a random decoding step, so it joins at the next step
+def joining_at_random_steps(server, bodies: list[dict], seed: int) -> tuple[dict[int, list[str]], list[int]]:
+    """Send ``bodies[0]``, then each other request during the hook of a random decoding step (0-9), so that it
+    joins the running batch at the next step: each request's answers, and how many rows ran at each join."""
+    batcher = server.app.state.batcher
+    rng = random.Random(seed)
     plan: dict[int, list[int]] = {}
     for k in range(1, len(bodies)):
         plan.setdefault(rng.randrange(0, 10), []).append(k)
-    server = start_server(model, processor, max_batch_size=16, max_queue=64)
-    batcher = server.app.state.batcher
     futures: dict[int, object] = {}
     running_at_join: list[int] = []
     with ThreadPoolExecutor(len(bodies)) as pool:
@@ -94,9 +90,22 @@ def test_requests_joining_and_leaving_at_random_steps_get_generate_alone(family)
                     send(k)
                 plan.clear()
             wait_until(lambda: len(futures) == len(bodies), "every request is sent")
-            answers = {k: answers_of(futures[k].result(), bodies[k]) for k in range(len(bodies))}
+            return {k: answers_of(futures[k].result(), bodies[k]) for k in range(len(bodies))}, running_at_join
         finally:
             batcher.step_hook = None
+
+
+@pytest.mark.parametrize("family", FAMILIES + ANYRES)
+def test_requests_joining_and_leaving_at_random_steps_get_generate_alone(family):
+    model, processor = tiny_model(family)
+    bodies = [body_of(k, *case) for k, case in enumerate(CASES)]
+    seeded = {**body_of(99, "Say something surprising.", 1, 8, 2, False), "temperature": 0.9, "top_p": 0.9,
+              "seed": 5}
+    bodies.append(seeded)
+    expected = [[reference(model, processor, b["messages"], b["max_tokens"])] * b["n"] for b in bodies[:-1]]
+    server = start_server(model, processor, max_batch_size=16, max_queue=64)
+    batcher = server.app.state.batcher
+    answers, running_at_join = joining_at_random_steps(server, bodies, seed=sum(map(ord, family)))
     try:
         for k, want in enumerate(expected):
             assert answers[k] == want, (k, bodies[k]["messages"])
@@ -182,5 +191,27 @@ def test_a_burst_of_prompts_is_prefilled_between_decoding_steps():
             want = reference(model, processor, body["messages"], body["max_tokens"])
             assert answers_of(r, body) == [want] * body["n"]
         assert len(prefilled_at) == len(burst) and prefilled_at == sorted(set(prefilled_at)), prefilled_at
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("lm", ["mistral", "gpt2", "opt", "gpt_neox", "gemma", "phi3", "qwen2"])
+def test_every_lm_family_joins_a_running_batch(lm):
+    """Rows join and leave a running batch whatever LM the model wraps: its own position scheme (rotary,
+    learned absolute, OPT's offset positions) and its own cache layers; Mistral's with a sliding window of 6
+    positions, shorter than the prompts, so that the window's positions are cut while rows join."""
+    data = dict(LM_FAMILIES[lm])
+    model_type = data.pop("model_type")
+    extra = {"sliding_window": 6} if lm == "mistral" else {}
+    model, processor = interleaf.build("tiny-random", lm=AutoConfig.for_model(model_type, vocab_size=512, **data,
+                                                                             **extra), seed=0)
+    set_gates(model, 1.0)
+    bodies = [body_of(k, *case) for k, case in enumerate(CASES)]
+    expected = [[reference(model, processor, b["messages"], b["max_tokens"])] * b["n"] for b in bodies]
+    server = start_server(model, processor, max_batch_size=16, max_queue=64)
+    try:
+        answers, running_at_join = joining_at_random_steps(server, bodies, seed=sum(map(ord, lm)))
+        assert [answers[k] for k in range(len(bodies))] == expected
+        assert sum(1 for rows in running_at_join if rows > 0) >= 3, running_at_join
     finally:
         server.stop()

@@ -245,7 +245,8 @@ class Batcher:
         running = None if alone else self._running
         rows: list[tuple[Job, int]] = []  # (job, its prompt's positions in the model) of every row
         if running is not None:  # a running row's own length, grown (xGen-MM) prompts included
-            rows = [(r.job, n - len(r.tokens)) for r, n in zip(running.rows, running.lengths)]
+            # a row's length counts its prompt and the tokens fed so far: all it chose but the last
+            rows = [(r.job, n - len(r.tokens) + 1) for r, n in zip(running.rows, running.lengths)]
         rows += [(job, job.lm_length or len(job.input_ids)) for job in jobs for _ in range(job.n)]
         if not rows:
             return 0

@@ -18,9 +18,10 @@ A token-insertion model's images live in the KV cache after the prefill, so only
 cross-attention family keeps a media cache (:class:`~interleaf.model.cross_attention.MediaCache`:
 latents, images per row, each block's projected keys and values) beside the KV cache.
 
-Joining needs every cache layer to be a plain ``DynamicLayer`` (a growing tensor per layer); a model
-whose LM keeps another kind (sliding windows, recurrent state) runs newcomers only once the running
-rows have finished (:attr:`RunningBatch.joinable`).
+Joining needs every cache layer to be a growing tensor: full attention, or a sliding window (which
+keeps each row's last positions: rows end on the same column, so the window's columns are each row's
+own last tokens, as alone). A model whose LM keeps another kind (quantised, recurrent state) runs
+newcomers only once the running rows have finished (:attr:`RunningBatch.joinable`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..model.cross_attention import CrossAttentionDecoderLayer, MediaCache
 from .rows import Row
@@ -114,8 +115,9 @@ class RunningBatch:
 
     @property
     def joinable(self) -> bool:
-        """Whether other rows can join: every cache layer is a plain growing tensor."""
-        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        """Whether other rows can join: every cache layer is a growing tensor (full attention, or a sliding
+        window that does not record its past)."""
+        return all(_layer_kind(layer) is not None for layer in self.cache.layers)
 
     def cache_bytes(self) -> int:
         """Bytes held by the KV and media caches."""
@@ -145,10 +147,10 @@ class RunningBatch:
         self.lengths = [self.lengths[i] for i in indices]
         self.last = self.last[index]
         self.cache.batch_select_indices(index)
-        cut = self.width - max(self.lengths)
-        if cut > 0:
+        width = max(self.lengths)
+        if width < self.width and self.joinable:  # (other cache kinds keep their own bookkeeping of positions)
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., cut:, :], layer.values[..., cut:, :]
+                _set_layer(layer, layer.keys, layer.values, width)
         if self.media is not None:
             self.media = self.media.select(index)
 
@@ -156,15 +158,41 @@ class RunningBatch:
         """Add ``other``'s rows after this batch's: caches left-padded to one width and concatenated."""
         width = max(self.width, other.width)
         media = join_media(self.media, len(self.rows), other.media, len(other.rows), model)
-        joined = [tuple(torch.cat([_left_pad(mine, width), _left_pad(theirs, width)])
-                        for mine, theirs in ((a.keys, b.keys), (a.values, b.values)))
-                  for a, b in zip(self.cache.layers, other.cache.layers)]
+        joined = []
+        for a, b in zip(self.cache.layers, other.cache.layers):
+            stored = _stored_width(a, width)
+            joined.append(tuple(torch.cat([_left_pad(mine, stored), _left_pad(theirs, stored)])
+                                for mine, theirs in ((a.keys, b.keys), (a.values, b.values))))
         for layer, (keys, values) in zip(self.cache.layers, joined):  # nothing changes until all is computed
-            layer.keys, layer.values = keys, values
+            _set_layer(layer, keys, values, width)
         self.media = media
         self.rows += other.rows
         self.lengths += other.lengths
         self.last = torch.cat([self.last, other.last])
+
+
+def _layer_kind(layer) -> str | None:
+    """"full" (keeps every position), "sliding" (keeps the last ``sliding_window - 1``), or None for a cache
+    layer rows cannot join (a recording sliding window, a quantised, indexed or recurrent state)."""
+    if type(layer) is DynamicLayer:
+        return "full"
+    if type(layer) is DynamicSlidingWindowLayer and not layer.record_past:
+        return "sliding"
+    return None
+
+
+def _stored_width(layer, width: int) -> int:
+    """How many positions ``layer`` stores for a batch ``width`` positions wide. Rows are aligned on their
+    last position (left padding), so a sliding window's last positions are every row's own last ones."""
+    return min(width, layer.sliding_window - 1) if _layer_kind(layer) == "sliding" else width
+
+
+def _set_layer(layer, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+    """Give ``layer`` the keys and values of a batch ``width`` positions wide (the last stored ones kept)."""
+    stored = _stored_width(layer, width)
+    layer.keys, layer.values = keys[..., keys.shape[-2] - stored:, :], values[..., values.shape[-2] - stored:, :]
+    if _layer_kind(layer) == "sliding":
+        layer.cumulative_length = width
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
