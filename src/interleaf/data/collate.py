@@ -10,6 +10,17 @@
                loss_weight (B,) float
                lm_lengths (B,) long       each row's length in the LM: its tokens, or the sample's
                                           "lm_length" when the model grows its images (placement replace)
+
+Any-resolution tiling (LLaVA-NeXT, xGen-MM instruct): samples carry ``"image_sizes"`` and each image
+is its views ``(V, 3, S, S)`` (:func:`interleaf.data.tokenize.encode_sample`). The batch then holds
+the images as the processor returns them for these models::
+
+    pixel_values (K, V_max, 3, S, S) float  the batch's K images in reading order (row by row), each
+                                            image's views zero-padded to the most any image has
+    image_sizes (K, 2) long                 each image's size as the sample gave it (the model's order:
+                                            (height, width) for LLaVA-NeXT, (width, height) for xGen-MM)
+
+Both are absent when no sample has an image; a sample without images adds none (a text-only row).
 """
 
 from __future__ import annotations
@@ -46,17 +57,60 @@ def collate(samples: list[dict], pad_token_id: int, *, pad_to_multiple_of: int |
         "loss_weight": torch.tensor([float(s.get("loss_weight", 1.0)) for s in samples]),  # (B,)
         "lm_lengths": torch.tensor([int(s.get("lm_length", len(s["input_ids"]))) for s in samples]),  # (B,)
     }
-    n_max = max(len(s.get("images", [])) for s in samples)
-    if n_max:
-        first = next(img for s in samples for img in s["images"])
-        pixels = torch.zeros((batch, n_max, *first.shape), dtype=first.dtype)  # (B, N_max, 3, S, S)
-        for b, s in enumerate(samples):
-            for n, img in enumerate(s.get("images", [])):
-                if img.shape != first.shape:
-                    raise InputError(f"collate: sample {b} image {n} has shape {tuple(img.shape)}, expected {tuple(first.shape)}")
-                pixels[b, n] = img
-        out["pixel_values"] = pixels
+    if any("image_sizes" in s for s in samples):
+        out.update(_tiled_images(samples))
+    else:
+        out.update(_one_view_images(samples))
     return out
+
+
+def _one_view_images(samples: list[dict]) -> dict:
+    """``pixel_values`` (B, N_max, 3, S, S), each row's images first, then zeros; nothing without images."""
+    n_max = max(len(s.get("images", [])) for s in samples)
+    if not n_max:
+        return {}
+    first = next(img for s in samples for img in s["images"])
+    pixels = torch.zeros((len(samples), n_max, *first.shape), dtype=first.dtype)  # (B, N_max, 3, S, S)
+    for b, s in enumerate(samples):
+        for n, img in enumerate(s.get("images", [])):
+            if img.shape != first.shape:
+                raise InputError(f"collate: sample {b} image {n} has shape {tuple(img.shape)}, expected {tuple(first.shape)}")
+            pixels[b, n] = img
+    return {"pixel_values": pixels}
+
+
+def _tiled_images(samples: list[dict]) -> dict:
+    """Any-resolution images: ``pixel_values`` (K, V_max, 3, S, S) in reading order, views zero-padded,
+    and ``image_sizes`` (K, 2); nothing when no sample has an image."""
+    images, sizes = [], []
+    for b, s in enumerate(samples):
+        own = s.get("images", [])
+        if "image_sizes" not in s and own:
+            raise InputError(
+                f"collate: sample {b} has {len(own)} images but no image_sizes, while other samples of the batch "
+                "have them (any-resolution images); tokenise every sample with the same processor "
+                "(interleaf.data.tokenize.encode_sample)"
+            )
+        own_sizes = s.get("image_sizes", [])
+        if len(own_sizes) != len(own):
+            raise InputError(f"collate: sample {b} has {len(own)} images but {len(own_sizes)} image_sizes; give one "
+                             "size per image, in order (as encode_sample writes them)")
+        for n, (img, size) in enumerate(zip(own, own_sizes)):
+            if img.dim() != 4 or (images and img.shape[1:] != images[0].shape[1:]):
+                expected = f"(views, {', '.join(map(str, images[0].shape[1:]))})" if images else "(views, 3, S, S)"
+                raise InputError(f"collate: sample {b} image {n} has shape {tuple(img.shape)}, expected {expected}: "
+                                 "an any-resolution image is its views, as encode_sample makes them")
+            if len(size) != 2:
+                raise InputError(f"collate: sample {b} image {n} has image_sizes entry {tuple(size)!r}, not a pair")
+            images.append(img)
+            sizes.append(tuple(int(x) for x in size))
+    if not images:
+        return {}
+    v_max = max(img.shape[0] for img in images)
+    pixels = torch.zeros((len(images), v_max, *images[0].shape[1:]), dtype=images[0].dtype)  # (K, V_max, 3, S, S)
+    for k, img in enumerate(images):
+        pixels[k, : img.shape[0]] = img
+    return {"pixel_values": pixels, "image_sizes": torch.tensor(sizes, dtype=torch.long)}  # (K, 2)
 
 
 __all__ = ["collate"]

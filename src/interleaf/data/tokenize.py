@@ -11,7 +11,9 @@ and gives the training sample dict::
     {"input_ids": list[int], "labels": list[int], "lm_length": int, "images": list[Tensor (3, S, S)],
      "source": str, "loss_weight": float, "key": str}
 
-(``lm_length``: the length of the row the LM sees, ``len(input_ids)`` unless the model grows images.)
+(``lm_length``: the length of the row the LM sees, ``len(input_ids)`` unless the model grows images;
+under any-resolution tiling each image is its views ``(1+N, 3, S, S)`` and the dict holds
+``"image_sizes"``, see below.)
 
 What is trained (``[...]``), by prompt format (BOS first when the tokenizer uses one):
 
@@ -28,9 +30,12 @@ What is trained (``[...]``), by prompt format (BOS first when the tokenizer uses
 
 LLaVA-NeXT (the processor's format has :attr:`~interleaf.processing.prompt_format.PromptFormat.sized_images`):
 an image's token count depends on its size, so each image is opened to read its size before it is
-written; its pixels are then its anyres views ``(1+N, 3, S, S)``, and the sample dict also holds
-``"image_sizes"``, each image's (height, width). An image too small or too large for the grids is a
-bad sample (``unreadable_image``, with the reason).
+written. Under any-resolution tiling (:attr:`~interleaf.processing.prompt_format.PromptFormat.tiled_images`:
+LLaVA-NeXT and xGen-MM instruct) an image's pixels are its anyres views ``(1+N, 3, S, S)``, as the
+processor makes them, and the sample dict also holds ``"image_sizes"``, each image's original size in
+the model's order, as the processor returns it: (height, width) for LLaVA-NeXT, (width, height) for
+xGen-MM. An image too small or too large for the grids is a bad sample (``unreadable_image``, with the
+reason).
 
 Placement ``replace`` (xGen-MM; the format's :attr:`~interleaf.processing.prompt_format.PromptFormat.grows_images`):
 each image is one ``<image>`` token in the text, which the model replaces by the image's embeddings,
@@ -272,9 +277,10 @@ def _open(processor, source: ImageSource):
 
 
 def _load(processor, source: ImageSource, img=None):
-    """The pixels of one image: ``(3, S, S)``, or its anyres views ``(1+N, 3, S, S)`` for LLaVA-NeXT."""
+    """The pixels of one image: ``(3, S, S)``, or its anyres views ``(1+N, 3, S, S)`` under any-resolution
+    tiling (LLaVA-NeXT, xGen-MM)."""
     img = img if img is not None else _open(processor, source)
-    if not processor.format.sized_images:
+    if not processor.format.tiled_images:
         return processor.image_transform(img)  # (3, S, S)
     transform = processor.image_transform
     try:
@@ -320,9 +326,16 @@ def encode_sample(
         "loss_weight": float(loss_weight),
         "key": parsed.key,
     }
-    if processor.format.sized_images:  # each image's original (height, width), as the model takes them
-        sample["image_sizes"] = [(img.size[1], img.size[0]) for img in opened]
+    if processor.format.tiled_images:  # each image's original size, in the model's order (as the processor's)
+        sample["image_sizes"] = [_model_size(processor, img.size) for img in opened]
     return sample
+
+
+def _model_size(processor, size: tuple[int, int]) -> tuple[int, int]:
+    """An image's (width, height) in the order its model takes sizes: (width, height) for xGen-MM,
+    (height, width) for LLaVA-NeXT."""
+    width, height = size
+    return (width, height) if processor.format.xgenmm_images else (height, width)
 
 
 def render_sample(tokenizer, input_ids: list[int], labels: list[int], open_mark: str = "[[", close_mark: str = "]]") -> str:

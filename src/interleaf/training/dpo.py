@@ -53,6 +53,8 @@ from .step import StepOutcome, _no_sync, _take, finish_update, lm_tokens, read_w
 
 # batch keys that are not model inputs
 _NOT_INPUTS = ("labels", "loss_weight", "pairs")
+# model inputs the model reads on the host (any-resolution image sizes, which lay out the images): kept there
+_HOST_INPUTS = ("image_sizes",)
 
 
 def check_stage_data(stage: StageConfig) -> None:
@@ -88,8 +90,10 @@ def check_stage_data(stage: StageConfig) -> None:
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors the model's ``forward`` takes (everything but the labels and weights)."""
-    return {k: to_device(v, device) for k, v in batch.items() if k not in _NOT_INPUTS and torch.is_tensor(v)}
+    """The batch's tensors the model's ``forward`` takes (everything but the labels and weights), on
+    ``device``; ``image_sizes`` stays on the host, where the model reads it."""
+    return {k: v if k in _HOST_INPUTS else to_device(v, device)
+            for k, v in batch.items() if k not in _NOT_INPUTS and torch.is_tensor(v)}
 
 
 def _autocast(stage: StageConfig, device: torch.device):

@@ -158,10 +158,12 @@ def micro_batch(
     device = dist.device
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=stage.precision == "bf16")
     move = {k: to_device(b[k], device) for k in ("input_ids", "attention_mask", "labels", "loss_weight")}
+    # any-resolution images: the model reads their sizes to lay them out, so they stay on the host (no device read)
+    sizes = {"image_sizes": b["image_sizes"]} if "image_sizes" in b else {}
     with _no_sync(wrapped, sync), autocast:
         out = wrapped(
             input_ids=move["input_ids"], attention_mask=move["attention_mask"],
-            pixel_values=to_device(b["pixel_values"], device) if "pixel_values" in b else None,
+            pixel_values=to_device(b["pixel_values"], device) if "pixel_values" in b else None, **sizes,
         )
     # without z-loss, Z is reported but not differentiated
     wce, wz, ce_rows, _ = weighted_token_loss(out.logits, move["labels"], move["loss_weight"], z_grad=bool(stage.z_loss))
