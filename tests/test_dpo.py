@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from helpers.families import FAMILIES, POLICIES, build_family, stage_model
+from helpers.training import train_with_torchrun
 from PIL import Image
 
 import interleaf
@@ -258,10 +256,7 @@ def test_ddp_and_fsdp_match_a_single_process(data, tmp_path):
                     "dpo": {"beta": 0.5, "reference": "cached"}, **own[f]}]
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump({**stage, "out": str(tmp_path / "multi"), "stages": stages}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "interleaf", "train", str(config), "--no-progress"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    train_with_torchrun(config)
     for f in FAMILIES:
         [single] = train({**stage, **own[f], "out": str(tmp_path / f"single-{f}")}, progress=False)
         expected = _records(single.out)

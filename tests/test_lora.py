@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from helpers.families import FAMILIES, POLICIES, build_family, stage_model
+from helpers.training import train_with_torchrun
 from safetensors.torch import load_file
 
 import peft
@@ -349,10 +350,6 @@ def test_dpo_stage_trains_adapters(prefs, tmp_path, reference):
 def test_ddp_and_fsdp_lora_stages_match_a_single_process(corpus, tmp_path):
     """torchrun with 2 processes (gloo on CPU): the loss curve of one process with the same global
     batch (summation order differs: 1e-4 relative), and a final directory with the adapters."""
-    import os
-    import subprocess
-    import sys
-
     import yaml
 
     # no dropout: each process draws the dropout masks of its own half of the batch
@@ -362,10 +359,7 @@ def test_ddp_and_fsdp_lora_stages_match_a_single_process(corpus, tmp_path):
     stages = [{"name": s, "distributed": {"strategy": s}} for s in ("ddp", "fsdp")]
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump({**stage, "out": str(tmp_path / "multi"), "stages": stages}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "interleaf", "train", str(config), "--no-progress"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    train_with_torchrun(config)
     [single] = train({**stage, "out": str(tmp_path / "single")}, progress=False)
     expected = [json.loads(x)["loss"] for x in (single.out / "metrics.jsonl").read_text().splitlines()]
     reference, _ = interleaf.load(single.final)

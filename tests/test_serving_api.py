@@ -10,16 +10,12 @@ import openai
 import pytest
 
 from interleaf.serving import ServeLimits
-from helpers.serving import FAMILIES, MODEL_NAME, data_url, png, reference, start_server, tiny_model
+from helpers.serving import FAMILIES, MODEL_NAME, data_url, png, reference, served_with_client, start_server, tiny_model
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def served(request):
-    model, processor = tiny_model(request.param)
-    server = start_server(model, processor)
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    yield model, processor, server, client
-    server.stop()
+    yield from served_with_client(request.param)
 
 
 def ask(client, messages, max_tokens=12, **kw):

@@ -13,17 +13,13 @@ import pytest
 import torch
 
 from interleaf.generation import generation_kwargs
-from helpers.serving import ANYRES, FAMILIES, MODEL_NAME, data_url, png, reference, start_server, tiny_model, \
-    to_processor_messages
+from helpers.serving import ANYRES, FAMILIES, MODEL_NAME, data_url, png, reference, served_with_client, start_server, \
+    tiny_model, to_processor_messages
 
 
 @pytest.fixture(scope="module", params=FAMILIES + ANYRES[:1])
 def served(request):
-    model, processor = tiny_model(request.param)
-    server = start_server(model, processor)
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    yield model, processor, server, client
-    server.stop()
+    yield from served_with_client(request.param)
 
 
 def picture_question(color=(200, 40, 40), size=(24, 20)) -> list[dict]:

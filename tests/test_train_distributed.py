@@ -5,14 +5,12 @@ model family."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers.families import FAMILIES, stage_model
+from helpers.training import train_with_torchrun
 
 import interleaf
 from interleaf.training import train
@@ -39,10 +37,7 @@ def test_ddp_and_fsdp_match_a_single_process(tmp_path, synth_corpus):
     recipe = {**stage, "out": str(tmp_path / "multi"), "stages": stages}
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "interleaf", "train", str(config), "--no-progress"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    train_with_torchrun(config)
 
     def losses(out: Path) -> list[float]:
         return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -50,6 +50,20 @@ def start_server(model, processor, **options: Any) -> ServerThread:
     return ServerThread(app).start()
 
 
+def served_with_client(family: str):
+    """Yields ``(model, processor, server, openai_client)`` for a tiny ``family`` model; stops the server after
+    (the body of a module fixture: ``yield from served_with_client(request.param)``)."""
+    import openai
+
+    model, processor = tiny_model(family)
+    server = start_server(model, processor)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        yield model, processor, server, client
+    finally:
+        server.stop()
+
+
 def png(color: tuple[int, int, int], size: tuple[int, int] = (24, 20)) -> Image.Image:
     img = Image.new("RGB", size, color)
     for x in range(0, size[0], 4):  # some structure, so two images differ beyond their colour

@@ -1,6 +1,11 @@
-"""Training-test helpers: a stream that turns chosen steps' losses into NaN."""
+"""Training-test helpers: a stream that turns chosen steps' losses into NaN; a recipe run under torchrun."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -39,3 +44,11 @@ def nan_at(steps: dict[int, list[int]] | list[int]):
         return NaNImages(default_stream(stage, processor, rank, world_size), set(mine), stage.batch_size // world_size)
 
     return factory
+
+
+def train_with_torchrun(config: Path, processes: int = 2) -> None:
+    """``interleaf train CONFIG`` in ``processes`` processes under torchrun (one thread each); fails with its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "interleaf", "train", str(config), "--no-progress"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
