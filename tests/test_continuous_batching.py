@@ -127,12 +127,22 @@ def test_admission_by_cache_memory_waits_for_room_and_refuses_what_never_fits():
     need = CacheSizes(model).kv_per_position * (length + body["max_tokens"])  # one row at its longest
     server = start_server(model, processor, max_batch_size=8, max_cache_bytes=int(need * 1.5))
     batcher = server.app.state.batcher
+    held = []  # (bytes the running batch's caches hold, its rows x width) before each decoding step
+
+    def hook(jobs) -> None:
+        running = batcher._running
+        if running is not None:
+            held.append((running.cache_bytes(), len(running.rows) * running.width))
+
+    batcher.step_hook = hook
     try:
         want = [reference(model, processor, body["messages"], body["max_tokens"])]
         with ThreadPoolExecutor(2) as pool:
             answers = [f.result() for f in [pool.submit(post, server.url, body) for _ in range(2)]]
         assert [answers_of(r, body) for r in answers] == [want, want]
         assert batcher.max_rows_seen == 1  # the second waited for the first one's room
+        # the budget's bytes per position are what the KV cache really holds
+        assert held and all(n == CacheSizes(model).kv_per_position * positions for n, positions in held), held
         too_long = post(server.url, {**body, "max_tokens": 2 * length + 40})
         assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
         assert "cache budget" in too_long.json()["error"]["message"]
@@ -191,6 +201,7 @@ def test_a_burst_of_prompts_is_prefilled_between_decoding_steps():
             want = reference(model, processor, body["messages"], body["max_tokens"])
             assert answers_of(r, body) == [want] * body["n"]
         assert len(prefilled_at) == len(burst) and prefilled_at == sorted(set(prefilled_at)), prefilled_at
+        assert batcher.prefills_run == 1 + len(burst)
     finally:
         server.stop()
 

@@ -438,3 +438,14 @@ def test_timeouts_are_validated_with_a_message(tiny, option, value):
     model, processor = tiny
     with pytest.raises(InputError, match=f"{option} must be a positive number of seconds, got {value!r}"):
         create_app(model, processor, **{option: value})
+
+
+@pytest.mark.parametrize("option", ["max_batch_size", "max_queue", "max_prefill_tokens", "max_cache_bytes"])
+@pytest.mark.parametrize("value", [0, -3, 2.5, "8", True])
+def test_admission_limits_are_validated_with_a_message(tiny, option, value):
+    from interleaf.errors import InputError
+    from interleaf.serving import create_app
+
+    model, processor = tiny
+    with pytest.raises(InputError, match=f"{option} must be a whole number of at least 1, got {value!r}"):
+        create_app(model, processor, **{option: value})

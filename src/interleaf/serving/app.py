@@ -57,6 +57,13 @@ def create_app(
     for name, value in (("shutdown_timeout_s", shutdown_timeout_s), ("stall_timeout_s", stall_timeout_s)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise InputError(f"{name} must be a positive number of seconds, got {value!r}")
+    counts = {"max_batch_size": max_batch_size, "max_queue": max_queue, "max_prefill_tokens": max_prefill_tokens,
+              "max_cache_bytes": max_cache_bytes}
+    for name, value in counts.items():
+        if value is None and name == "max_cache_bytes":  # no memory limit
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a whole number of at least 1, got {value!r}")
     lock = threading.Lock()
     processor.max_images = limits.max_images
     processor.max_pixels = limits.max_image_pixels

@@ -345,14 +345,13 @@ class Batcher:
                 self._beat = time.monotonic()
                 self._choose(batch, logits)
             alive = [i for i, r in enumerate(batch.rows) if not r.done]
-            if alive and len(alive) < len(batch.rows):
-                batch.keep(alive)
-            if not alive:
-                pass
-            elif self._running is None:
-                self._running = batch
-            else:
-                self._running.join(batch, self.model)
+            if alive:  # (rows done at their first token never join)
+                if len(alive) < len(batch.rows):
+                    batch.keep(alive)
+                if self._running is None:
+                    self._running = batch
+                else:
+                    self._running.join(batch, self.model)
             self._admitting = []
         except Exception as e:  # noqa: BLE001 (reported to the requests, the worker goes on)
             log.exception("prefilling %d new row(s) failed; failing their requests", len(rows))
