@@ -26,6 +26,7 @@ Both are absent when no sample has an image; a sample without images adds none (
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ..errors import InputError
 from ..processing.prompt_format import IGNORE_INDEX
@@ -106,10 +107,7 @@ def _tiled_images(samples: list[dict]) -> dict:
             sizes.append(tuple(int(x) for x in size))
     if not images:
         return {}
-    v_max = max(img.shape[0] for img in images)
-    pixels = torch.zeros((len(images), v_max, *images[0].shape[1:]), dtype=images[0].dtype)  # (K, V_max, 3, S, S)
-    for k, img in enumerate(images):
-        pixels[k, : img.shape[0]] = img
+    pixels = pad_sequence(images, batch_first=True)  # (K, V_max, 3, S, S), views zero-padded
     return {"pixel_values": pixels, "image_sizes": torch.tensor(sizes, dtype=torch.long)}  # (K, 2)
 
 

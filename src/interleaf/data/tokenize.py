@@ -327,15 +327,8 @@ def encode_sample(
         "key": parsed.key,
     }
     if processor.format.tiled_images:  # each image's original size, in the model's order (as the processor's)
-        sample["image_sizes"] = [_model_size(processor, img.size) for img in opened]
+        sample["image_sizes"] = [anyres_tiling.model_size(processor.anyres, img.size) for img in opened]
     return sample
-
-
-def _model_size(processor, size: tuple[int, int]) -> tuple[int, int]:
-    """An image's (width, height) in the order its model takes sizes: (width, height) for xGen-MM,
-    (height, width) for LLaVA-NeXT."""
-    width, height = size
-    return (width, height) if processor.format.xgenmm_images else (height, width)
 
 
 def render_sample(tokenizer, input_ids: list[int], labels: list[int], open_mark: str = "[[", close_mark: str = "]]") -> str:

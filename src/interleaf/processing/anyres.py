@@ -233,6 +233,13 @@ def pixel_values(
     return torch.stack([view_pixels(v, mean, std) for v in tile_views(image, tiles)]), tiles
 
 
+def model_size(cfg: AnyresConfig, image_size: Sequence[int]) -> tuple[int, int]:
+    """An image's PIL size (width, height) in the order its model takes ``image_sizes``: (width, height) under
+    the ``xgenmm`` convention, (height, width) under ``llava_next``."""
+    width, height = image_size
+    return (int(width), int(height)) if cfg.convention == "xgenmm" else (int(height), int(width))
+
+
 def map_sources(tiles: TilePlan) -> tuple[torch.Tensor, torch.Tensor]:
     """(view, token) of every position of the stitched crop map, each ``(rows*t, cols*t)`` long.
 
@@ -350,7 +357,7 @@ def num_image_tokens(
 
 __all__ = [
     "NEWLINE", "TilePlan", "XgenmmGroups", "candidates", "check_image_size", "fit_size", "llava_next_pack",
-    "llava_next_sources", "map_sources", "num_image_tokens", "pixel_values", "plan", "resize_and_pad",
+    "llava_next_sources", "map_sources", "model_size", "num_image_tokens", "pixel_values", "plan", "resize_and_pad",
     "select_best_resolution", "tile_views", "unpad_bounds", "unpad_mask", "view_pixels", "xgenmm_group_features",
     "xgenmm_groups",
 ]

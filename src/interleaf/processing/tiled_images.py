@@ -41,8 +41,7 @@ def tiled_pixels(
     for loaded in images:
         pixels, _ = anyres_tiling.pixel_values(loaded.image, cfg, mean, std, where=loaded.where)
         views.append(pixels)  # (1+N, 3, S, S)
-        width, height = loaded.size
-        sizes.append((width, height) if cfg.convention == "xgenmm" else (height, width))
+        sizes.append(anyres_tiling.model_size(cfg, loaded.size))
     out = pad_sequence(views, batch_first=True).to(torch.float32)  # (K, max_views, 3, S, S)
     return out, torch.tensor(sizes, dtype=torch.long)
 
